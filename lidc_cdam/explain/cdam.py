@@ -134,33 +134,30 @@ def _scores_cls_row(model: ViTModel, chunk: PointChunk, spec: TargetSpec) -> tor
     bias = attn.qkv.bias if attn.qkv.bias is not None else weight.new_zeros(3 * A)
     bq, bk, bv = (b.view(H, e) for b in bias.split(A))
 
-    base = chunk.tokens @ weight.T  # [B, m0, N, 3A]
-    B, m0, N, _ = base.shape
+    w_q, w_k, w_v = (w.view(H, e, -1) for w in weight.split(A))  # per-head [H, e, D]
+    tokens = chunk.tokens  # [B, m0, N, D]
+    B, m0, N, _ = tokens.shape
     m = chunk.num_points
+    shared = m0 == 1  # one token set for all points (vanilla, integration path)
+    tok = "bnd" if shared else "bmnd"
+    toks = tokens[:, 0] if shared else tokens
+    alpha = (chunk.alpha if chunk.alpha is not None else tokens.new_ones(m)).view(1, m, 1, 1)
 
-    def heads(t: torch.Tensor) -> torch.Tensor:  # [B, m0, N, A] -> [B, m0, H, N, e]
-        return t.unflatten(-1, (H, e)).transpose(-2, -3)
-
-    q_c = heads(base[..., :1, :A])[..., 0, :]  # [B, m0, H, e]
-    k_c, v_c = heads(base[..., A : 2 * A]), heads(base[..., 2 * A :])
-    if m0 == 1:  # one token set for all points (vanilla, integration path): no per-point copies
-        k_c, v_c = k_c[:, 0], v_c[:, 0]
-        tok = "bhne"
-    else:
-        tok = "bmhne"
-    alpha = (chunk.alpha if chunk.alpha is not None else base.new_ones(m)).view(1, m, 1, 1)
-
+    # Keys are never formed: q . K_c,i = T_i . (W_k,h^T q) per head ("key side in token space").
+    q_c = torch.einsum("bmd,hed->bmhe", tokens[..., 0, :], w_q)  # centred CLS query [B, m0, H, e]
     q0 = alpha * q_c + bq  # the CLS query at each point: [B, m, H, e]
-    qk = torch.einsum(f"bmhe,{tok}->bmhn", q0, k_c)  # q0 . K_c,i
+    qk = torch.einsum(f"bmhd,{tok}->bmhn", torch.einsum("bmhe,hed->bmhd", q0, w_k), toks)
     logits = attn.scale * (alpha * qk + (q0 * bk).sum(-1, keepdim=True))
     # K_i . q_c for the CLS-query term, with K_i = alpha K_c,i + b_k the keys at the point
-    kq = torch.einsum(f"bmhe,{tok}->bmhn", q_c.expand(B, m, H, e), k_c)
+    kq = torch.einsum(f"bmhd,{tok}->bmhn", torch.einsum("bmhe,hed->bmhd", q_c, w_k), toks)
     query_weights = attn.scale * (alpha * kq + (q_c * bk).sum(-1, keepdim=True))
+    v_c = torch.einsum(f"{tok},hed->{tok[:-2]}hne", toks, w_v)  # centred values [B, (m,) H, N, e]
+    vals = "bhne" if shared else "bmhne"
 
     n_targets = spec.num_targets
     leaf = logits.detach()[:, None].expand(B, n_targets, m, H, N).clone().requires_grad_(True)
     probs = leaf.softmax(-1)
-    values = torch.einsum(f"bkmhn,{tok}->bkmhe", probs, v_c)
+    values = torch.einsum(f"bkmhn,{vals}->bkmhe", probs, v_c)
     head_out = alpha[:, None] * values + bv  # o = sum_i a_i (alpha V_c,i + b_v), sum_i a_i = 1
     latent = model.finish_cls(chunk.resid[:, None, :, 0], head_out.flatten(-2))
     objective = spec.objective(model, latent)  # [B, K, m]
@@ -168,7 +165,7 @@ def _scores_cls_row(model: ViTModel, chunk: PointChunk, spec: TargetSpec) -> tor
 
     probs = probs.detach()
     scores = (d_logits * (attn.scale * qk)[:, None]).sum(dim=(2, 3))  # key terms: [B, K, N]
-    if m0 == 1:
+    if shared:
         weighted = torch.einsum("bkmhn,bkmhe->bkhne", probs, d_out)
         scores += torch.einsum("bkhne,bhne->bkn", weighted, v_c)
     else:
