@@ -13,6 +13,7 @@ Explainers run :meth:`ViTModel.trunk` once and then re-run only the last block f
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -103,6 +104,51 @@ class ViTModel(nn.Module):
         self.build = dict(build or {})
         self.meta = dict(meta or {})
         self.eval()
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_config(
+        cls,
+        timm_kwargs: dict[str, Any],
+        *,
+        timm_name: str | None = None,
+        head_outputs: int | None = None,
+        head_dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> ViTModel:
+        """A new (randomly initialised) model: ``timm.create_model(timm_name, **timm_kwargs)`` or,
+        without a name, ``VisionTransformer(**timm_kwargs)``; with ``head_outputs`` a
+        :class:`~lidc_cdam.models.heads.LinearHead` replaces the timm head."""
+        from lidc_cdam.models.heads import LinearHead
+        from lidc_cdam.models.loading import build_backbone
+
+        build = {"timm_name": timm_name, "timm_kwargs": dict(timm_kwargs)}
+        backbone = build_backbone(build)
+        head = LinearHead(backbone.embed_dim, head_outputs, head_dropout) if head_outputs else None
+        return cls(backbone, head, build=build, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> ViTModel:
+        """Load a model file: a lidc-cdam checkpoint, or an official DINO / DINOv2 backbone
+        (see :func:`lidc_cdam.models.loading.load_model`). Read with ``weights_only=True``."""
+        from lidc_cdam.models.loading import load_model
+
+        return load_model(path, **kwargs)
+
+    @classmethod
+    def from_timm(cls, name: str, *, pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
+                  **kwargs: Any) -> ViTModel:
+        """A timm ViT by name, e.g. ``"vit_small_patch8_224.dino"``; weights downloaded with
+        ``pretrained=True`` or read from a local ``checkpoint`` file."""
+        from lidc_cdam.models.loading import from_timm
+
+        return from_timm(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+
+    def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None):
+        """Write a checkpoint that :meth:`from_checkpoint` rebuilds (weights-only safe)."""
+        from lidc_cdam.models.loading import save_checkpoint
+
+        return save_checkpoint(self, path, meta)
 
     # ------------------------------------------------------------------ layout
     @property

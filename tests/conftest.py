@@ -1,0 +1,29 @@
+"""Test environment: hermetic (temp HOME, no network, no hub downloads) and deterministic.
+
+torchvision is imported first on purpose: importing triton (which torchvision/timm pull in through
+torch._dynamo) after napari created a GL context segfaults (ENVIRONMENT.md).
+"""
+
+import os
+import tempfile
+
+_HOME = tempfile.mkdtemp(prefix="lidc-cdam-test-home-")
+os.environ["HOME"] = _HOME
+os.environ["MPLCONFIGDIR"] = os.path.join(_HOME, ".matplotlib")
+os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, ".cache")
+os.environ["LIDC_CDAM_CACHE"] = os.path.join(_HOME, ".cache", "lidc-cdam")
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download during tests
+os.environ["MPLBACKEND"] = "Agg"
+
+import torchvision  # noqa: E402,F401  (before any GL context: see module docstring)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
