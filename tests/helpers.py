@@ -1,0 +1,34 @@
+"""Small timm ViTs for tests: built here, random weights, no downloads."""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from lidc_cdam import ViTModel
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=7, qkv_bias=True)
+
+
+def tiny_vit(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> ViTModel:
+    """A 2-block ViT (4x4 patches of 8 px) with random weights, scaled so attention is not uniform."""
+    torch.manual_seed(seed)
+    backbone = VisionTransformer(**{**TINY, **overrides})
+    with torch.no_grad():  # sharper attention and larger head weights than timm's init
+        for blk in backbone.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+        if isinstance(backbone.head, torch.nn.Linear):
+            backbone.head.weight.mul_(10.0)
+    return ViTModel(backbone).to(dtype)
+
+
+def reg4_dinov2_like(dtype: torch.dtype = torch.float64) -> ViTModel:
+    """Shaped like timm's vit_small_patch14_reg4_dinov2 (4 registers, layer scale, no pos-embed on
+    prefix tokens), only much smaller."""
+    return tiny_vit(dtype, img_size=42, patch_size=14, reg_tokens=4, no_embed_class=True, init_values=1e-1)
+
+
+def images_for(model: ViTModel, batch: int = 2, size: tuple[int, int] | None = None) -> torch.Tensor:
+    h, w = size or model.default_image_size
+    dtype = next(model.parameters()).dtype
+    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1), dtype=dtype)
