@@ -1,5 +1,7 @@
 """CDAM, Smooth and Integrated CDAM checked against the equations (SPEC "CDAM" .. "Integrated CDAM")."""
 
+import itertools
+
 import pytest
 import torch
 from captum.attr import LayerGradientXActivation
@@ -145,7 +147,7 @@ def test_integrated_cdam_completeness_converges(dtype):
     for n in (4, 16, 64, 256):
         scores, _ = cdam_token_scores(model, x, spec, "integrated", n=n, space="tokens")
         errors.append((scores[:, 0].sum(-1) - gap).abs().max().item())
-    assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 0.01 * gap.abs().max().item(), (errors, gap)
 
 
@@ -258,3 +260,21 @@ def test_explain_restores_training_mode_and_needs_no_grad_context():
     with torch.no_grad():
         attr = explain(model, images_for(model), [0])
     assert model.training and torch.isfinite(attr.maps).all()
+
+
+def test_attention_map_equals_timm_probabilities_and_ignores_the_target():
+    model = reg4_dinov2_like()
+    x = images_for(model)
+    attn = model.last_block.attn
+    captured = {}
+    attn.fused_attn = False  # timm's explicit softmax path, to read its probabilities
+    handle = attn.attn_drop.register_forward_hook(lambda m, i, o: captured.setdefault("p", o))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+        attn.fused_attn = True
+    expected = captured["p"][:, :, 0, model.num_prefix_tokens :].mean(1).reshape(2, 3, 3)
+    a = explain(model, x, [0, 5], method="attention")
+    torch.testing.assert_close(a.maps[:, 0], expected)
+    torch.testing.assert_close(a.maps[:, 0], a.maps[:, 1])

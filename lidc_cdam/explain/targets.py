@@ -100,6 +100,10 @@ class TargetSpec:
         return outputs.gather(-1, idx.expand(*outputs.shape[:-1], 1)).squeeze(-1)
 
 
+def _is_list(value) -> bool:
+    return isinstance(value, Sequence | torch.Tensor) and not isinstance(value, str)
+
+
 def resolve_targets(model, targets, batch_size: int) -> TargetSpec:
     """Normalise the ``targets`` argument of :func:`lidc_cdam.explain`.
 
@@ -111,7 +115,9 @@ def resolve_targets(model, targets, batch_size: int) -> TargetSpec:
     if isinstance(targets, Sequence) and targets and all(isinstance(t, Concept) for t in targets):
         dims = {t.vector.shape[0] for t in targets}
         if dims != {model.embed_dim}:
-            raise TargetError(f"concept vectors have dimension {sorted(dims)}, the model's latent has {model.embed_dim}")
+            raise TargetError(
+                f"concept vectors have dimension {sorted(dims)}, the model's latent has {model.embed_dim}"
+            )
         return TargetSpec(None, tuple(targets), [[c.name for c in targets]] * batch_size)
 
     n_out = model.num_outputs
@@ -144,7 +150,7 @@ def resolve_targets(model, targets, batch_size: int) -> TargetSpec:
             )
     elif isinstance(targets, int | str):
         rows = [[targets]] * batch_size
-    elif isinstance(targets, Sequence) and targets and all(isinstance(t, Sequence) and not isinstance(t, str) for t in targets):
+    elif isinstance(targets, Sequence) and targets and all(_is_list(t) for t in targets):
         if len(targets) != batch_size:
             raise TargetError(f"per-image targets: got {len(targets)} lists for {batch_size} images")
         rows = [list(t) for t in targets]

@@ -1,0 +1,50 @@
+"""The `lidc-cdam` command: one sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+JOBS = {
+    "explain": ("lidc_cdam.pipelines.explain", "importance maps for image files"),
+    "demo": ("lidc_cdam.pipelines.demo", "the embedded example: tiny ViT on two-digit images, CDAM figures"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="lidc-cdam",
+        description="Class-discriminative attention maps (CDAM) for Vision Transformers.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
+    for name, (module, help_text) in JOBS.items():
+        job = importlib.import_module(module)
+        job_parser = sub.add_parser(name, help=help_text, description=(job.__doc__ or "").strip())
+        job.add_arguments(job_parser)
+        job_parser.set_defaults(run=job.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from lidc_cdam.data.images import ImageReadError
+    from lidc_cdam.explain.targets import TargetError
+    from lidc_cdam.models.loading import CheckpointError
+    from lidc_cdam.models.vit import ModelInputError
+
+    try:
+        args.run(args)
+    except (CheckpointError, ImageReadError, TargetError, ModelInputError) as err:
+        print(f"lidc-cdam {args.job}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
