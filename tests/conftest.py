@@ -15,10 +15,9 @@ os.environ["LIDC_CDAM_CACHE"] = os.path.join(_HOME, ".cache", "lidc-cdam")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download during tests
 os.environ["MPLBACKEND"] = "Agg"
 
-import torchvision  # noqa: E402,F401  (before any GL context: see module docstring)
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torchvision  # noqa: E402,F401  (before any GL context: see module docstring)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
