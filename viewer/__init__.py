@@ -1,0 +1,1 @@
+"""napari plugin for lidc-cdam (to come): CDAM overlays on CT slices."""

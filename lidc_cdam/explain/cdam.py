@@ -248,5 +248,5 @@ def cdam_token_scores(
             )
             for chunk in chunks:
                 with torch.enable_grad():
-                    total[sl] += scorer(model, chunk, sub)
+                    total[sl] += scorer(model, chunk, sub).detach()
     return total / num_points(variant, n, space), values
