@@ -278,3 +278,13 @@ def test_attention_map_equals_timm_probabilities_and_ignores_the_target():
     a = explain(model, x, [0, 5], method="attention")
     torch.testing.assert_close(a.maps[:, 0], expected)
     torch.testing.assert_close(a.maps[:, 0], a.maps[:, 1])
+
+
+def test_bare_timm_model_is_wrapped_and_left_in_its_mode():
+    model = tiny_vit()
+    backbone = model.backbone
+    backbone.train()
+    x = images_for(model)
+    attr = explain(backbone, x, [2])
+    assert backbone.training
+    torch.testing.assert_close(attr.maps, explain(model, x, [2]).maps)

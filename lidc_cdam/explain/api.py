@@ -112,9 +112,9 @@ def explain(
         raise TypeError(
             f"{method} got unknown option(s) {sorted(unknown)}; it accepts {sorted(spec_method.defaults)}"
         )
+    was_training = model.training
     vit = as_vit_model(model)
     images = vit.check_images(images)
-    was_training = vit.training
     vit.eval()
     try:
         if targets is None:
@@ -123,4 +123,4 @@ def explain(
         with torch.enable_grad():
             return spec_method.run(vit, images, spec, **{**spec_method.defaults, **options})
     finally:
-        vit.train(was_training)
+        model.train(was_training)

@@ -250,3 +250,21 @@ def cdam_token_scores(
                 with torch.enable_grad():
                     total[sl] += scorer(model, chunk, sub).detach()
     return total / num_points(variant, n, space), values
+
+
+def normed_token_gradients(
+    model: ViTModel, images: torch.Tensor, spec: TargetSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normed tokens ``T`` ``[B, N, D]`` and ``dF_k/dT`` ``[B, K, N, D]`` (residual fixed), by
+    autograd through the last block: one forward of the trunk, one batched backward."""
+    with torch.no_grad():
+        resid = model.trunk(images)
+        tokens = model.normed_tokens(resid)
+    B, N, D = tokens.shape
+    n_targets = spec.num_targets
+    with torch.enable_grad():
+        leaf = tokens[:, None].expand(B, n_targets, N, D).reshape(-1, N, D).clone().requires_grad_(True)
+        latent = model.last(resid[:, None].expand(B, n_targets, N, D).reshape(-1, N, D), leaf)
+        objective = spec.objective(model, latent.reshape(B, n_targets, -1))
+        (grad,) = torch.autograd.grad(objective.sum(), leaf)
+    return tokens, grad.reshape(B, n_targets, N, D)
