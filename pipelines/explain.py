@@ -19,6 +19,7 @@ from lidc_cdam.data.images import (
     load_image,
     model_normalization,
 )
+from lidc_cdam.explain.api import default_targets
 from lidc_cdam.io import write_json, write_npz
 from lidc_cdam.viz import plot_explanation_grid, save_figure, to_display
 
@@ -36,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--pretrained", action="store_true", help="download timm's weights for --model")
     parser.add_argument("--target", nargs="*", default=None,
                         help="output indices or names to explain (default: the predicted class)")
-    parser.add_argument("--method", default="cdam", choices=sorted(METHODS), help="importance estimator")
+    parser.add_argument("--method", nargs="+", default=["cdam"], metavar="METHOD",
+                        help=f"importance estimator(s), several for a side-by-side grid, or 'all' "
+                             f"({', '.join(METHODS)})")
     parser.add_argument("--concept-images", type=Path,
                         help="folder of example images: explain similarity to their mean latent (Eq. 3-4)")
     parser.add_argument("--concept-name", default="concept")
@@ -78,14 +81,29 @@ def parse_targets(raw: list[str] | None) -> list[int | str] | None:
     return [int(t) if t.lstrip("-").isdigit() else t for t in raw]
 
 
+def resolve_methods(requested: list[str]) -> list[str]:
+    methods = list(METHODS) if requested == ["all"] else requested
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}; available: {', '.join(METHODS)} or 'all'")
+    return list(dict.fromkeys(methods))
+
+
+def method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """The options given on the command line, passed to each method that accepts them."""
+    given = {k: getattr(args, k) for k in METHOD_OPTIONS if getattr(args, k) is not None}
+    unused = set(given) - {k for m in methods for k in METHODS[m].defaults}
+    if unused:
+        raise SystemExit(f"error: --{'/--'.join(sorted(unused))} do not apply to {', '.join(methods)}")
+    return {m: {k: v for k, v in given.items() if k in METHODS[m].defaults} for m in methods}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model = load_cli_model(args.model, args.checkpoint, args.pretrained)
     mean, std = model_normalization(model)
     size = (args.image_size[0], args.image_size[-1]) if args.image_size else model.default_image_size
-    options = {k: getattr(args, k) for k in METHOD_OPTIONS if getattr(args, k) is not None}
-    unknown = set(options) - set(METHODS[args.method].defaults)
-    if unknown:
-        raise SystemExit(f"error: --{'/--'.join(sorted(unknown))} do not apply to --method {args.method}")
+    methods = resolve_methods(args.method)
+    options = method_options(args, methods)
 
     targets: Any = parse_targets(args.target)
     if args.concept_images is not None:
@@ -105,42 +123,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not files:
         raise SystemExit("error: none of the images could be read: " + "; ".join(s["reason"] for s in skipped))
 
-    out: Path = args.out
-    maps, scores, names, attention, kind = [], [], [], [], "tokens"
-    show_attention = model.backbone.has_class_token and args.method != "attention"
-    for start in tqdm(range(0, len(files), args.batch_size), desc=f"{args.method}", unit="batch",
-                      disable=not sys.stderr.isatty()):
-        batch = torch.stack(tensors[start : start + args.batch_size])
-        attr = explain(model, batch, targets, method=args.method, **options)
-        maps.append(attr.maps.detach().cpu())
-        kind = attr.kind
-        scores.append(attr.scores.cpu() if attr.scores is not None else torch.full(attr.maps.shape[:2], np.nan))
-        names.extend(attr.target_names)
-        if show_attention:
-            attention.append(explain(model, batch, [0] if model.num_outputs else targets,
-                                     method="attention").maps[:, 0].cpu())
-    maps_t, scores_t = torch.cat(maps), torch.cat(scores)
+    images = torch.stack(tensors)
+    if targets is None:  # the predicted class, fixed once for every method
+        targets = default_targets(model, images)
+    show_attention = model.backbone.has_class_token and "attention" not in methods
+    panels = (["attention"] if show_attention else []) + methods
+    maps: dict[str, list[torch.Tensor]] = {m: [] for m in panels}
+    kinds: dict[str, str] = {}
+    scores, names = [], []
+    batches = range(0, len(files), args.batch_size)
+    with tqdm(total=len(batches) * len(panels), desc="explaining", unit="map batch",
+              disable=not sys.stderr.isatty()) as bar:
+        for start in batches:
+            batch = images[start : start + args.batch_size]
+            batch_targets = targets[start : start + args.batch_size] if isinstance(targets, torch.Tensor) else targets
+            for method in panels:
+                attr = explain(model, batch, batch_targets, method=method, **options.get(method, {}))
+                maps[method].append(attr.maps.detach().cpu())
+                kinds[method] = attr.kind
+                if method == methods[0]:
+                    names.extend(attr.target_names)
+                    scores.append(attr.scores.cpu() if attr.scores is not None else
+                                  torch.full(attr.maps.shape[:2], float("nan")))
+                bar.update()
+    stacked = {m: torch.cat(v) for m, v in maps.items()}
+    scores_t = torch.cat(scores)
 
+    out: Path = args.out
     figures = []
     if not args.no_figures:
         for i, path in enumerate(tqdm(files, desc="figures", unit="img", disable=not sys.stderr.isatty())):
-            cols = [("attention map", attention[i // args.batch_size][i % args.batch_size].numpy(), False)] \
-                if show_attention else []
-            cols += [(f"{args.method}: {names[i][k]}", maps_t[i, k].numpy(), args.method != "attention")
-                     for k in range(maps_t.shape[1])]
-            fig = plot_explanation_grid(to_display(tensors[i], mean, std), [(path.name, cols)],
-                                        title=f"{path.name} ({args.method})")
+            rows = [
+                (f"target {names[i][k]}",
+                 [(m, stacked[m][i, k].numpy(), METHODS[m].signed) for m in panels])
+                for k in range(len(names[i]))
+            ]
+            fig = plot_explanation_grid(to_display(images[i], mean, std), rows, title=path.name)
             figures.append(str(save_figure(fig, out / "figures" / f"{i:04d}_{path.stem}.png")))
 
-    write_npz(out / "maps.npz", maps=maps_t.numpy(), scores=scores_t.numpy(),
-              target_names=np.array(names, dtype=str), files=np.array([str(f) for f in files]))
+    write_npz(out / "maps.npz", **{f"maps_{m.replace('-', '_')}": v.numpy() for m, v in stacked.items()},
+              scores=scores_t.numpy(), target_names=np.array(names, dtype=str),
+              files=np.array([str(f) for f in files]))
     summary = {
-        "method": args.method,
-        "options": {**METHODS[args.method].defaults, **options},
+        "methods": {m: {"options": {**METHODS[m].defaults, **options.get(m, {})}, "kind": kinds[m],
+                        "array": f"maps_{m.replace('-', '_')}", "shape": list(stacked[m].shape)}
+                    for m in panels},
         "model": {"name": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
                   "task": model.task, "image_size": list(size)},
-        "maps": {"file": "maps.npz", "shape": list(maps_t.shape), "kind": kind,
-                 "note": "raw signed scores per patch token (prefix tokens dropped) or pixel"},
+        "maps_note": "raw signed scores [image, target, h, w]: per patch token (prefix tokens dropped) or pixel",
         "images": [
             {"file": str(f), "targets": names[i], "target_values": scores_t[i].tolist(),
              "figure": figures[i] if figures else None}
@@ -149,5 +179,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "skipped": skipped,
     }
     write_json(out / "summary.json", summary)
-    print(f"explained {len(files)} image(s) with {args.method}; skipped {len(skipped)}; results in {out}/")
+    print(f"explained {len(files)} image(s) with {', '.join(methods)}; skipped {len(skipped)}; results in {out}/")
     return summary

@@ -28,16 +28,19 @@ class Method:
     run: ExplainFn
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    signed: bool = True  # False for maps that are >= 0 by construction (attention, GradCAM, RP)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, defaults: dict[str, Any], description: str) -> Callable[[ExplainFn], ExplainFn]:
+def register(
+    name: str, defaults: dict[str, Any], description: str, *, signed: bool = True
+) -> Callable[[ExplainFn], ExplainFn]:
     """Decorator adding an explainer to :data:`METHODS` under ``name``."""
 
     def wrap(fn: ExplainFn) -> ExplainFn:
-        METHODS[name] = Method(name, fn, dict(defaults), description)
+        METHODS[name] = Method(name, fn, dict(defaults), description, signed)
         return fn
 
     return wrap

@@ -17,7 +17,8 @@ from lidc_cdam.explain.targets import TargetSpec
 from lidc_cdam.models.vit import ViTModel
 
 
-@register("gradcam", {}, "GradCAM for ViT at blocks[-1].norm1: ReLU(sum_c mean_patches(dF/dT_c) T_c)")
+@register("gradcam", {}, "GradCAM for ViT at blocks[-1].norm1: ReLU(sum_c mean_patches(dF/dT_c) T_c)",
+          signed=False)
 def gradcam(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **options) -> Attribution:
     tokens, grads = normed_token_gradients(model, images, spec)
     p = model.num_prefix_tokens
