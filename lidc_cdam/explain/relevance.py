@@ -1,9 +1,11 @@
 """Relevance propagation (Chefer et al. 2021a) and partial LRP (Voita et al. 2019, as in Chefer's code).
 
 Both are token maps over the patch tokens, one per target, read from the CLS query row. Neither
-installs hooks nor flips timm's ``fused_attn``: each block's attention probabilities are
-recomputed from its own ``qkv`` projection (``q_norm`` / ``k_norm``, ``scale``, softmax), exactly
-as timm's unfused path does, in a forward written here over timm's modules.
+installs hooks nor flips timm's ``fused_attn``: the attention probabilities they need are
+recomputed from each block's own ``qkv`` projection (``q_norm`` / ``k_norm``, ``scale``, softmax),
+exactly as timm's unfused path does, in a forward written here over timm's modules. Both need a
+CLS token; relevance propagation takes gradients through the model's own pooling (any), partial
+LRP needs CLS pooling (``global_pool="token"``) and, for head targets, a linear head.
 
 **relevance-propagation** (SPEC "Baselines"; Chefer, Gur & Wolf, "Generic attention-model
 explainability", ICCV 2021). With ``A_b`` ``[B, H, N, N]`` the attention probabilities of block
@@ -25,10 +27,13 @@ heads, CLS row, patch columns, is the map. The rules (each a function below):
 * :func:`safe_divide` ``a / b`` with Chefer's stabiliser (``a / (b + 1e-9)``, 0 where ``b == 0``);
 * :func:`linear_zplus` Linear, alpha-beta with alpha=1, beta=0 (z+ with the sign split):
   ``Z = x+ W+^T + x- W-^T``, ``S = R / Z``, ``R_in = x+ * (S W+) + x- * (S W-)``; the bias takes
-  no relevance, so the rule conserves ``sum R`` exactly (``Z >= 0``), up to the stabiliser;
+  no relevance, so the rule conserves ``sum R`` (``Z >= 0``) up to the stabiliser and outputs
+  with ``Z = 0``, whose relevance is dropped;
 * :func:`generic_rule` gradient x input ``R_in = X * grad(Z, X, R / Z)`` (Chefer's
-  ``RelPropSimple``): used for the CLS selection, the residual fork (``Clone``), the ``A @ V``
-  product and, with ``norm_act_rule="gradient"``, for LayerNorm / GELU / LayerScale;
+  ``RelPropSimple``), by autograd for LayerNorm / GELU / LayerScale with
+  ``norm_act_rule="gradient"``, in closed form for the CLS selection and the residual fork
+  (:func:`clone_rule`: ``R_in = X * sum_i R_i / X``, Chefer's ``IndexSelect`` / ``Clone``) and
+  for ``A @ V``;
 * :func:`add_rule` residual add ``Z = a + b`` (Chefer's ``Add.relprop``): generic shares
   ``a R / Z`` and ``b R / Z``, each then rescaled so the two sums split ``sum R`` in proportion to
   their absolute sums: conservative by construction;
@@ -154,7 +159,27 @@ def rollout_cls_row(cams: list[torch.Tensor]) -> torch.Tensor:
     return row[..., 0, :]
 
 
-def _rp_chunk(model: ViTModel, images: torch.Tensor, spec: TargetSpec, batched_grads: bool):
+def _cams_for_targets(values: torch.Tensor, probs: list[torch.Tensor], targets: range, batched: bool,
+                      retain: bool) -> list[torch.Tensor]:
+    """``M_b = mean_heads(clamp(dF_k/dA_b * A_b, min=0))`` for targets ``k`` in ``targets``: ``[B, k, N, N]``."""
+    n = len(targets)
+    if batched and n > 1:  # one vmapped backward for these targets (is_grads_batched)
+        onehot = torch.zeros(n, *values.shape, dtype=values.dtype, device=values.device)
+        which = torch.arange(n, device=values.device)
+        onehot[which, :, which + targets.start] = 1
+        try:
+            grads = torch.autograd.grad(values, probs, onehot, retain_graph=True, is_grads_batched=True)
+        except RuntimeError:  # an op without a batching rule: fall back to one backward per target
+            return _cams_for_targets(values, probs, targets, False, retain)
+        return [(g * p).clamp(min=0).mean(2).transpose(0, 1) for g, p in zip(grads, probs, strict=True)]
+    per_target = []
+    for i, k in enumerate(targets):
+        grads = torch.autograd.grad(values[:, k].sum(), probs, retain_graph=retain or i < n - 1)
+        per_target.append([(g * p).clamp(min=0).mean(1) for g, p in zip(grads, probs, strict=True)])
+    return [torch.stack(cams, dim=1) for cams in zip(*per_target, strict=True)]
+
+
+def _rp_chunk(model: ViTModel, images: torch.Tensor, spec: TargetSpec, target_group: int, batched: bool):
     bb = model.backbone
     B, K = images.shape[0], spec.num_targets
     with torch.enable_grad():
@@ -165,19 +190,12 @@ def _rp_chunk(model: ViTModel, images: torch.Tensor, spec: TargetSpec, batched_g
             probs.append(p)
         latent = model.latent_from_final(bb.norm(x))
         values = spec.objective(model, latent[:, None].expand(B, K, latent.shape[-1]))  # [B, K]
-        if batched_grads and K > 1:  # one vmapped backward for all K targets
-            onehot = torch.eye(K, dtype=values.dtype, device=values.device)[:, None].expand(K, B, K)
-            grads = torch.autograd.grad(values, probs, onehot, is_grads_batched=True)  # [K, B, H, N, N] each
-            cams = [(g * p).clamp(min=0).mean(2).transpose(0, 1) for g, p in zip(grads, probs, strict=True)]
-            rows = rollout_cls_row(cams)  # [B, K, N]
-        else:
-            rows = []
-            for k in range(K):
-                grads = torch.autograd.grad(values[:, k].sum(), probs, retain_graph=k < K - 1)
-                cams = [(g * p).clamp(min=0).mean(1) for g, p in zip(grads, probs, strict=True)]
-                rows.append(rollout_cls_row(cams))
-            rows = torch.stack(rows, dim=1)
-    return rows.detach(), values.detach()
+        rows = []
+        for start in range(0, K, target_group):
+            targets = range(start, min(start + target_group, K))
+            cams = _cams_for_targets(values, probs, targets, batched, retain=targets.stop < K)
+            rows.append(rollout_cls_row(cams))  # [B, k, N]
+    return torch.cat(rows, dim=1).detach(), values.detach()
 
 
 def relevance_propagation_scores(
@@ -186,26 +204,29 @@ def relevance_propagation_scores(
     spec: TargetSpec,
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    batched_grads: bool = False,
+    batched_grads: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Relevance-propagation scores over all tokens (CLS row of ``R``) ``[B, K, N]`` and ``F`` ``[B, K]``.
 
-    Images are processed in chunks whose autograd graph fits ``chunk_bytes`` (a rough estimate);
-    the targets of a chunk share one forward pass and take one backward pass each
-    (``batched_grads=True``: one vmapped backward, ``is_grads_batched``).
+    Images are processed in chunks whose autograd graph and attention gradients fit ``chunk_bytes``
+    (a rough estimate); the targets of a chunk share one forward pass. With ``batched_grads`` the
+    gradients for a group of targets come from one vmapped backward (``is_grads_batched``; falls
+    back to one backward per target if that fails), else from one backward per target.
     """
     _check_model(model, "relevance-propagation", cls_pooling=False)
     bb = model.backbone
-    B = images.shape[0]
+    B, K = images.shape[0], spec.num_targets
     N = model.layout(tuple(images.shape[-2:])).num_tokens
     H = bb.blocks[0].attn.num_heads
-    D = model.embed_dim
-    per_image = len(bb.blocks) * images.element_size() * (4 * H * N * N + 16 * N * D)
-    group = max(1, min(B, chunk_bytes // per_image))
+    scale = len(bb.blocks) * images.element_size()
+    graph = scale * (4 * H * N * N + 16 * N * model.embed_dim)  # per image: the forward's autograd graph
+    grads = scale * 2 * H * N * N if batched_grads else 0  # per image and target in one batched backward
+    group = max(1, min(B, chunk_bytes // (graph + grads * K)))
+    target_group = K if not grads else max(1, min(K, (chunk_bytes - group * graph) // (group * grads)))
     rows, values = [], []
     for start in range(0, B, group):
         sl = slice(start, min(start + group, B))
-        r, v = _rp_chunk(model, images[sl], spec.subset(sl), batched_grads)
+        r, v = _rp_chunk(model, images[sl], spec.subset(sl), target_group, batched_grads)
         rows.append(r)
         values.append(v)
     return torch.cat(rows), torch.cat(values)
@@ -238,7 +259,8 @@ def linear_zplus(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor)
 
     ``Z = x+ W+^T + x- W-^T`` (bias ignored), ``S = R / Z``, ``R_in = x+ * (S W+) + x- * (S W-)``
     with ``x+ = max(x, 0)``, ``x- = min(x, 0)``, ``W+ = max(W, 0)``, ``W- = min(W, 0)``.
-    Conservative: ``sum R_in = sum R`` (``Z >= 0``; up to the stabiliser of :func:`safe_divide`).
+    Conservative: ``sum R_in = sum R`` (``Z >= 0``; up to the stabiliser of :func:`safe_divide`),
+    except that the relevance of an output with ``Z = 0`` (no input drives it positively) is dropped.
 
     ``x`` ``[..., in]``, ``weight`` ``[out, in]`` or batched ``[..., out, in]``, ``relevance``
     ``[..., out]``; leading dimensions broadcast.
