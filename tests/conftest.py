@@ -26,3 +26,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    """The default demo model, trained once (about two minutes) into the test session's cache;
+    returns the model and the seconds it took."""
+    import time
+
+    from lidc_cdam.train.digits import load_or_train_demo_model
+
+    start = time.perf_counter()
+    model = load_or_train_demo_model(progress=False)
+    return model, time.perf_counter() - start

@@ -285,14 +285,6 @@ def test_load_or_train_caches_and_recovers(monkeypatch, tmp_path, quick_run):
 # ----------------------------------------------------------------------- the default demo model
 
 
-@pytest.fixture(scope="session")
-def demo_model():
-    """The default demo model, trained once (about two minutes) into the test session's cache."""
-    start = time.perf_counter()
-    model = load_or_train_demo_model(progress=False)
-    return model, time.perf_counter() - start
-
-
 @pytest.mark.slow
 def test_demo_model_accuracy(demo_model):
     model, _ = demo_model

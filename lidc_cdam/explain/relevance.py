@@ -237,6 +237,7 @@ def relevance_propagation_scores(
     {},
     "Relevance propagation (Chefer et al. 2021a): R = I; R += mean_heads(clamp(dF/dA * A, 0)) @ R over blocks; "
     "CLS row",
+    signed=False,
 )
 def relevance_propagation(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **options: Any) -> Attribution:
     chunk_bytes = options.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
@@ -471,6 +472,7 @@ def partial_lrp_relevance(
     {"norm_act_rule": "identity"},
     "Partial LRP (Voita et al. 2019 as in Chefer's code, method='last_layer'): LRP relevance (alpha=1) of the "
     "last block's attention probabilities, clamped >= 0, mean over heads, CLS row",
+    signed=False,
 )
 def partial_lrp(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **options: Any) -> Attribution:
     rule = options.get("norm_act_rule", "identity")
