@@ -152,12 +152,11 @@ def _scores_cls_row(model: ViTModel, chunk: PointChunk, spec: TargetSpec) -> tor
     kq = torch.einsum(f"bmhd,{tok}->bmhn", torch.einsum("bmhe,hed->bmhd", q_c, w_k), toks)
     query_weights = attn.scale * (alpha * kq + (q_c * bk).sum(-1, keepdim=True))
     v_c = torch.einsum(f"{tok},hed->{tok[:-2]}hne", toks, w_v)  # centred values [B, (m,) H, N, e]
-    vals = "bhne" if shared else "bmhne"
 
     n_targets = spec.num_targets
     leaf = logits.detach()[:, None].expand(B, n_targets, m, H, N).clone().requires_grad_(True)
     probs = leaf.softmax(-1)
-    values = torch.einsum(f"bkmhn,{vals}->bkmhe", probs, v_c)
+    values = _attend(probs, v_c)
     head_out = alpha[:, None] * values + bv  # o = sum_i a_i (alpha V_c,i + b_v), sum_i a_i = 1
     latent = model.finish_cls(chunk.resid[:, None, :, 0], head_out.flatten(-2))
     objective = spec.objective(model, latent)  # [B, K, m]
@@ -169,9 +168,23 @@ def _scores_cls_row(model: ViTModel, chunk: PointChunk, spec: TargetSpec) -> tor
         weighted = torch.einsum("bkmhn,bkmhe->bkhne", probs, d_out)
         scores += torch.einsum("bkhne,bhne->bkn", weighted, v_c)
     else:
-        scores += (probs * torch.einsum("bmhne,bkmhe->bkmhn", v_c, d_out)).sum(dim=(2, 3))
+        # V_c,i . dF/do per target: [B, m, H, N, e] @ [B, m, H, e, K], no copies of V per target
+        v_dot = (v_c @ d_out.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)  # [B, K, m, H, N]
+        scores += (probs * v_dot).sum(dim=(2, 3))
     scores[..., 0] += (d_logits * query_weights[:, None]).sum(dim=(2, 3, 4))
     return scores
+
+
+def _attend(probs: torch.Tensor, v_c: torch.Tensor) -> torch.Tensor:
+    """``sum_i a_i V_c,i`` for probabilities ``[B, K, m, H, N]`` and values ``[B, H, N, e]`` (shared
+    by all points) or ``[B, m, H, N, e]``, as matmuls whose batch dimensions match (einsum would copy
+    the values once per target)."""
+    B, K, m, H, N = probs.shape
+    if v_c.ndim == 4:  # rows (K, m) of each (image, head) against one value matrix
+        out = probs.permute(0, 3, 1, 2, 4).reshape(B, H, K * m, N) @ v_c  # [B, H, K m, e]
+        return out.reshape(B, H, K, m, -1).permute(0, 2, 3, 1, 4)
+    out = probs.permute(0, 2, 3, 1, 4) @ v_c  # [B, m, H, K, e]
+    return out.permute(0, 3, 1, 2, 4)
 
 
 # ---------------------------------------------------------------------- reference path
