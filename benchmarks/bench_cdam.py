@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import timm
 import torch
+from _timing import timed
 
 from lidc_cdam import ViTModel, explain
 
@@ -31,16 +29,6 @@ METHODS = [
     ("integrated-cdam", {"n": 50, "space": "tokens"}),
     ("integrated-cdam", {"n": 50, "space": "block_input"}),
 ]
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def naive_cdam(model: ViTModel, x: torch.Tensor, target: int, method: str, options: dict, points: int) -> torch.Tensor:
