@@ -1,0 +1,22 @@
+"""Evaluation of importance maps (paper section 3.4, SPEC "Evaluation"): perturbation fidelity
+(MIF/LIF), box sensitivity, compactness. Forward passes are batched and seeded."""
+
+from lidc_cdam.evaluate.perturbation import (
+    PERCENTS,
+    box_sensitivity,
+    compactness,
+    gaussian_blur,
+    perturbation_curves,
+    sample_boxes,
+    trapezoid,
+)
+
+__all__ = [
+    "PERCENTS",
+    "box_sensitivity",
+    "compactness",
+    "gaussian_blur",
+    "perturbation_curves",
+    "sample_boxes",
+    "trapezoid",
+]
