@@ -94,3 +94,26 @@ def test_compactness_and_pearson_edge_cases():
     maps = torch.tensor([[[10.0, 0.4], [-0.5, 0.6]]])  # threshold 0.5: |0.4|, |-0.5| count
     assert compactness(maps).item() == pytest.approx(0.5)
     assert pearson(torch.ones(5), torch.arange(5.0)).item() == 0.0
+
+
+def test_evaluate_image_shares_boxes_and_gives_zero_delta_for_class_agnostic_maps(linear):
+    from lidc_cdam.evaluate.metrics import evaluate_image
+
+    weights, image, blurred, score_fn = linear
+    calls = []
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return score_fn(x)
+
+    exact = ((image - blurred) * weights[0]).sum(0)
+    other = ((image - blurred) * weights[1]).sum(0)
+    maps = {"exact": torch.stack([exact, other]), "agnostic": torch.stack([exact.abs(), exact.abs()])}
+    out = evaluate_image(counting, image, blurred, maps, record=0, patch=4, box_sizes=[1, 2, 3], n_boxes=20)
+    box_forwards = 3 * 20 + 1
+    curve_forwards = 2 * 2 * 2 * len(PERCENTS)  # methods x (mif, lif) x maps x levels
+    assert sum(calls) == box_forwards + curve_forwards
+    assert out["agnostic"].delta_fidelity == pytest.approx(0.0) and out["agnostic"].delta_box == pytest.approx(0.0)
+    assert out["exact"].a_box == pytest.approx(2.0)  # f_box = 1 at each of 3 sizes, trapezoid over s = 1..3
+    assert out["exact"].delta_fidelity > 0 and out["exact"].delta_box > 0
+    assert 0.0 <= out["exact"].compactness <= 1.0
