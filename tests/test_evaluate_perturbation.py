@@ -117,3 +117,13 @@ def test_evaluate_image_shares_boxes_and_gives_zero_delta_for_class_agnostic_map
     assert out["exact"].a_box == pytest.approx(2.0)  # f_box = 1 at each of 3 sizes, trapezoid over s = 1..3
     assert out["exact"].delta_fidelity > 0 and out["exact"].delta_box > 0
     assert 0.0 <= out["exact"].compactness <= 1.0
+
+
+def test_localisation_scores_by_hand():
+    from lidc_cdam.evaluate.localisation import pointing_game, positive_share_in_mask
+
+    maps = torch.tensor([[[3.0, -1.0], [1.0, 0.0]], [[-1.0, -2.0], [-3.0, -4.0]], [[2.0, 2.0], [0.0, 1.0]]])
+    masks = torch.tensor([[[1, 0], [0, 0]], [[1, 1], [1, 1]], [[0, 1], [0, 0]]]).bool()
+    torch.testing.assert_close(positive_share_in_mask(maps, masks), torch.tensor([0.75, 0.0, 0.4]))
+    assert pointing_game(maps, masks).tolist() == [True, True, True]
+    assert pointing_game(maps[:1], ~masks[:1]).tolist() == [False]

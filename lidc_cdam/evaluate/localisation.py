@@ -1,0 +1,26 @@
+"""Localisation against known object masks (the multi-digit benchmark has them).
+
+* :func:`positive_share_in_mask`: the share of a map's positive importance inside the target
+  object's mask.
+* :func:`pointing_game`: a hit when the map's maximum falls on the mask (with patch maps the
+  maximum is a whole patch: a hit when any of its pixels is on the mask).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def positive_share_in_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``sum(relu(S) * mask) / sum(relu(S))`` over the last two dims; 0 for maps without positive values."""
+    positive = maps.clamp(min=0).flatten(-2)
+    inside = (positive * masks.flatten(-2).to(positive.dtype)).sum(-1)
+    total = positive.sum(-1)
+    return torch.where(total > 0, inside / total.clamp(min=torch.finfo(positive.dtype).tiny), 0.0)
+
+
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Bool per map: does a pixel holding the map's maximum lie on the mask?"""
+    flat = maps.flatten(-2)
+    at_max = flat == flat.amax(-1, keepdim=True)
+    return (at_max & masks.flatten(-2).bool()).any(-1)
