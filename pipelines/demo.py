@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from lidc_cdam import explain
 from lidc_cdam.data.multi_digits import make_multi_digits
+from lidc_cdam.evaluate.localisation import positive_share_in_mask
 from lidc_cdam.io import write_json, write_npz
 from lidc_cdam.viz import plot_explanation_grid, save_figure
 
@@ -38,10 +39,7 @@ def positive_share_on_objects(maps: torch.Tensor, masks: torch.Tensor, patch: in
     o, the sum of positive scores on patches touching o's mask over the sum of all positive scores.
     """
     covered = F.max_pool2d(masks.float(), patch) > 0  # [B, O, gh, gw]
-    positive = maps.clamp(min=0)
-    total = positive.flatten(2).sum(-1).clamp(min=1e-12)  # [B, K]
-    on_object = torch.einsum("bkhw,bohw->bko", positive, covered.to(positive.dtype))
-    return on_object / total[..., None]
+    return positive_share_in_mask(maps[:, :, None], covered[:, None])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
