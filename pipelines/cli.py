@@ -8,7 +8,11 @@ import sys
 
 JOBS = {
     "explain": ("lidc_cdam.pipelines.explain", "importance maps for image files"),
+    "benchmark": ("lidc_cdam.pipelines.benchmark", "evaluate importance estimators: tables and curves as in the paper"),
     "demo": ("lidc_cdam.pipelines.demo", "the embedded example: tiny ViT on two-digit images, CDAM figures"),
+    "imagenet-manifests": ("lidc_cdam.pipelines.imagenet_manifests",
+                           "build the ImageNet X_val / X_multi manifests from ReaL labels"),
+    "linear-probe": ("lidc_cdam.pipelines.linear_probe", "train the ImageNet linear probe on a frozen ViT backbone"),
 }
 
 
@@ -34,13 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     from lidc_cdam.data.images import ImageReadError
+    from lidc_cdam.evaluate.benchmark_config import ConfigError
     from lidc_cdam.explain.targets import TargetError
     from lidc_cdam.models.loading import CheckpointError
     from lidc_cdam.models.vit import ModelInputError
 
     try:
         args.run(args)
-    except (CheckpointError, ImageReadError, TargetError, ModelInputError) as err:
+    except (CheckpointError, ConfigError, ImageReadError, TargetError, ModelInputError) as err:
         print(f"lidc-cdam {args.job}: error: {err}", file=sys.stderr)
         return 2
     return 0

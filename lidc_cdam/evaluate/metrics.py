@@ -37,11 +37,27 @@ class ImageMetrics:
     mif: torch.Tensor
     lif: torch.Tensor
     f_box: torch.Tensor
-    fidelity: float  # A_LIF - A_MIF, logit x percent
+    a_mif: float  # logit x percent
+    a_lif: float
     a_box: float
     compactness: float
-    fidelity_prime: float | None = None
+    box_sizes: tuple[int, ...] = ()
+    mif_prime: torch.Tensor | None = None
+    lif_prime: torch.Tensor | None = None
+    f_box_prime: torch.Tensor | None = None
+    a_mif_prime: float | None = None
+    a_lif_prime: float | None = None
     a_box_prime: float | None = None
+
+    @property
+    def fidelity(self) -> float:
+        """``A_LIF-MIF = A_LIF - A_MIF`` (logit x percent)."""
+        return self.a_lif - self.a_mif
+
+    @property
+    def fidelity_prime(self) -> float | None:
+        """``A_LIF'-MIF'``: ranking by the other class's map, recording the first class."""
+        return None if self.a_mif_prime is None else self.a_lif_prime - self.a_mif_prime
 
     @property
     def delta_fidelity(self) -> float | None:
@@ -83,15 +99,18 @@ def evaluate_image(
     for method, m in maps.items():
         m = m[None] if m.ndim == 2 else m
         curves = perturbation_curves(score_fn, image, blurred, m, [record] * m.shape[0], percents)
-        fid = trapezoid(curves["lif"], percents) - trapezoid(curves["mif"], percents)
+        a_mif, a_lif = trapezoid(curves["mif"], percents), trapezoid(curves["lif"], percents)
         f_box = box_sensitivity(m, masks, changes)
         a_box = trapezoid(f_box, sizes) if len(sizes) > 1 else f_box[:, 0]
         native = (native_maps or maps)[method]
         native = native[None] if native.ndim == 2 else native
+        primed = m.shape[0] > 1
         results[method] = ImageMetrics(
-            mif=curves["mif"][0], lif=curves["lif"][0], f_box=f_box[0], fidelity=fid[0].item(),
-            a_box=a_box[0].item(), compactness=compactness(native[0]).item(),
-            fidelity_prime=fid[1].item() if m.shape[0] > 1 else None,
-            a_box_prime=a_box[1].item() if m.shape[0] > 1 else None,
+            mif=curves["mif"][0], lif=curves["lif"][0], f_box=f_box[0], a_mif=a_mif[0].item(),
+            a_lif=a_lif[0].item(), a_box=a_box[0].item(), compactness=compactness(native[0]).item(),
+            box_sizes=tuple(sizes),
+            mif_prime=curves["mif"][1] if primed else None, lif_prime=curves["lif"][1] if primed else None,
+            f_box_prime=f_box[1] if primed else None, a_mif_prime=a_mif[1].item() if primed else None,
+            a_lif_prime=a_lif[1].item() if primed else None, a_box_prime=a_box[1].item() if primed else None,
         )
     return results

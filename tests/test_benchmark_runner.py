@@ -1,0 +1,225 @@
+"""The benchmark runner: config checks, the tidy table against a direct computation, resume,
+torchrun sharding (2 CPU processes), skip-and-report, tables and figures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from lidc_cdam import ViTModel
+from lidc_cdam.evaluate.benchmark_config import ConfigError, load_config
+from lidc_cdam.evaluate.image_sets import open_image_set
+from lidc_cdam.evaluate.metrics import evaluate_image
+from lidc_cdam.evaluate.perturbation import gaussian_blur
+from lidc_cdam.evaluate.runner import run_benchmark
+from lidc_cdam.explain.api import explain
+from lidc_cdam.models.loading import save_checkpoint
+
+METHODS = {"cdam": {}, "smooth-cdam": {"n": 4, "sigma": 0.05, "seed": 0}, "attention": {}, "intgrad": {"n": 4}}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random ViT for 64 px images (4 x 4 patches of 16 px), 10 digit classes."""
+    torch.manual_seed(3)
+    model = ViTModel.from_config(dict(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2,
+                                      num_classes=0), head_outputs=10)
+    with torch.no_grad():
+        for blk in model.backbone.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+        model.head[1].weight.mul_(10.0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(model, path)
+    return path
+
+
+def write_config(folder: Path, checkpoint: Path, **changes) -> Path:
+    config = {
+        "name": "tiny",
+        "model": {"source": "checkpoint", "checkpoint": str(checkpoint)},
+        "image_sets": [{"name": "digits", "source": "multi-digits", "n": 6, "seed": 5, "split": "test"}],
+        "methods": METHODS,
+        "metrics": {"percents": [0, 25, 50, 75], "box_sizes": [1, 2, 3, 4], "n_boxes": 10, "blur_sigma": 4.0},
+        "randomization": {"images": 2, "n_blocks": 1},
+        "batch_images": 2,
+        **changes,
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def sorted_metrics(out: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(out / "metrics.parquet").drop(columns="explain_seconds")
+    return frame.sort_values(["image_set", "image_id", "method"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, checkpoint):
+    folder = tmp_path_factory.mktemp("bench")
+    config = load_config(write_config(folder, checkpoint))
+    summary = run_benchmark(config, folder / "out", progress=False)
+    return config, folder / "out", summary
+
+
+def test_tidy_table_equals_a_direct_computation(finished_run):
+    config, out, _ = finished_run
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert len(metrics) == 6 * len(METHODS)
+    assert set(metrics["method"]) == set(METHODS)
+    model = load_model_for(config)
+    images = open_image_set(config.image_sets[0], model, {"size": 64})
+    item = images.load(3)
+    row = metrics[(metrics["image_id"] == item.image_id) & (metrics["method"] == "cdam")].iloc[0]
+    assert {row["c1"], row["c2"]} == set(item.classes)
+    maps = explain(model, item.image[None], [[int(row["c1"]), int(row["c2"])]], method="cdam")
+    from lidc_cdam.evaluate.runner import _box_generator
+
+    direct = evaluate_image(
+        lambda x: model(x).detach(), item.image, gaussian_blur(item.image[None], 4.0)[0],
+        {"cdam": maps.upsample()[0]}, int(row["c1"]), patch=16, native_maps={"cdam": maps.maps[0]},
+        box_sizes=[1, 2, 3, 4], n_boxes=10, generator=_box_generator(0, item.image_id), percents=[0, 25, 50, 75],
+    )["cdam"]
+    assert row["a_lif_mif"] == pytest.approx(direct.fidelity, rel=1e-5, abs=1e-4)
+    assert row["a_box"] == pytest.approx(direct.a_box, rel=1e-5, abs=1e-6)
+    assert row["delta_a_box"] == pytest.approx(direct.delta_box, rel=1e-5, abs=1e-6)
+    assert row["compactness"] == pytest.approx(direct.compactness)
+    # localisation columns from the object masks; attention ignores the target: zero Deltas
+    assert metrics["share_in_own_mask"].between(0, 1).all()
+    attention = metrics[metrics["method"] == "attention"]
+    assert (attention["delta_a_lif_mif"].abs() < 1e-9).all() and (attention["delta_a_box"].abs() < 1e-9).all()
+
+
+def load_model_for(config):
+    from lidc_cdam.evaluate.runner import load_benchmark_model
+
+    return load_benchmark_model(config)[0].eval()
+
+
+def test_report_tables_and_figures(finished_run):
+    _, out, summary = finished_run
+    text = (out / "tables.md").read_text()
+    for heading in ("Fidelity", "Class discrimination", "Compactness", "Localisation", "Model-randomisation"):
+        assert heading in text
+    assert "| cdam |" in text
+    for name in ("digits_fidelity", "digits_box_sensitivity", "digits_class_discrimination"):
+        png = out / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fidelity = pd.read_csv(out / "tables" / "digits_fidelity.csv", index_col="method")
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert fidelity.loc["cdam", "A_LIF-MIF ↑ mean"] == pytest.approx(
+        metrics.loc[metrics["method"] == "cdam", "a_lif_mif"].mean())
+    randomization = pd.read_csv(out / "randomization.csv")
+    assert set(randomization["method"]) == set(METHODS)
+    # attention does not read the head: unchanged after randomising it, so it fails the check
+    assert summary["randomization"]["attention"].startswith("fails")
+    curves = pd.read_parquet(out / "curves.parquet")
+    assert set(curves["curve"]) == {"mif", "lif", "f_box", "mif_prime", "lif_prime", "f_box_prime"}
+
+
+def test_interrupted_run_resumes_to_the_same_result_without_recomputing(tmp_path, checkpoint, finished_run):
+    _, reference, _ = finished_run
+    config = load_config(write_config(tmp_path, checkpoint))
+    out = tmp_path / "out"
+    assert run_benchmark(config, out, progress=False, max_parts=1) is None  # "killed" after one part
+    first = out / "parts" / "digits" / "part_00000.json"
+    stamp = first.stat().st_mtime_ns
+    assert not (out / "metrics.parquet").exists()
+    run_benchmark(config, out, progress=False)
+    assert first.stat().st_mtime_ns == stamp  # not recomputed
+    pd.testing.assert_frame_equal(sorted_metrics(out), sorted_metrics(reference))
+
+
+def test_resuming_with_another_config_is_refused(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    config = load_config(write_config(tmp_path, checkpoint, randomization={"images": 0}))
+    run_benchmark(config, out, progress=False, max_parts=1)
+    other = load_config(write_config(tmp_path, checkpoint, randomization={"images": 0}, batch_images=3))
+    with pytest.raises(ConfigError, match="another config"):
+        run_benchmark(other, out, progress=False)
+    run_benchmark(other, out, progress=False, restart=True)
+    assert len(pd.read_csv(out / "metrics.csv")) == 6 * len(METHODS)
+
+
+def test_unreadable_images_are_skipped_and_reported(tmp_path, checkpoint):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((torch.rand(40, 50, 3) * 255).byte().numpy()).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    config = load_config(write_config(tmp_path, checkpoint, randomization={"images": 0}, image_sets=[
+        {"name": "photos", "source": "folder", "root": str(folder), "targets": "predicted"}]))
+    summary = run_benchmark(config, tmp_path / "out", progress=False)
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert list(skipped["reason"].str.contains("broken.png")) == [True]
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert sorted(metrics["image_id"].unique()) == ["img0.png", "img1.png", "img2.png"]
+    assert (metrics["c2"] == -1).all() and metrics["delta_a_box"].isna().all()
+    assert summary["image_sets"]["photos"]["skipped"] == 1
+    assert "Class discrimination" not in (tmp_path / "out" / "tables.md").read_text()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"methods": {"cdam": {}, "magic": {}}}, "unknown method 'magic'"),
+    ({"methods": {"smoothgrad": {"n": 2, "noise": 1}}}, "unknown option"),
+    ({"model": {"source": "checkpoint"}}, "model.checkpoint is not set"),
+    ({"metrics": {"percnts": [0]}}, "unknown key"),
+    ({"image_sets": [{"name": "a", "source": "imagenet", "manifest": "x.csv"}]}, "root is not set"),
+])
+def test_config_errors_name_the_file_and_the_problem(tmp_path, checkpoint, change, message):
+    path = write_config(tmp_path, checkpoint, **change)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_overrides_and_presets_load():
+    from lidc_cdam.pipelines.benchmark import resolve_config_path
+
+    offline = load_config(resolve_config_path("offline-multi-object"))
+    assert len(offline.methods) == 10 and offline.model.source == "demo"
+    with pytest.raises(ConfigError, match=r"model\.checkpoint"):
+        load_config(resolve_config_path("paper-imagenet"))
+    paper = load_config(resolve_config_path("paper-imagenet"), [
+        "model.checkpoint=probe.pt", "image_sets.xval.root=/data/val", "image_sets.xmulti.root=/data/val"])
+    assert paper.model.checkpoint == "probe.pt" and paper.image_sets[1].root == "/data/val"
+    assert paper.metrics.box_sizes == list(range(1, 28)) and paper.metrics.blur_sigma == 14.0
+    assert all(paper.methods[m]["n"] == 50 for m in ("smooth-cdam", "integrated-cdam", "smoothgrad", "intgrad"))
+
+
+def test_cli_reports_config_errors(tmp_path, checkpoint, capsys):
+    from lidc_cdam.pipelines.cli import main
+
+    path = write_config(tmp_path, checkpoint, methods={"nope": {}})
+    assert main(["benchmark", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_single_process_table(tmp_path, checkpoint, finished_run):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    _, reference, _ = finished_run
+    path = write_config(tmp_path, checkpoint)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "lidc_cdam.pipelines.cli",
+         "benchmark", "--config", str(path), "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Fidelity" in result.stdout  # rank 0 printed the tables once
+    assert result.stdout.count("# Benchmark") == 1
+    parts = sorted((out / "parts" / "digits").glob("part_*.json"))
+    assert len(parts) == 3
+    pd.testing.assert_frame_equal(sorted_metrics(out), sorted_metrics(reference))
