@@ -223,3 +223,20 @@ def test_torchrun_two_processes_give_the_single_process_table(tmp_path, checkpoi
     parts = sorted((out / "parts" / "digits").glob("part_*.json"))
     assert len(parts) == 3
     pd.testing.assert_frame_equal(sorted_metrics(out), sorted_metrics(reference))
+
+
+@pytest.mark.slow
+def test_offline_preset_reproduces_the_committed_results(tmp_path, demo_model):
+    """The first part (8 images, all ten methods) of the offline preset, recomputed, equals the
+    committed table in benchmarks/results/offline-multi-object."""
+    from lidc_cdam.pipelines.benchmark import resolve_config_path
+
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "offline-multi-object"
+    config = load_config(resolve_config_path("offline-multi-object"))
+    assert run_benchmark(config, tmp_path, progress=False, max_parts=1) is None
+    part = pd.read_parquet(tmp_path / "parts" / "multi_digits" / "part_00000.metrics.parquet")
+    reference = pd.read_csv(committed / "metrics.csv")
+    merged = part.merge(reference, on=["image_set", "image_id", "method"], suffixes=("", "_committed"))
+    assert len(merged) == len(part) == 8 * 10
+    for column in ("a_mif", "a_lif", "a_box", "compactness", "delta_a_lif_mif", "delta_a_box", "share_in_own_mask"):
+        assert merged[column].to_numpy() == pytest.approx(merged[f"{column}_committed"].to_numpy(), rel=1e-3, abs=1e-3)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from lidc_cdam.config_overrides import apply_override
 from lidc_cdam.evaluate.metrics import BOX_SIZES
 
 #: the paper's method order (Tables 1-3)
@@ -109,31 +110,6 @@ def _build(cls: type, data: Any, where: str, file: str) -> Any:
         raise ConfigError(f"{file}: {where}: {err}") from None
 
 
-def _apply_override(data: dict[str, Any], assignment: str, file: str) -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected key.sub=value")
-    key, raw = assignment.split("=", 1)
-    node: Any = data
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = _list_item(node, part, key, file) if isinstance(node, list) else node.setdefault(part, {})
-    value = yaml.safe_load(raw)
-    if isinstance(node, list):
-        node[int(parts[-1])] = value
-    else:
-        node[parts[-1]] = value
-
-
-def _list_item(items: list[Any], part: str, key: str, file: str) -> Any:
-    """``image_sets.xval`` or ``image_sets.0``: an item by name or index."""
-    for item in items:
-        if isinstance(item, dict) and item.get("name") == part:
-            return item
-    if part.isdigit() and int(part) < len(items):
-        return items[int(part)]
-    raise ConfigError(f"{file}: --set {key}: no item {part!r}")
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> BenchmarkConfig:
     """Read and check a benchmark config; ``overrides`` are ``key.sub=value`` strings."""
     from lidc_cdam.explain.api import METHODS
@@ -148,7 +124,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Benchma
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: expected a mapping at the top level")
     for assignment in overrides or []:
-        _apply_override(data, assignment, file)
+        apply_override(data, assignment, file, ConfigError)
     for key in ("name", "model", "image_sets", "methods"):
         if key not in data:
             raise ConfigError(f"{file}: missing required key {key!r}")

@@ -96,10 +96,10 @@ def write_report(config: BenchmarkConfig, out: Path, metrics: pd.DataFrame, curv
     """Write ``tables.md``, ``tables/*.csv`` and ``figures/*.png``; return the summary (also
     written to ``summary.json``)."""
     lines = [f"# Benchmark `{config.name}`", "",
-             f"Config: `{config.source_file}`; methods: {', '.join(method_order(list(config.methods)))}.",
+             f"Config: `{_shown_path(config.source_file)}`; methods: {', '.join(method_order(list(config.methods)))}.",
              "Areas: MIF / LIF in output x percent of pixels perturbed (0-95 %), box sensitivity in patch "
              "units; means over images (standard errors in the CSV files).", ""]
-    summary: dict[str, Any] = {"name": config.name, "config": config.source_file, "image_sets": {}}
+    summary: dict[str, Any] = {"name": config.name, "config": _shown_path(config.source_file), "image_sets": {}}
     for spec in config.image_sets:
         rows = metrics[metrics["image_set"] == spec.name] if len(metrics) else metrics
         n_images = int(rows["image_id"].nunique()) if len(rows) else 0
@@ -138,6 +138,14 @@ def write_report(config: BenchmarkConfig, out: Path, metrics: pd.DataFrame, curv
     summary["tables_md"] = str(out / "tables.md")
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _shown_path(path: str) -> str:
+    """A path relative to the working directory when it lies below it."""
+    import os
+
+    relative = os.path.relpath(path) if path else path
+    return relative if path and not relative.startswith("..") else path
 
 
 def _mean_curves(curves: pd.DataFrame, name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
