@@ -1,0 +1,193 @@
+"""Fine-tuning configuration (``pipelines/configs/train/<backbone>-<task>.yaml``): backbone, task,
+data, optimisation (paper sections 5.1, 5.2, A.5.2; SPEC "LIDC-IDRI"), checked when read.
+
+``--set key.sub=value`` overrides single values, as for the benchmark configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("malignancy", "biomarkers")
+LOSSES = ("bce", "huber", "mse")
+SCHEDULES = ("none", "exponential", "cyclic")
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+class TrainConfigError(ValueError):
+    """A training config that cannot be run; the message names the file and the key."""
+
+
+@dataclass
+class BackboneConfig:
+    """A timm ViT by name (``vit_small_patch8_224.dino``, ``deit_small_patch16_224``,
+    ``vit_small_patch14_reg4_dinov2``...) with weights from a local ``checkpoint`` (our format, the
+    official DINO / DINOv2 files, a timm state dict) or, online, ``pretrained: true``; or, without a
+    name, a new ViT from ``timm_kwargs`` (tests, the demo)."""
+
+    name: str | None = None
+    checkpoint: str | None = None
+    pretrained: bool = False
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    random_init: bool = False  # train from scratch (tests, the demo); otherwise weights are required
+    drop_rate: float = 0.0  # dropout inside the backbone (the sweep's "dropout in the backbone")
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    """Preprocessed nodules (``lidc-cdam preprocess`` or ``lidc-cdam phantoms`` output) and folds."""
+
+    root: str = ""
+    folds: str | None = None  # CSV nodule_id,fold; default: the root's folds.csv, else data_manifest/lidc_folds.csv
+    view: str = "axial"
+    image_size: int = 224
+    augment: bool = True  # random slice 14-18 and 90-degree rotations when training
+    num_workers: int = 0
+
+
+@dataclass
+class ScheduleConfig:
+    """``exponential``: lr * gamma^epoch (the paper's alpha = 3e-4, beta = 0.95); ``cyclic``:
+    torch's CyclicLR between ``base_lr`` and ``max_lr`` (stepped per iteration); ``none``."""
+
+    type: str = "exponential"
+    gamma: float = 0.95
+    base_lr: float = 1e-5
+    max_lr: float = 3e-4
+    step_size_up: int = 200
+    mode: str = "triangular2"
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    task: str
+    backbone: BackboneConfig
+    data: DataConfig
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: str | None = None  # default: bce (malignancy), huber (biomarkers)
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    head_dropout: float = 0.0
+    trainable_blocks: int | None = None  # fine-tune the last N blocks (+ final norm + head); None: all
+    trainable_last_params: int | None = None  # the authors' variant: the last N parameter tensors
+    early_stopping: int = 0  # patience in epochs (0: off)
+    amp: bool = True  # mixed precision, on GPU only
+    seed: int = 0
+    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    max_train_batches: int | None = None  # cap per epoch (quick checks)
+    source_file: str = ""
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss or ("bce" if self.task == "malignancy" else "huber")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        data = self.to_dict()
+        data.pop("source_file")
+        data.pop("folds")
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def with_changes(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
+
+
+def _section(cls: type, data: Any, where: str, file: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{file}: {where} must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise TrainConfigError(f"{file}: unknown key(s) {sorted(unknown)} in {where}; known: {sorted(known)}")
+    return cls(**data)
+
+
+def parse_folds(text: str | list[int]) -> list[int]:
+    """``"0-4"``, ``"0,2"`` or a list: fold indices."""
+    if isinstance(text, list):
+        return [int(f) for f in text]
+    folds: list[int] = []
+    for part in str(text).split(","):
+        lo, _, hi = part.partition("-")
+        folds.extend(range(int(lo), int(hi or lo) + 1))
+    return folds
+
+
+def config_from_dict(data: dict[str, Any], file: str = "<config>") -> TrainConfig:
+    data = dict(data)
+    data.pop("description", None)
+    for key in ("name", "task", "backbone", "data"):
+        if key not in data:
+            raise TrainConfigError(f"{file}: missing required key {key!r}")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise TrainConfigError(f"{file}: unknown top-level key(s) {sorted(unknown)}")
+    config = TrainConfig(
+        **{**data, "backbone": _section(BackboneConfig, data["backbone"], "backbone", file),
+           "data": _section(DataConfig, data["data"], "data", file),
+           "schedule": _section(ScheduleConfig, data.get("schedule"), "schedule", file),
+           "folds": parse_folds(data.get("folds", [0, 1, 2, 3, 4])), "source_file": file})
+    check(config)
+    return config
+
+
+def check(config: TrainConfig) -> None:
+    file = config.source_file or "<config>"
+    if config.task not in TASKS:
+        raise TrainConfigError(f"{file}: task must be one of {TASKS}, got {config.task!r}")
+    if config.loss_name not in LOSSES:
+        raise TrainConfigError(f"{file}: loss must be one of {LOSSES}, got {config.loss!r}")
+    if config.task == "malignancy" and config.loss_name != "bce":
+        raise TrainConfigError(f"{file}: malignancy is binary: use loss bce")
+    if config.schedule.type not in SCHEDULES:
+        raise TrainConfigError(f"{file}: schedule.type must be one of {SCHEDULES}")
+    if config.data.view not in VIEWS:
+        raise TrainConfigError(f"{file}: data.view must be one of {VIEWS}")
+    if not (config.backbone.name or config.backbone.timm_kwargs or config.backbone.checkpoint):
+        raise TrainConfigError(f"{file}: backbone needs a timm name, a checkpoint or timm_kwargs")
+    b = config.backbone
+    if b.name and not (b.checkpoint or b.pretrained or b.random_init):
+        raise TrainConfigError(
+            f"{file}: backbone {b.name} has no weights: set backbone.checkpoint=FILE (a local DINO / DINOv2 / "
+            "timm file), or pretrained: true where the hub is reachable, or random_init: true to train from scratch")
+    if config.trainable_blocks is not None and config.trainable_last_params is not None:
+        raise TrainConfigError(f"{file}: give trainable_blocks or trainable_last_params, not both")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise TrainConfigError(f"{file}: epochs and batch_size must be positive")
+    if any(f not in range(5) for f in config.folds):
+        raise TrainConfigError(f"{file}: folds are 0-4, got {config.folds}")
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    from lidc_cdam.config_overrides import apply_override
+
+    file = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise TrainConfigError(f"{file}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise TrainConfigError(f"{file}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{file}: expected a mapping at the top level")
+    for assignment in overrides or []:
+        apply_override(data, assignment, file, TrainConfigError)
+    try:
+        return config_from_dict(data, file)
+    except TypeError as err:
+        raise TrainConfigError(f"{file}: {err}") from None

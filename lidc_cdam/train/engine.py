@@ -1,0 +1,369 @@
+"""Fine-tuning one fold with MONAI's engines (``SupervisedTrainer`` / ``SupervisedEvaluator``).
+
+Handlers: validation every epoch (AUC, accuracy, loss for malignancy; MSE per biomarker for
+regression), the learning-rate schedule (exponential per epoch, cyclic per iteration), the best
+checkpoint by the validation key metric (in our checkpoint format, loadable with
+``weights_only=True`` by ``ViTModel.from_checkpoint``), early stopping, a per-epoch training state
+for resuming, and a progress bar. Seeded and deterministic on the CPU: the sample order and every
+random augmentation are keyed to (seed, epoch), so a resumed run equals an uninterrupted one.
+Under ``torchrun`` the model is wrapped in DDP and the training set is sharded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lidc_cdam.io import atomic_write, write_json
+from lidc_cdam.models.loading import read_checkpoint, save_checkpoint
+from lidc_cdam.models.vit import ViTModel
+from lidc_cdam.train.backbones import build_model, set_trainable
+from lidc_cdam.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldData:
+    """What one fold trains on: datasets of ``{"image": [3, H, W], "label": [K]}`` items, the
+    output names, and the statistics (fitted on the training part only) the model must carry."""
+
+    train: Dataset
+    val: Dataset
+    output_names: list[str]
+    fold: int
+    test: Dataset | None = None  # scored once with the best checkpoint
+    input_stats: dict[str, Any] = field(default_factory=dict)
+    target_stats: dict[str, Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process's rank in a ``torchrun`` job (0 of 1 when run plainly) and its device."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def current_process() -> Process:
+    """Join ``torchrun``'s process group once (gloo on CPU, NCCL on GPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if world == 1:
+        return Process(device=device)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Process(dist.get_rank(), dist.get_world_size(), device)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _loss(config: TrainConfig) -> torch.nn.Module:
+    return {"bce": torch.nn.BCEWithLogitsLoss(), "huber": torch.nn.HuberLoss(),
+            "mse": torch.nn.MSELoss()}[config.loss_name]
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    s = config.schedule
+    if s.type == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=s.gamma), True
+    if s.type == "cyclic":
+        return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=s.base_lr, max_lr=s.max_lr,
+                                                 step_size_up=s.step_size_up, mode=s.mode,
+                                                 cycle_momentum=False), False
+    return None, True
+
+
+def prepare_batch(batchdata: dict[str, Any], device: torch.device | None = None, non_blocking: bool = False,
+                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image, target [B, K])`` from a batch: the ``target`` key where the items have one (the
+    LIDC datasets: malignancy or the standardised biomarkers), else ``label``."""
+    target = batchdata["target"] if "target" in batchdata else batchdata["label"]
+    image = batchdata["image"].to(device=device, non_blocking=non_blocking)
+    target = target.float().reshape(len(image), -1).to(device=device, non_blocking=non_blocking)
+    return image, target
+
+
+def _stack(output: Any, key: str) -> torch.Tensor:
+    if isinstance(output, dict):
+        return output[key]
+    return torch.stack([o[key] for o in output])
+
+
+class FoldKeeper:
+    """Best checkpoint, history, early stopping and the resumable training state of one fold."""
+
+    def __init__(self, config: TrainConfig, out: Path, key: str, higher_is_better: bool, process: Process,
+                 model_meta: dict[str, Any]) -> None:
+        self.config, self.out, self.key, self.higher = config, out, key, higher_is_better
+        self.process, self.model_meta = process, model_meta
+        self.best = -math.inf if higher_is_better else math.inf
+        self.best_epoch = 0
+        self.stale = 0
+        self.history: list[dict[str, Any]] = []
+        self.epoch_losses: list[float] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+        self.stale, self.history = int(state["stale"]), list(state["history"])
+
+    def validated(self, trainer, evaluator, model: ViTModel) -> None:
+        """After each validation: record, keep the best model, stop early when stale."""
+        metrics = {k: _plain(v) for k, v in evaluator.state.metrics.items()}
+        epoch = trainer.state.epoch
+        row = {"epoch": epoch, "train_loss": float(np.mean(self.epoch_losses)) if self.epoch_losses else math.nan,
+               "lr": trainer.optimizer.param_groups[0]["lr"], **metrics}
+        self.history.append(row)
+        self.epoch_losses = []
+        value = float(metrics[self.key])
+        improved = value > self.best if self.higher else value < self.best
+        if improved or not self.best_epoch:
+            self.best, self.best_epoch, self.stale = value, epoch, 0
+            if self.process.main:
+                meta = {**self.model_meta, "epoch": epoch, "val_metrics": metrics}
+                save_checkpoint(model, self.out / "best.pt", meta=meta)
+        else:
+            self.stale += 1
+        if self.config.early_stopping and self.stale >= self.config.early_stopping:
+            log.info("fold %s: early stop at epoch %d (best %s = %.4f at epoch %d)",
+                     self.model_meta.get("fold"), epoch, self.key, self.best, self.best_epoch)
+            trainer.terminate()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.ndim else float(value)
+    return float(value) if isinstance(value, int | float | np.floating) else value
+
+
+def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress: bool = True,
+               process: Process | None = None, stop_after_epochs: int | None = None) -> dict[str, Any]:
+    """Fine-tune on ``data.train``, validate on ``data.val`` every epoch, write ``out/best.pt``,
+    ``out/history.csv`` and ``out/result.json``; resume from ``out/state.pt`` when it exists.
+
+    ``stop_after_epochs`` ends the run early as an interruption would (tests of resuming).
+    """
+    import ignite.metrics
+    from monai.data import DataLoader
+    from monai.data.utils import set_rnd
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+    from monai.handlers import ROCAUC, LrScheduleHandler, MeanSquaredError, ValidationHandler
+    from monai.utils import set_determinism
+    from torch.utils.data.distributed import DistributedSampler
+
+    process = process or current_process()
+    out = Path(out)
+    set_determinism(seed=config.seed)
+    model_meta = {
+        "fold": data.fold, "task": config.task, "train_config": config.to_dict(),
+        "config_fingerprint": config.fingerprint(), "input_stats": data.input_stats,
+        "target_stats": data.target_stats, "data": data.info,
+    }
+    model = build_model(config, data.output_names, meta=model_meta)
+    params = set_trainable(model, config)
+    model.to(process.device)
+    network: torch.nn.Module = model
+    if process.world > 1:
+        network = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[process.device.index] if process.device.type == "cuda" else None)
+    sampler = DistributedSampler(data.train, num_replicas=process.world, rank=process.rank, shuffle=True,
+                                 seed=config.seed, drop_last=False)
+    train_loader = DataLoader(data.train, batch_size=config.batch_size, sampler=sampler,
+                              num_workers=config.data.num_workers)
+    val_loader = DataLoader(data.val, batch_size=config.batch_size, shuffle=False, num_workers=config.data.num_workers)
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler, per_epoch = _scheduler(config, optimizer)
+    loss_fn = _loss(config)
+    amp = config.amp and process.device.type == "cuda"
+
+    if config.task == "malignancy":
+        key, higher = "val_auc", True
+
+        def probs(o):
+            return torch.sigmoid(_stack(o, "pred").float()), _stack(o, "label")
+
+        key_metric = {"val_auc": ROCAUC(output_transform=probs)}
+        extra = {
+            "val_acc": ignite.metrics.Accuracy(output_transform=lambda o: (
+                (_stack(o, "pred") > 0).long().view(-1), _stack(o, "label").long().view(-1))),
+            "val_loss": ignite.metrics.Loss(loss_fn, output_transform=lambda o: (
+                _stack(o, "pred").float(), _stack(o, "label").float())),
+        }
+    else:
+        key, higher = "val_mse", False
+
+        def pairs(o):
+            return _stack(o, "pred").float(), _stack(o, "label").float()
+
+        key_metric = {"val_mse": MeanSquaredError(output_transform=pairs)}
+        extra = {
+            "val_mse_per_output": MeanSquaredError(reduction="mean_batch", output_transform=pairs),
+            "val_loss": ignite.metrics.Loss(loss_fn, output_transform=pairs),
+        }
+    keeper = FoldKeeper(config, out, key, higher, process, model_meta)
+    evaluator = SupervisedEvaluator(
+        device=process.device, val_data_loader=val_loader, network=network, key_val_metric=key_metric,
+        additional_metrics=extra, amp=amp, decollate=False, prepare_batch=prepare_batch,
+        metric_cmp_fn=(lambda current, prev: current > prev) if higher else (lambda current, prev: current < prev),
+    )
+    train_handlers = []
+    if scheduler is not None:
+        train_handlers.append(LrScheduleHandler(scheduler, print_lr=False, epoch_level=per_epoch))
+    train_handlers.append(ValidationHandler(interval=1, validator=evaluator, epoch_level=True))
+    trainer = SupervisedTrainer(
+        device=process.device, max_epochs=config.epochs, train_data_loader=train_loader, network=network,
+        optimizer=optimizer, loss_function=loss_fn, train_handlers=train_handlers, amp=amp, decollate=False,
+        prepare_batch=prepare_batch,
+        epoch_length=min(len(train_loader), config.max_train_batches or len(train_loader)),
+    )
+    from ignite.engine import Events
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _seed_epoch(engine) -> None:  # augmentations and dropout keyed to (seed, epoch)
+        seed = epoch_seed(config.seed, engine.state.epoch)
+        torch.manual_seed(seed)
+        set_rnd(data.train, seed)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _record_loss(engine) -> None:
+        keeper.epoch_losses.append(float(engine.state.output["loss"].detach()))
+
+    # after ValidationHandler (attached first, so it runs first at EPOCH_COMPLETED)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: keeper.validated(engine, evaluator, model))
+    state_file = out / "state.pt"
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _save_state(engine) -> None:
+        if process.main:
+            state = {"format": "lidc-cdam-train-state", "fingerprint": config.fingerprint(),
+                     "network": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                     "trainer": dict(engine.state_dict()), "keeper": keeper.state_dict()}
+            atomic_write(state_file, lambda tmp: torch.save(state, tmp))
+            _write_history(out, keeper.history)
+        if stop_after_epochs is not None and engine.state.epoch >= stop_after_epochs:
+            engine.terminate()
+
+    if progress and process.main:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=False, desc=f"fold {data.fold}").attach(trainer, output_transform=lambda o: {
+            "loss": float(o["loss"].detach())})
+
+    resumed_from = 0
+    if state_file.exists():
+        resumed_from = _resume(state_file, config, model, optimizer, scheduler, trainer, keeper)
+    start = time.perf_counter()
+    if resumed_from < config.epochs and keeper.stale < (config.early_stopping or math.inf):
+        trainer.run()
+    seconds = time.perf_counter() - start
+    interrupted = stop_after_epochs is not None and trainer.state.epoch < config.epochs and not (
+        config.early_stopping and keeper.stale >= config.early_stopping)
+    result = {"fold": data.fold, "key_metric": key, "best": keeper.best, "best_epoch": keeper.best_epoch,
+              "epochs_run": len(keeper.history), "resumed_from_epoch": resumed_from, "seconds": seconds,
+              "seconds_per_epoch": seconds / max(1, len(keeper.history) - resumed_from),
+              "best_metrics": next((h for h in keeper.history if h["epoch"] == keeper.best_epoch), {}),
+              "checkpoint": str(out / "best.pt"), "interrupted": interrupted,
+              "train_size": len(data.train), "val_size": len(data.val)}
+    if process.main and not interrupted:
+        if data.test is not None:
+            best = ViTModel.from_checkpoint(out / "best.pt").to(process.device)
+            result["test_metrics"], predictions = evaluate_model(best, data.test, config, process.device)
+            atomic_write(out / "test_predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
+        write_json(out / "result.json", result)
+    return result
+
+
+@torch.no_grad()
+def predict(model: ViTModel, dataset: Dataset, batch_size: int, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Outputs, labels and ids (``nodule_id`` when the items carry one) over a dataset."""
+    from monai.data import DataLoader
+
+    model.eval()
+    outputs, labels, ids = [], [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        image, target = prepare_batch(batch, device)
+        outputs.append(model(image).float().cpu())
+        labels.append(target.cpu())
+        ids.extend(batch.get("nodule_id", [None] * len(image)))
+    return torch.cat(outputs), torch.cat(labels), ids
+
+
+def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, task: str, names: list[str]) -> dict[str, float]:
+    """Accuracy and AUC (malignancy) or MSE overall and per output (biomarkers, standardised units)."""
+    if task == "malignancy":
+        from sklearn.metrics import roc_auc_score
+
+        y, logit = labels.view(-1).numpy(), outputs.view(-1).numpy()
+        auc = float(roc_auc_score(y, logit)) if len(set(y.tolist())) == 2 else math.nan
+        return {"accuracy": float(((logit > 0) == (y > 0.5)).mean()), "auc": auc}
+    per = ((outputs - labels) ** 2).mean(0)
+    return {"mse": float(per.mean()), **{f"mse_{n}": float(v) for n, v in zip(names, per, strict=True)}}
+
+
+def evaluate_model(model: ViTModel, dataset: Dataset, config: TrainConfig, device: torch.device):
+    """Metrics of a trained model on a dataset and its per-item predictions."""
+    import pandas as pd
+
+    outputs, labels, ids = predict(model, dataset, config.batch_size, device)
+    names = list(model.output_names or [])
+    frame = pd.DataFrame({"nodule_id": ids})
+    for k, name in enumerate(names):
+        frame[f"true_{name}"] = labels[:, k].numpy()
+        frame[f"pred_{name}"] = outputs[:, k].numpy()
+    return task_metrics(outputs, labels, config.task, names), frame
+
+
+def _resume(state_file: Path, config: TrainConfig, model: ViTModel, optimizer, scheduler, trainer,
+            keeper: FoldKeeper) -> int:
+    state = read_checkpoint(state_file)  # weights_only=True
+    if state.get("fingerprint") != config.fingerprint():
+        raise ValueError(f"{state_file}: a training state of another config; use another --out or --restart")
+    model.load_state_dict(state["network"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    trainer.load_state_dict(state["trainer"])
+    keeper.load_state_dict(state["keeper"])
+    epoch = int(state["trainer"]["iteration"]) // int(state["trainer"]["epoch_length"])
+    log.info("resuming %s from epoch %d", state_file.parent, epoch)
+    return epoch
+
+
+def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(history)
+    for column in list(frame.columns):
+        if frame[column].map(lambda v: isinstance(v, list)).any():
+            expanded = pd.DataFrame(frame.pop(column).tolist(), index=frame.index).add_prefix(f"{column}_")
+            frame = frame.join(expanded)
+    atomic_write(out / "history.csv", lambda tmp: frame.to_csv(tmp, index=False))
