@@ -120,16 +120,19 @@ class FoldKeeper:
         self.config, self.out, self.key, self.higher = config, out, key, higher_is_better
         self.process, self.model_meta = process, model_meta
         self.best = -math.inf if higher_is_better else math.inf
+        self.best_loss = math.inf
         self.best_epoch = 0
         self.stale = 0
         self.history: list[dict[str, Any]] = []
         self.epoch_losses: list[float] = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale, "history": self.history}
+        return {"best": self.best, "best_loss": self.best_loss, "best_epoch": self.best_epoch, "stale": self.stale,
+                "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+        self.best_loss = float(state["best_loss"])
         self.stale, self.history = int(state["stale"]), list(state["history"])
 
     def validated(self, trainer, evaluator, model: ViTModel) -> None:
@@ -140,10 +143,12 @@ class FoldKeeper:
                "lr": trainer.optimizer.param_groups[0]["lr"], **metrics}
         self.history.append(row)
         self.epoch_losses = []
-        value = float(metrics[self.key])
+        value, loss = float(metrics[self.key]), float(metrics.get("val_loss", math.inf))
         improved = value > self.best if self.higher else value < self.best
+        if value == self.best and loss < self.best_loss:  # ties (e.g. AUC 1.0) go to the lower loss
+            improved = True
         if improved or not self.best_epoch:
-            self.best, self.best_epoch, self.stale = value, epoch, 0
+            self.best, self.best_loss, self.best_epoch, self.stale = value, loss, epoch, 0
             if self.process.main:
                 meta = {**self.model_meta, "epoch": epoch, "val_metrics": metrics}
                 save_checkpoint(model, self.out / "best.pt", meta=meta)
@@ -223,10 +228,12 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
             return _stack(o, "pred").float(), _stack(o, "label").float()
 
         key_metric = {"val_mse": MeanSquaredError(output_transform=pairs)}
-        extra = {
-            "val_mse_per_output": MeanSquaredError(reduction="mean_batch", output_transform=pairs),
-            "val_loss": ignite.metrics.Loss(loss_fn, output_transform=pairs),
-        }
+        def column(k: int):
+            return lambda o: tuple(t[:, k : k + 1] for t in pairs(o))
+
+        extra = {f"val_mse_{name}": MeanSquaredError(output_transform=column(k))
+                 for k, name in enumerate(data.output_names)}
+        extra["val_loss"] = ignite.metrics.Loss(loss_fn, output_transform=pairs)
     keeper = FoldKeeper(config, out, key, higher, process, model_meta)
     evaluator = SupervisedEvaluator(
         device=process.device, val_data_loader=val_loader, network=network, key_val_metric=key_metric,

@@ -1,0 +1,201 @@
+"""The MONAI fine-tuning engine on a small learnable task: it learns, resumes exactly, freezes what
+it should, writes checkpoints that reload to identical predictions, cross-validates with baselines,
+sweeps, and runs under torchrun (DDP, gloo, 2 CPU processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from train_helpers import TINY_BACKBONE, ToyNodules, fold_data, toy_config
+
+from lidc_cdam.models.loading import load_model, read_checkpoint
+from lidc_cdam.train.config import TrainConfigError, config_from_dict, load_train_config
+from lidc_cdam.train.cross_validation import run_cross_validation
+from lidc_cdam.train.engine import train_fold
+from lidc_cdam.train.sweep import grid_points, run_sweep
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return ToyNodules(120)
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fold")
+    config = toy_config(epochs=5)
+    return config, out, train_fold(config, fold_data(toy, 0), out, progress=False)
+
+
+def test_a_short_run_learns_and_scores_the_test_part(trained):
+    _, out, result = trained
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4, 5]
+    assert history["val_loss"].iloc[-1] < history["val_loss"].iloc[0]
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    majority = 0.5 + abs(float(ToyNodules(120).label.mean()) - 0.5)
+    assert result["test_metrics"]["accuracy"] > majority
+    assert result["test_metrics"]["auc"] > 0.8
+    assert history["lr"].iloc[1] == pytest.approx(history["lr"].iloc[0] * 0.9)  # exponential schedule
+    predictions = pd.read_csv(out / "test_predictions.csv")
+    assert len(predictions) == result["val_size"] and predictions["nodule_id"].str.startswith("toy").all()
+
+
+def test_checkpoint_is_complete_and_reloads_to_identical_predictions(trained, toy):
+    _, out, result = trained
+    payload = read_checkpoint(out / "best.pt")  # weights_only=True
+    assert payload["format"] == "lidc-cdam-checkpoint"
+    model = load_model(out / "best.pt")
+    assert model.task == "classification" and model.output_names == ["malignant"]
+    assert model.meta["fold"] == 0 and model.meta["epoch"] == result["best_epoch"]
+    assert model.meta["train_config"]["task"] == "malignancy" and "val_auc" in model.meta["val_metrics"]
+    assert model.meta["input_stats"] == {"mean": 0.0, "std": 1.0}
+    images = toy.image[:6]
+    again = load_model(out / "best.pt")
+    assert torch.equal(model(images), again(images))
+    from lidc_cdam import explain
+
+    assert explain(model, images, targets="malignant").maps.shape == (6, 1, 4, 4)
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(trained, toy, tmp_path):
+    config, reference, _ = trained
+    out = tmp_path / "fold"
+    first = train_fold(config, fold_data(toy, 0), out, progress=False, stop_after_epochs=2)
+    assert first["interrupted"] and not (out / "result.json").exists()
+    result = train_fold(config, fold_data(toy, 0), out, progress=False)
+    assert result["resumed_from_epoch"] == 2
+    pd.testing.assert_frame_equal(pd.read_csv(out / "history.csv"), pd.read_csv(reference / "history.csv"))
+    images = toy.image[:8]
+    assert torch.equal(load_model(out / "best.pt")(images), load_model(reference / "best.pt")(images))
+
+
+def test_resuming_another_config_is_refused(trained, toy, tmp_path):
+    config, _, _ = trained
+    train_fold(config, fold_data(toy, 0), tmp_path, progress=False, stop_after_epochs=1)
+    with pytest.raises(ValueError, match="another config"):
+        train_fold(config.with_changes(lr=1e-4), fold_data(toy, 0), tmp_path, progress=False)
+
+
+def test_trainable_blocks_freeze_the_rest(toy, tmp_path):
+    from lidc_cdam.train.backbones import build_model, set_trainable
+
+    config = toy_config(epochs=1, trainable_blocks=1)
+    before = build_model(config, ["malignant"])
+    trainable = {n for n, p in before.named_parameters() if p in set(set_trainable(before, config))}
+    assert trainable and all(n.startswith(("backbone.blocks.1.", "backbone.norm.", "head.")) for n in trainable)
+    torch.manual_seed(0)
+    train_fold(config, fold_data(toy, 1), tmp_path, progress=False)
+    after = load_model(tmp_path / "best.pt")
+    from monai.utils import set_determinism
+
+    set_determinism(seed=config.seed)  # build_model draws the same initial weights
+    initial = dict(build_model(config, ["malignant"]).named_parameters())
+    for name, p in after.named_parameters():
+        assert torch.equal(p, initial[name]) != (name in trainable), name
+    last = toy_config(trainable_last_params=3)
+    model = build_model(last, ["malignant"])
+    assert len(set_trainable(model, last)) == 3 and sum(p.requires_grad for p in model.parameters()) == 3
+
+
+def test_biomarker_regression_reports_mse_per_biomarker(toy, tmp_path):
+    config = toy_config(task="biomarkers", loss="mse", epochs=3, schedule={"type": "cyclic", "base_lr": 1e-4,
+                                                                          "max_lr": 2e-3, "step_size_up": 4})
+    result = train_fold(config, fold_data(toy, 0, "biomarkers"), tmp_path, progress=False)
+    history = pd.read_csv(tmp_path / "history.csv")
+    names = fold_data(toy, 0, "biomarkers").output_names
+    assert {f"val_mse_{n}" for n in names} <= set(history.columns)
+    assert history[[f"val_mse_{n}" for n in names]].mean(axis=1).to_numpy() == pytest.approx(history["val_mse"].to_numpy())
+    assert history["val_mse"].iloc[-1] < history["val_mse"].iloc[0]
+    assert set(result["test_metrics"]) == {"mse", *(f"mse_{n}" for n in names)}
+    assert load_model(tmp_path / "best.pt").task == "regression"
+
+
+def test_cross_validation_summary_with_baselines(toy, tmp_path):
+    config = toy_config(epochs=2, folds=[0, 1, 2, 3, 4])
+    per_fold = run_cross_validation(config, tmp_path, lambda f: fold_data(toy, f), toy.table(), toy.split,
+                                    progress=False)
+    assert set(per_fold["model"]) == {"toy", "diameter threshold", "logistic regression (8 biomarkers)"}
+    assert (per_fold.groupby("model").size() == 5).all()
+    summary = pd.read_csv(tmp_path / "summary.csv", index_col=0)
+    assert summary.loc["toy", "accuracy mean"] == pytest.approx(per_fold[per_fold["model"] == "toy"]["accuracy"].mean())
+    assert "± " in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    # finished folds are not trained again
+    stamp = (tmp_path / "fold0" / "result.json").stat().st_mtime_ns
+    run_cross_validation(config, tmp_path, lambda f: fold_data(toy, f), progress=False)
+    assert (tmp_path / "fold0" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_sweep_runs_every_grid_point(toy, tmp_path):
+    grid = {"batch_size": [8, 16], "head_dropout": [0.0, 0.1]}
+    assert len(grid_points(grid)) == 4
+    config = toy_config(epochs=1, folds=[0])
+    table = run_sweep(config, grid, tmp_path, lambda c, f: fold_data(toy, f), progress=False)
+    assert len(table) == 4 and set(table.columns) >= {"batch_size", "head_dropout", "auc", "accuracy"}
+    assert list(table["auc"]) == sorted(table["auc"], reverse=True)
+    assert (tmp_path / "sweep.md").exists()
+    with pytest.raises(TrainConfigError, match="non-empty list"):
+        grid_points({"batch_size": []})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"task": "survival"}, "task must be"),
+    ({"task": "malignancy", "loss": "huber"}, "binary"),
+    ({"backbone": {"name": "vit_small_patch16_224"}}, "has no weights"),
+    ({"backbone": {**TINY_BACKBONE, "depth": 3}}, "unknown key"),
+    ({"trainable_blocks": 2, "trainable_last_params": 5}, "not both"),
+])
+def test_config_errors(change, message):
+    data = {"name": "x", "task": "malignancy", "backbone": TINY_BACKBONE, "data": {"root": "d"}, **change}
+    with pytest.raises(TrainConfigError, match=message):
+        config_from_dict(data, "x.yaml")
+
+
+def test_presets_load_and_need_weights():
+    from lidc_cdam.pipelines.train import CONFIG_DIR
+
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        name = path.stem
+        if name.startswith("tiny"):
+            assert load_train_config(path).backbone.random_init
+            continue
+        with pytest.raises(TrainConfigError, match="no weights"):
+            load_train_config(path)
+        config = load_train_config(path, ["backbone.checkpoint=weights.pth"])
+        assert config.task in name and config.epochs == 50
+
+
+DDP_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from train_helpers import ToyNodules, fold_data, toy_config
+from lidc_cdam.train.engine import current_process, train_fold
+process = current_process()
+result = train_fold(toy_config(epochs=3), fold_data(ToyNodules(120), 0), {out!r}, progress=False, process=process)
+print("RANK", process.rank, process.world, json.dumps(result.get("test_metrics", {{}})))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_with_two_cpu_processes(tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(root=str(Path(__file__).resolve().parent), out=str(tmp_path / "out")))
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RANK 0 2" in result.stdout and "RANK 1 2" in result.stdout
+    history = pd.read_csv(tmp_path / "out" / "history.csv")
+    assert len(history) == 3 and history["val_loss"].iloc[-1] < history["val_loss"].iloc[0]
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["train_size"] == 72 and saved["test_metrics"]["accuracy"] > 0.5
+    assert load_model(tmp_path / "out" / "best.pt").output_names == ["malignant"]
