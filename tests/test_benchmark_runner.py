@@ -240,3 +240,38 @@ def test_offline_preset_reproduces_the_committed_results(tmp_path, demo_model):
     assert len(merged) == len(part) == 8 * 10
     for column in ("a_mif", "a_lif", "a_box", "compactness", "delta_a_lif_mif", "delta_a_box", "share_in_own_mask"):
         assert merged[column].to_numpy() == pytest.approx(merged[f"{column}_committed"].to_numpy(), rel=1e-3, abs=1e-3)
+
+
+def test_imagenet_sets_end_to_end_on_a_fake_validation_folder(tmp_path, checkpoint):
+    """X_multi- and X_val-style manifests over a tiny flat validation folder (one file corrupt)."""
+    from PIL import Image
+
+    from lidc_cdam.data.imagenet import write_manifest
+
+    val = tmp_path / "val"
+    val.mkdir()
+    names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 6)]
+    rng = torch.Generator().manual_seed(0)
+    for name in names[:4]:
+        Image.fromarray((torch.rand(48, 60, 3, generator=rng) * 255).byte().numpy()).save(val / name)
+    (val / names[4]).write_bytes(b"\xff\xd8 truncated jpeg")
+    multi = pd.DataFrame({"image": names, "val_index": range(1, 6), "c1": [1, 2, 3, 4, 5], "c2": [6, 7, 8, 9, 0]})
+    write_manifest(multi, tmp_path / "xmulti.csv")
+    write_manifest(multi[["image", "val_index"]].iloc[:3], tmp_path / "xval.csv")
+    config = load_config(write_config(tmp_path, checkpoint, randomization={"images": 0}, image_sets=[
+        {"name": "xmulti", "source": "imagenet", "manifest": str(tmp_path / "xmulti.csv"), "root": str(val),
+         "targets": "labels", "paper_tables": {"fidelity": "Table 1"}},
+        {"name": "xval", "source": "imagenet", "manifest": str(tmp_path / "xval.csv"), "root": str(val),
+         "targets": "predicted", "paper_tables": {"fidelity": "Table S1"}}]))
+    summary = run_benchmark(config, tmp_path / "out", progress=False)
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    xmulti = metrics[metrics["image_set"] == "xmulti"]
+    assert sorted(xmulti["image_id"].unique()) == names[:4]
+    first = xmulti[xmulti["image_id"] == names[0]].iloc[0]
+    assert (first["c1"], first["c2"]) == (1, 6)  # the manifest's pair and order: c1 recorded
+    assert (metrics.loc[metrics["image_set"] == "xval", "c2"] == -1).all()
+    assert summary["image_sets"]["xmulti"]["skipped"] == 1 and summary["image_sets"]["xval"]["images"] == 3
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert skipped["reason"].str.contains(names[4]).all()
+    text = (tmp_path / "out" / "tables.md").read_text()
+    assert "(paper Table 1)" in text and "(paper Table S1)" in text

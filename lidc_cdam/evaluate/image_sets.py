@@ -32,6 +32,7 @@ class BenchImage:
     image: torch.Tensor
     classes: list[int]
     masks: torch.Tensor | None = None  # [len(classes), H, W] bool
+    ordered: bool = False  # classes[0] is the recorded class c1 (X_multi); else the higher logit is
 
 
 class ImageSet(Protocol):
@@ -94,7 +95,7 @@ class ImageNetImages:
         item = self.dataset[index]
         if item is None:
             return self.dataset.skipped[-1][1] if self.dataset.skipped else "unreadable image"
-        return BenchImage(item["image_id"], item["image"], list(item["classes"]))
+        return BenchImage(item["image_id"], item["image"], list(item["classes"]), ordered=True)
 
 
 def resolve_manifest(manifest: str) -> Path:

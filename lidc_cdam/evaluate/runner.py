@@ -100,8 +100,8 @@ def _score_fn(model: ViTModel, device: torch.device):
 
 
 def _targets(model: ViTModel, items: list[BenchImage], mode: str, device: torch.device) -> list[list[int]]:
-    """Per image ``[c1]`` or ``[c1, c2]``: the recorded class first. For two labelled classes
-    without an order (multi-digits), c1 is the one the model gives the higher logit."""
+    """Per image ``[c1]`` or ``[c1, c2]``: the recorded class first (as the manifest orders them on
+    X_multi; on sets without an order, multi-digits, the class with the higher logit)."""
     with torch.no_grad():
         logits = model(torch.stack([it.image for it in items]).to(device)).cpu()
     out = []
@@ -110,7 +110,7 @@ def _targets(model: ViTModel, items: list[BenchImage], mode: str, device: torch.
             out.append([int(row.argmax())])
         elif len(item.classes) >= 2:
             c1, c2 = item.classes[:2]
-            out.append([c1, c2] if row[c1] >= row[c2] else [c2, c1])
+            out.append([c1, c2] if item.ordered or row[c1] >= row[c2] else [c2, c1])
         else:
             out.append([int(item.classes[0])])
     return out
