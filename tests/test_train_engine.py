@@ -200,3 +200,20 @@ def test_torchrun_ddp_with_two_cpu_processes(tmp_path):
     saved = json.loads((tmp_path / "out" / "result.json").read_text())
     assert saved["train_size"] == 72 and saved["test_metrics"]["accuracy"] > 0.5
     assert load_model(tmp_path / "out" / "best.pt").output_names == ["malignant"]
+
+
+def test_a_timm_backbone_by_name_starts_from_the_local_weights_file(tmp_path):
+    import timm
+
+    from lidc_cdam.train.backbones import build_model
+
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0)
+    torch.save(reference.state_dict(), tmp_path / "weights.pth")
+    config = toy_config(backbone={"name": "vit_tiny_patch16_224", "checkpoint": str(tmp_path / "weights.pth"),
+                                  "timm_kwargs": {"img_size": 32}, "drop_rate": 0.1})
+    model = build_model(config, ["malignant"])
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[name], tensor), name
+    assert model.backbone.pos_drop.p == 0.1 and model.backbone.blocks[0].mlp.drop1.p == 0.1
+    assert model.head.out_features == 1
+    assert model.build["timm_name"] == "vit_tiny_patch16_224"

@@ -74,3 +74,12 @@ def test_torchrun_trains_with_ddp_on_two_cpu_processes(phantoms, tmp_path):
     assert result.stdout.count("5-fold cross-validation") == 1  # the summary comes from rank 0 only
     assert len(pd.read_csv(out / "fold0" / "history.csv")) == 2
     assert load_model(out / "fold0" / "best.pt").output_names == ["malignant"]
+
+
+def test_sweep_command_ranks_the_grid(phantoms, tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--config", "tiny-phantom-malignancy", "--data", str(phantoms), "--folds", "0",
+                 "--set", "epochs=1", "--vary", "trainable_blocks=[1,null]", "--out", str(out), "--no-progress"]) == 0
+    table = pd.read_csv(out / "sweep.csv")
+    assert len(table) == 2 and set(table["trainable_blocks"].fillna(-1)) == {1, -1}
+    assert (out / "trainable_blocks=1" / "fold0" / "best.pt").exists()

@@ -17,7 +17,10 @@ def build_model(config: TrainConfig, output_names: list[str], meta: dict[str, An
     from lidc_cdam.models.loading import build_backbone, from_timm, load_model
 
     spec = config.backbone
-    kwargs = {**spec.timm_kwargs, "drop_rate": spec.drop_rate, "drop_path_rate": spec.drop_path_rate}
+    # timm's own drop_rate is the classifier's dropout (replaced here by the head's): the backbone's
+    # dropout is on the token embeddings and the attention / MLP projections
+    kwargs = {**spec.timm_kwargs, "pos_drop_rate": spec.drop_rate, "proj_drop_rate": spec.drop_rate,
+              "drop_path_rate": spec.drop_path_rate}
     if spec.name is None and spec.checkpoint:  # architecture read from the file
         loaded = load_model(spec.checkpoint, **kwargs)
         backbone, build = loaded.backbone, loaded.build

@@ -36,7 +36,7 @@ class BackboneConfig:
     pretrained: bool = False
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     random_init: bool = False  # train from scratch (tests, the demo); otherwise weights are required
-    drop_rate: float = 0.0  # dropout inside the backbone (the sweep's "dropout in the backbone")
+    drop_rate: float = 0.0  # dropout inside the backbone: token embeddings, attention / MLP projections
     drop_path_rate: float = 0.0
 
 
