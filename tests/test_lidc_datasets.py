@@ -77,3 +77,15 @@ def test_training_slices_and_rotations():
         assert ks, "a rotation by a multiple of 90 degrees"
         seen_k.update(ks)
     assert len(seen_i) > 1 and len(seen_k) > 1
+
+
+def test_crop_paths_must_stay_inside_the_data_folder(tmp_path):
+    import pandas as pd
+
+    from lidc_cdam.data.lidc.datasets import check_crop_paths
+    from lidc_cdam.data.lidc.errors import LidcError
+
+    check_crop_paths(pd.DataFrame({"nodule_id": ["a"], "crop_path": ["crops/a.npz"]}), tmp_path)
+    for bad in ("../outside.npz", "crops/../../outside.npz", "/etc/passwd"):
+        with pytest.raises(LidcError, match="leaves the data folder"):
+            check_crop_paths(pd.DataFrame({"nodule_id": ["a"], "crop_path": [bad]}), tmp_path)

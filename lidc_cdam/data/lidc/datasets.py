@@ -147,6 +147,18 @@ def _records(table: pd.DataFrame, stats: Stats, task: str) -> list[dict[str, Any
     return out
 
 
+def check_crop_paths(nodules: pd.DataFrame, root: Path) -> None:
+    """Every ``crop_path`` of a nodule table is relative and stays inside the data folder (a table is
+    input like any other file: ``../`` or absolute paths are refused)."""
+    from lidc_cdam.data.lidc.errors import LidcError
+
+    base = root.resolve()
+    for nodule, rel in zip(nodules["nodule_id"], nodules["crop_path"], strict=True):
+        path = Path(str(rel))
+        if path.is_absolute() or not (base / path).resolve().is_relative_to(base):
+            raise LidcError(f"{root / 'nodules.csv'}: crop_path of {nodule} ({rel}) leaves the data folder")
+
+
 def lidc_datasets(data_dir: str | Path, fold: int = 0, view: str = "axial", task: str = "classification",
                   folds: str | Path | pd.DataFrame | None = None, val_fold: int | None = None,
                   seed: int = 0, rotate_prob: float = 0.75, size: int = IMAGE_SIZE) -> dict[str, Any]:
@@ -163,6 +175,7 @@ def lidc_datasets(data_dir: str | Path, fold: int = 0, view: str = "axial", task
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     root = Path(data_dir)
     nodules = pd.read_csv(root / "nodules.csv")
+    check_crop_paths(nodules, root)
     fold_table = folds if isinstance(folds, pd.DataFrame) else read_folds(*(() if folds is None else (folds,)))
     table = nodules.merge(fold_table[["nodule_id", "fold"]], on="nodule_id", how="inner", validate="one_to_one")
     n = int(fold_table["fold"].max()) + 1
