@@ -1,0 +1,85 @@
+"""``open_viewer``: napari on a scan with the CDAM widget docked and (optionally) the maps computed.
+
+For ``lidc-cdam demo --viewer`` and scripts::
+
+    from lidc_cdam.viewer import open_viewer
+    viewer, widget = open_viewer("LIDC-IDRI/LIDC-IDRI-0078/...", "preprocessed/", "runs/fold0/best.pt")
+    napari.run()  # or open_viewer(..., run=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lidc_cdam.viewer._guard import prepare_torch
+from lidc_cdam.viewer.volume import CTVolume, ViewerError
+
+
+def _as_volume(scan: Any) -> tuple[CTVolume, str | None]:
+    from lidc_cdam.viewer.volume import read_dicom_folder
+
+    if isinstance(scan, CTVolume):
+        return scan, None
+    if scan is None or str(scan) == "synthetic":
+        from lidc_cdam.viewer.synthetic import synthetic_data
+
+        paths = synthetic_data()
+        volume = read_dicom_folder(paths["dicom"])
+        volume.name = "CT synthetic chest (phantom nodules, not CT)"
+        return volume, str(paths["crops_dir"])
+    if isinstance(scan, str | Path):
+        return read_dicom_folder(scan), None
+    raise ViewerError(f"open_viewer takes a DICOM folder, a CTVolume or 'synthetic', not {type(scan).__name__}")
+
+
+def open_viewer(scan_folder_or_volume: Any = "synthetic", crops_dir: str | Path | None = None,
+                checkpoint: str | Path | Sequence[str | Path] | None = None, *, nodule: str | None = None,
+                targets: Sequence[str] | None = None, method: str = "CDAM", view: str | None = None,
+                compute: bool = True, show: bool = True, run: bool = False, viewer: Any = None) -> tuple[Any, Any]:
+    """Open napari on a scan with the CDAM widget; returns ``(viewer, widget)``.
+
+    ``scan_folder_or_volume``: a DICOM series folder, a :class:`~lidc_cdam.viewer.volume.CTVolume` or
+    ``"synthetic"`` (the sample scan, whose crops folder is used when ``crops_dir`` is None).
+    ``crops_dir``: the preprocessed folder (``nodules.csv`` + ``crops/``). ``checkpoint``: one or more
+    ``best.pt`` files. ``nodule`` (an id; default the first nodule of the scan), ``targets`` (default all
+    the checkpoints' targets), ``method`` (a widget label: "CDAM", "Smooth CDAM", "Integrated CDAM",
+    "Attention map"), ``view`` (default the model's). With ``compute`` the maps are computed at once
+    (in this thread when ``show`` is False, else in the widget's worker). ``run`` starts napari's event
+    loop (blocks until the window closes). Raises :class:`ViewerError` for bad input.
+    """
+    prepare_torch()
+    import napari
+    from lidc_cdam.viewer._widget import CdamWidget
+
+    volume, default_crops = _as_volume(scan_folder_or_volume)
+    crops_dir = crops_dir if crops_dir is not None else default_crops
+    viewer = viewer if viewer is not None else napari.Viewer(show=show, title="lidc-cdam: CDAM overlays")
+    widget = CdamWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="CDAM", area="right")
+    widget.add_ct(volume, crops_dir)
+    if crops_dir is not None:
+        widget.crops_dir.value = str(crops_dir)
+        widget.load_nodules()
+    if nodule is not None:
+        match = [n for n in widget.nodules if n.nodule_id == nodule]
+        if not match:
+            raise ViewerError(f"nodule {nodule} is not among this scan's nodules "
+                              f"({[n.nodule_id for n in widget.nodules]})")
+        widget.nodule.value = match[0]
+    if checkpoint is not None:
+        files = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
+        widget.checkpoints.value = files  # loads in a worker: load now, in this thread, instead
+        widget.load_checkpoints(files, block=True)
+        if not widget.models:
+            raise ViewerError(widget.status.value)
+        widget.targets.value = list(targets) if targets is not None else list(widget.models)
+    widget.method.value = method
+    if view is not None:
+        widget.view.value = view
+    if compute and checkpoint is not None and widget.nodule.value is not None:
+        widget.compute(block=not show)
+    if run:
+        napari.run()
+    return viewer, widget

@@ -1,0 +1,51 @@
+"""Test helpers for the viewer (its tests, the docs screenshot): the synthetic scan and tiny checkpoints."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from lidc_cdam.data.lidc.nodules import BIOMARKERS as _BIOMARKERS
+from lidc_cdam.models.loading import save_checkpoint
+from lidc_cdam.models.vit import ViTModel
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+STATS = {"mean": -700.0, "std": 300.0, "view": "axial", "image_size": 32, "hu_clip": [-1000, 400]}
+BIOMARKERS = list(_BIOMARKERS)
+
+
+@functools.cache
+def synthetic() -> dict[str, Path]:
+    """The synthetic scan in the lidc-cdam cache (tests: the session's LIDC_CDAM_CACHE), as the sample data uses it."""
+    from lidc_cdam.viewer.synthetic import synthetic_data
+
+    return synthetic_data()
+
+
+def tiny_checkpoint(path: Path, task: str = "malignancy", seed: int = 0, **timm_kwargs) -> Path:
+    """A random tiny LIDC model: malignancy (1 logit) or the eight biomarkers (standardised outputs)."""
+    torch.manual_seed(seed)
+    kwargs = {**TINY, **timm_kwargs}
+    stats = {**STATS, "image_size": kwargs["img_size"]}
+    if task == "malignancy":
+        model = ViTModel.from_config(kwargs, head_outputs=1, task="classification", output_names=["malignant"],
+                                     meta={"input_stats": stats, "task": "malignancy"})
+    else:
+        model = ViTModel.from_config(kwargs, head_outputs=8, task="regression", output_names=BIOMARKERS,
+                                     meta={"input_stats": stats, "task": "biomarkers", "target_stats": {
+                                         "names": BIOMARKERS, "mean": [3.0] * 7 + [10.0], "std": [1.0] * 7 + [5.0]}})
+    with torch.no_grad():  # sharper attention, larger outputs: maps with both signs
+        for blk in model.backbone.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+        model.head[1].weight.mul_(10.0)
+    return save_checkpoint(model, path)
+
+
+def digits_checkpoint(path: Path) -> Path:
+    """A checkpoint for another task: ten digit classes."""
+    torch.manual_seed(0)
+    model = ViTModel.from_config(TINY, head_outputs=10, task="classification",
+                                 output_names=[str(i) for i in range(10)])
+    return save_checkpoint(model, path)
