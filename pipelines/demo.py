@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=6, help="--digits: number of test images to explain")
     parser.add_argument("--seed", type=int, default=0, help="--digits: which test images")
     parser.add_argument("--retrain", action="store_true", help="train the demo model(s) again (ignore the cache)")
+    parser.add_argument("--viewer", action="store_true",
+                        help="LIDC: then open napari with the CDAM widget and the demo's two models on a synthetic "
+                             "chest scan with phantom nodules (needs the viewer extra and a display)")
 
 
 def positive_share_on_objects(maps: torch.Tensor, masks: torch.Tensor, patch: int) -> torch.Tensor:
@@ -58,7 +61,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("error: --nodules must be at least 1")
     if args.scans < 10:
         raise SystemExit("error: --scans must be at least 10 (the tiny models need nodules in every part)")
-    return run_lidc_demo(args.out, args.nodules, args.retrain, progress=sys.stderr.isatty(), n_scans=args.scans)
+    summary = run_lidc_demo(args.out, args.nodules, args.retrain, progress=sys.stderr.isatty(), n_scans=args.scans)
+    if args.viewer:
+        open_demo_viewer(summary)
+    return summary
+
+
+def demo_checkpoints(summary: dict[str, Any]) -> list[Path]:
+    """The demo's trained models (malignancy, biomarkers)."""
+    return [Path(run["run"]) / "fold0" / "best.pt" for run in summary["training"].values()]
+
+
+def open_demo_viewer(summary: dict[str, Any], **kwargs: Any):
+    """napari on the viewer's synthetic chest scan (phantom nodules) with the demo's models, maps computed."""
+    try:
+        import napari  # noqa: F401
+    except ImportError:
+        raise SystemExit('error: --viewer needs napari: pip install -e ".[viewer]"') from None
+    from lidc_cdam.viewer import open_viewer
+
+    return open_viewer("synthetic", None, demo_checkpoints(summary), **{"run": True, **kwargs})
 
 
 def run_digits_demo(args: argparse.Namespace) -> dict[str, Any]:

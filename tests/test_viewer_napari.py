@@ -229,3 +229,16 @@ def test_open_viewer_for_the_demo(make_napari_viewer, checkpoint, biomarker_chec
     assert len(widget.results) == 2
     text = widget.predictions.value
     assert "malignancy: p = " in text and "spiculation: " in text and "(radiologists: malignant)" in text
+
+
+@pytest.mark.slow
+def test_demo_viewer_opens_on_the_demo_models(make_napari_viewer, tmp_path):
+    """`lidc-cdam demo --viewer`: the synthetic chest with both demo models, every target computed."""
+    from lidc_cdam.pipelines.demo import open_demo_viewer
+    from lidc_cdam.pipelines.demo_lidc import run_lidc_demo
+
+    summary = run_lidc_demo(tmp_path / "demo", n_nodules=1, retrain=False, progress=False, n_scans=30)
+    viewer = make_napari_viewer(show=False)
+    viewer, widget = open_demo_viewer(summary, show=False, run=False, viewer=viewer)
+    assert len(widget.models) == 9  # malignancy and the eight biomarkers
+    assert len(widget.overlays) == 9 and "malignancy: p = " in widget.predictions.value
