@@ -125,7 +125,9 @@ def summarise(per_fold: pd.DataFrame) -> pd.DataFrame:
 
 def summary_markdown(config: TrainConfig, summary: pd.DataFrame, per_fold: pd.DataFrame) -> str:
     main = [c for c in METRIC_COLUMNS if f"{c} mean" in summary]
-    lines = [f"# {config.name}: 5-fold cross-validation ({config.task})", "",
+    folds = ", ".join(str(f) for f in config.folds)
+    lines = [f"# {config.name}: cross-validation ({config.task}), fold{'s' if len(config.folds) > 1 else ''} {folds}",
+             "",
              "Test part of each fold, best checkpoint by validation; mean ± sd over folds.", "",
              "| model | " + " | ".join(main) + " | folds |", "|---|" + "---:|" * (len(main) + 1)]
     for model, row in summary.iterrows():
