@@ -3,7 +3,8 @@
 The metrics of one image need forward passes only: MIF and LIF curves for the map of c1 and the
 map of c2 (``2 x P x 2``, P perturbation levels) per method, and the box passes (``S x n + 1``,
 shared by all methods). The lower bound is that number times one forward pass of an image inside
-a batch of the size the metrics use (64 for boxes, 40 for the curves of two maps). Explanation time is reported beside it.
+a batch of the size the metrics use (64 for boxes, 40 for the curves of two maps). Explanation
+time is reported beside it.
 
     python benchmarks/bench_evaluate.py                      # the demo ViT, 64 px, SPEC settings
     python benchmarks/bench_evaluate.py --model vit_small_patch16_224 --n-boxes 10 --images 1
