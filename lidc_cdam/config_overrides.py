@@ -1,10 +1,27 @@
-"""``--set key.sub=value`` overrides for the YAML configs of the benchmark and training jobs."""
+"""Reading the YAML configs of the benchmark and training jobs, and their ``--set key.sub=value`` overrides."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+def read_yaml_config(path: str | Path, overrides: list[str] | None, error: type[Exception]) -> dict[str, Any]:
+    """A config file as a mapping with ``overrides`` applied; problems raise ``error`` naming the file."""
+    file = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{file}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise error(f"{file}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise error(f"{file}: expected a mapping at the top level")
+    for assignment in overrides or []:
+        apply_override(data, assignment, file, error)
+    return data
 
 
 def apply_override(data: dict[str, Any], assignment: str, file: str, error: type[Exception] = ValueError) -> None:

@@ -370,14 +370,7 @@ def compute_steps(request: MapRequest) -> Generator[tuple[int, int], None, MapRe
 def compute_maps(request: MapRequest, progress: Callable[[int, int], None] | None = None) -> MapResult:
     """The ``[K, 32, 32, 32]`` crop maps of one nodule (see the module docstring); ``progress(done, total)``
     is called after each batch of slices."""
-    steps = compute_steps(request)
-    while True:
-        try:
-            done, total = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        if progress:
-            progress(done, total)
+    return _drain(compute_steps(request), progress)
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -452,7 +445,11 @@ def cached_steps(request: MapRequest, cache: MapCache | None) -> Generator[tuple
 def cached_compute(request: MapRequest, cache: MapCache | None,
                    progress: Callable[[int, int], None] | None = None) -> MapResult:
     """:func:`compute_maps` through ``cache`` (a hit is returned with ``cached=True``)."""
-    steps = cached_steps(request, cache)
+    return _drain(cached_steps(request, cache), progress)
+
+
+def _drain(steps, progress: Callable[[int, int], None] | None) -> MapResult:
+    """Run a step generator to its result, reporting ``(done, total)`` after each step."""
     while True:
         try:
             done, total = next(steps)

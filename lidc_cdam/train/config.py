@@ -12,8 +12,6 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 TASKS = ("malignancy", "biomarkers")
 LOSSES = ("bce", "huber", "mse")
 SCHEDULES = ("none", "exponential", "cyclic")
@@ -174,19 +172,10 @@ def check(config: TrainConfig) -> None:
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    from lidc_cdam.config_overrides import apply_override
+    from lidc_cdam.config_overrides import read_yaml_config
 
     file = str(path)
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise TrainConfigError(f"{file}: no such config file") from None
-    except yaml.YAMLError as err:
-        raise TrainConfigError(f"{file}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise TrainConfigError(f"{file}: expected a mapping at the top level")
-    for assignment in overrides or []:
-        apply_override(data, assignment, file, TrainConfigError)
+    data = read_yaml_config(path, overrides, TrainConfigError)
     try:
         return config_from_dict(data, file)
     except TypeError as err:
