@@ -47,7 +47,8 @@ def write_config(folder: Path, checkpoint: Path, **changes) -> Path:
         "model": {"source": "checkpoint", "checkpoint": str(checkpoint)},
         "image_sets": [{"name": "digits", "source": "multi-digits", "n": 6, "seed": 5, "split": "test"}],
         "methods": METHODS,
-        "metrics": {"percents": [0, 25, 50, 75], "box_sizes": [1, 2, 3, 4], "n_boxes": 10, "blur_sigma": 4.0},
+        # box sides 16..48 px: smaller than the 64 px images (4 x 16 px would cover them)
+        "metrics": {"percents": [0, 25, 50, 75], "box_sizes": [1, 2, 3], "n_boxes": 10, "blur_sigma": 4.0},
         "randomization": {"images": 2, "n_blocks": 1},
         "batch_images": 2,
         **changes,
@@ -86,7 +87,7 @@ def test_tidy_table_equals_a_direct_computation(finished_run):
     direct = evaluate_image(
         lambda x: model(x).detach(), item.image, gaussian_blur(item.image[None], 4.0)[0],
         {"cdam": maps.upsample()[0]}, int(row["c1"]), patch=16, native_maps={"cdam": maps.maps[0]},
-        box_sizes=[1, 2, 3, 4], n_boxes=10, generator=_box_generator(0, item.image_id), percents=[0, 25, 50, 75],
+        box_sizes=[1, 2, 3], n_boxes=10, generator=_box_generator(0, item.image_id), percents=[0, 25, 50, 75],
     )["cdam"]
     assert row["a_lif_mif"] == pytest.approx(direct.fidelity, rel=1e-5, abs=1e-4)
     assert row["a_box"] == pytest.approx(direct.a_box, rel=1e-5, abs=1e-6)
@@ -181,6 +182,24 @@ def test_config_errors_name_the_file_and_the_problem(tmp_path, checkpoint, chang
     with pytest.raises(ConfigError, match=message) as err:
         load_config(path)
     assert str(path) in str(err.value)
+
+
+def test_a_box_covering_the_model_images_is_a_config_error_before_any_work(tmp_path, checkpoint):
+    """Patch 16 on 64 px images: box size 4 (64 px) would cover the image; the runner refuses the
+    config once it knows the model, before writing anything (no size is silently dropped)."""
+    path = write_config(tmp_path, checkpoint, metrics={"box_sizes": [1, 2, 4], "n_boxes": 10})
+    config = load_config(path)  # the model is not known yet
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"metrics\.box_sizes: box size 4 \(side 4 x 16 = 64 px.*would cover "
+                                          r"the 64x64 images.*at most 3 patches") as err:
+        run_benchmark(config, out, progress=False)
+    assert str(path) in str(err.value)
+    assert not (out / "run.json").exists() and not (out / "parts").exists()
+    # the same through the CLI: exit code 2 and the message
+    from lidc_cdam.pipelines.cli import main
+
+    assert main(["benchmark", "--config", str(path), "--out", str(out), "--no-progress"]) == 2
+    assert not (out / "run.json").exists()
 
 
 def test_overrides_and_presets_load():

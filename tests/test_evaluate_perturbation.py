@@ -82,12 +82,146 @@ def test_box_sensitivity_is_one_for_exact_contributions_and_matches_numpy(linear
         np.testing.assert_allclose(f_box[1, s].item(), np.corrcoef(sums, changes[s].numpy())[0, 1], rtol=1e-10)
 
 
-def test_box_sampling_is_seeded_and_rejects_boxes_larger_than_the_image():
+def test_box_sampling_is_seeded_and_rejects_boxes_as_large_as_the_image():
     a = sample_boxes((32, 32), 8, [1, 3], 5, torch.Generator().manual_seed(0))
     b = sample_boxes((32, 32), 8, [1, 3], 5, torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="does not fit"):
-        sample_boxes((32, 32), 8, [5], 5, torch.Generator())
+    for size in (4, 5):  # 32 px (the whole image) and 40 px
+        with pytest.raises(ValueError, match=rf"box size {size} \(side {size} x 8 = {size * 8} px\) would cover the "
+                                             r"32x32 image.*at most 3 patches"):
+            sample_boxes((32, 32), 8, [1, size], 5, torch.Generator())
+    with pytest.raises(ValueError, match="would cover the 40x24 image"):  # the shorter side counts
+        sample_boxes((40, 24), 8, [3], 5, torch.Generator())
+
+
+def test_evaluate_image_rejects_a_box_as_large_as_the_image_before_any_forward_pass(linear):
+    from lidc_cdam.evaluate.metrics import evaluate_image
+
+    _, image, blurred, score_fn = linear
+    calls = []
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return score_fn(x)
+
+    maps = {"m": torch.ones(H, W, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"box size 6 \(side 6 x 4 = 24 px\) would cover the 24x24 image"):
+        evaluate_image(counting, image, blurred, maps, record=0, patch=4, box_sizes=[1, 2, 6], n_boxes=5)
+    assert calls == []  # no size silently dropped, no work done
+    out = evaluate_image(counting, image, blurred, maps, record=0, patch=4, box_sizes=[1, 5], n_boxes=5)
+    assert out["m"].box_sizes == (1, 5)  # 20 px < 24 px is kept
+
+
+F32_EPS = torch.finfo(torch.float32).eps
+
+
+def _noisy(value: float, relative: float, n: int, seed: int) -> torch.Tensor:
+    """``value`` repeated ``n`` times in float32, with noise of ``relative * |value|`` (RMS)."""
+    noise = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (value + abs(value) * relative * noise).to(torch.float32)
+
+
+def test_pearson_is_zero_for_a_side_constant_up_to_round_off():
+    real = torch.randn(100, generator=torch.Generator().manual_seed(0)).float()
+    for value in (3.5, -1e4, 2e-20):  # the spread is relative to the magnitude, at any magnitude
+        noisy = _noisy(value, 1e-7, 100, 1)  # about one float32 epsilon
+        assert noisy.unique().numel() > 3  # a few ULPs apart
+        assert pearson(noisy, real).item() == 0.0 and pearson(real, noisy).item() == 0.0
+        assert pearson(noisy, _noisy(value, 1e-7, 100, 2)).item() == 0.0
+    # the old rule (0 only where exactly constant) correlates the noise
+    noisy = _noisy(3.5, 1e-7, 100, 1)
+    assert pearson(noisy, noisy + real * 1e-9, rtol=0.0).item() > 0.9
+    # float64: its own, much smaller epsilon; 1e-7 relative is real variation there
+    noisy64 = 3.5 + 3.5e-7 * real.double()
+    assert pearson(noisy64, real.double()).item() == pytest.approx(1.0)
+
+
+def test_pearson_scales_give_the_magnitude_the_round_off_is_relative_to():
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn(100, generator=gen) * 1e-6
+    other = noise + torch.randn(100, generator=gen) * 1e-7  # correlated with the noise
+    # a box sum near 0 by cancellation of summands of magnitude 10: its spread is round-off
+    assert pearson(noise, other).item() > 0.9  # default scale max |x| ~ 3e-6: looks real
+    assert pearson(noise, other, a_scale=10.0).item() == 0.0
+    assert pearson(noise, other, b_scale=torch.tensor(10.0)).item() == 0.0
+    # per-row scales broadcast over the leading dimensions
+    rows = torch.stack([noise, noise])
+    r = pearson(rows, other.expand(2, -1), a_scale=torch.tensor([10.0, 1e-6]))
+    assert r[0].item() == 0.0 and r[1].item() > 0.9
+
+
+def test_pearson_keeps_small_but_real_variation():
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(100, generator=gen, dtype=torch.float64)
+    other = base + 0.5 * torch.randn(100, generator=gen, dtype=torch.float64)
+    expected = np.corrcoef(base.numpy(), other.numpy())[0, 1]
+    for relative in (1e-3, 8 * 1024 * F32_EPS):  # 8x the tolerance: kept
+        a = (5.0 + 5.0 * relative * base).float()
+        assert a.std().item() / 5.0 > 1024 * F32_EPS
+        assert pearson(a, other.float()).item() == pytest.approx(expected, rel=0.02)
+    tiny = (5.0 + 5.0 * (1024 * F32_EPS / 8) * base).float()  # 1/8 of the tolerance: round-off
+    assert pearson(tiny, other.float()).item() == 0.0
+
+
+def _whole_image_masks(n: int) -> torch.Tensor:
+    return torch.ones(1, n, H, W, dtype=torch.bool)
+
+
+def test_box_covering_the_image_gives_exactly_zero(linear):
+    weights, image, blurred, _ = linear
+    n = 40
+    masks = _whole_image_masks(n)
+    maps = torch.randn(3, H, W, generator=torch.Generator().manual_seed(6))  # float32
+    maps[2] = maps[2].abs()
+    sums = torch.einsum("khw,snhw->ksn", maps, masks.float())
+    assert (sums == sums[..., :1]).all()  # identical sums; their mean still differs by round-off
+    # logit changes that are one number up to round-off, large or tiny against the logits (10)
+    for change in (2.0, -0.3, 1e-5):
+        changes = (change + 10.0 * 1e-7 * torch.randn(1, n, generator=torch.Generator().manual_seed(7))).float()
+        assert changes.unique().numel() > 3
+        f_box = box_sensitivity(maps, masks, changes, output_scale=10.0)
+        assert f_box.shape == (3, 1) and (f_box == 0).all()
+        assert (box_sensitivity(maps, masks, changes, output_scale=torch.tensor([10.0])) == 0).all()
+    # sums with round-off noise too (and a correlated noise on the changes)
+    noisy_sums = sums[0, 0] * (1 + 1e-7 * torch.randn(n, generator=torch.Generator().manual_seed(8)))
+    assert pearson(noisy_sums, noisy_sums * 1e-3 + 1.0).item() == 0.0
+    # through box_output_changes: a float32 model whose batches differ by round-off
+    gen = torch.Generator().manual_seed(9)
+    w32, image32, blurred32 = weights.float(), image.float(), blurred.float()
+
+    def noisy_score(x):
+        out = torch.einsum("nchw,ochw->no", x, w32)
+        return out * (1 + F32_EPS * torch.randn(out.shape, generator=gen))
+
+    changes, scale = box_output_changes(noisy_score, image32, blurred32, masks, record=0, batch_size=16,
+                                        return_scale=True)
+    assert changes.shape == (1, n) and scale.shape == (1,) and changes.unique().numel() > 1
+    f_box = box_sensitivity(maps, masks, changes, output_scale=scale)
+    assert (f_box == 0).all()
+
+
+def test_box_of_seven_eighths_of_the_image_is_not_zeroed(linear):
+    """Float32, box side 21 px of 24: real variation, the correlation equals a float64 computation."""
+    weights, image, blurred, _ = linear
+    w32, image32, blurred32 = weights.float(), image.float(), blurred.float()
+
+    def score32(x):
+        return torch.einsum("nchw,ochw->no", x, w32)
+
+    sizes, patch = [7], 3
+    corners = sample_boxes((H, W), patch, sizes, 50, torch.Generator().manual_seed(10))
+    masks = box_masks(corners, sizes, patch, (H, W))
+    changes, scale = box_output_changes(score32, image32, blurred32, masks, record=0, return_scale=True)
+    exact = ((image - blurred) * weights[0]).sum(0)
+    noise = torch.randn(H, W, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    maps = torch.stack([exact, noise + 3.0])  # the second: a large offset, small relative spread of the sums
+    f_box = box_sensitivity(maps.float(), masks, changes, output_scale=scale)
+    assert f_box[0, 0].item() == pytest.approx(1.0, abs=1e-4)
+    sums = torch.einsum("hw,nhw->n", maps[1], masks[0].double())
+    assert 0 < sums.std().item() / sums.abs().max().item() < 0.05
+    expected = np.corrcoef(sums.numpy(), changes[0].double().numpy())[0, 1]
+    assert abs(expected) > 0.05
+    assert f_box[1, 0].item() == pytest.approx(expected, rel=1e-3)
 
 
 def test_compactness_and_pearson_edge_cases():

@@ -4,7 +4,8 @@ For an image with recorded output ``c1`` and, on multi-object images, a second c
 fidelity ``A_LIF-MIF`` and box sensitivity ``A_box`` for the maps explaining ``c1``, the primed
 variants for the maps explaining ``c2`` while still recording ``c1``, the Deltas of Eq. 7 and 8,
 and compactness (paper section 3.4). The boxes' output changes do not depend on the maps and are
-computed once per image (SPEC "Where the speed is").
+computed once per image (SPEC "Where the speed is"). Every box side ``s * patch`` must be smaller
+than the image (SPEC "Evaluation"): a larger size is an error, not silently dropped.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from lidc_cdam.evaluate.perturbation import (
     box_masks,
     box_output_changes,
     box_sensitivity,
+    check_box_sizes,
     compactness,
     perturbation_curves,
     sample_boxes,
     trapezoid,
 )
 
-#: box sides in patch units (SPEC: 1..27, i.e. 8..216 px for patch 8)
+#: box sides in patch units (SPEC: 1..27, i.e. 8..216 px for patch 8, all smaller than 224 px)
 BOX_SIZES: tuple[int, ...] = tuple(range(1, 28))
 
 
@@ -89,18 +91,22 @@ def evaluate_image(
     ``maps[method]`` is ``[H, W]`` (explaining ``record``) or ``[2, H, W]`` (explaining ``record``
     and a second class, for the primed metrics), at pixel resolution. ``native_maps`` gives the
     maps at the method's own resolution for compactness (default: ``maps``).
+
+    Raises ``ValueError`` before any forward pass when a box side ``s * patch`` is not smaller
+    than ``min(H, W)`` (such a box would cover the image).
     """
     hw = tuple(image.shape[-2:])
-    sizes = [s for s in box_sizes if s * patch <= min(hw)]
+    sizes = list(box_sizes)
+    check_box_sizes(sizes, patch, hw)
     corners = sample_boxes(hw, patch, sizes, n_boxes, generator or torch.Generator().manual_seed(0))
     masks = box_masks(corners, sizes, patch, hw)
-    changes = box_output_changes(score_fn, image, blurred, masks, record)
+    changes, output_scale = box_output_changes(score_fn, image, blurred, masks, record, return_scale=True)
     results = {}
     for method, m in maps.items():
         m = m[None] if m.ndim == 2 else m
         curves = perturbation_curves(score_fn, image, blurred, m, [record] * m.shape[0], percents)
         a_mif, a_lif = trapezoid(curves["mif"], percents), trapezoid(curves["lif"], percents)
-        f_box = box_sensitivity(m, masks, changes)
+        f_box = box_sensitivity(m, masks, changes, output_scale=output_scale)
         a_box = trapezoid(f_box, sizes) if len(sizes) > 1 else f_box[:, 0]
         native = (native_maps or maps)[method]
         native = native[None] if native.ndim == 2 else native

@@ -7,7 +7,10 @@
   ``floor(p * H * W / 100)`` replaced by the blurred image for p = 0, 5, ..., 95 %, the raw target
   output recorded; all levels of an image in one batch.
 * :func:`box_sensitivity`: Pearson correlation over random boxes between the sum of importance in
-  a box and the output change when the box is blurred (``f_box(s)``).
+  a box and the output change when the box is blurred (``f_box(s)``); 0 where either side is
+  constant up to round-off (:func:`pearson`). Every box side ``s * patch`` must be smaller than the
+  image (:func:`check_box_sizes`): a box as large as the image makes every box sum and every output
+  change one number, whose float noise would otherwise be correlated.
 * :func:`compactness`: share of scores with ``|S| <= 0.05 * max(S)``.
 Areas are trapezoids (:func:`trapezoid`): over p in percent for MIF / LIF, over s in patch units
 for boxes.
@@ -15,6 +18,7 @@ for boxes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -97,17 +101,35 @@ def perturbation_curves(
     return curves
 
 
+def check_box_sizes(sizes: Sequence[int], patch: int, image_hw: tuple[int, int]) -> None:
+    """Raise ``ValueError`` unless every box side ``s * patch`` is at least one pixel and smaller
+    than ``min(H, W)``: a box as large as the image would cover it, every box would be the same
+    and its correlation meaningless (SPEC "Evaluation": the largest box is smaller than the image)."""
+    H, W = image_hw
+    if not len(sizes):
+        raise ValueError("no box sizes given")
+    for s in sizes:
+        side = s * patch
+        if s < 1:
+            raise ValueError(f"box size {s} (patch units) must be at least 1")
+        if side >= min(H, W):
+            raise ValueError(
+                f"box size {s} (side {s} x {patch} = {side} px) would cover the {H}x{W} image: box sides must "
+                f"be smaller than the image, here at most {(min(H, W) - 1) // patch} patches"
+            )
+
+
 def sample_boxes(
     image_hw: tuple[int, int], patch: int, sizes: Sequence[int], n_boxes: int, generator: torch.Generator
 ) -> torch.Tensor:
     """Top-left corners ``[S, n_boxes, 2]`` (y, x) of boxes of side ``s * patch`` fully inside the
-    image, uniform over integer positions, drawn with replacement."""
+    image, uniform over integer positions, drawn with replacement. Sides must be smaller than the
+    image (:func:`check_box_sizes`)."""
+    check_box_sizes(sizes, patch, image_hw)
     H, W = image_hw
     corners = []
     for s in sizes:
         side = s * patch
-        if side > min(H, W):
-            raise ValueError(f"box side {side} px does not fit a {H}x{W} image")
         ys = torch.randint(0, H - side + 1, (n_boxes,), generator=generator)
         xs = torch.randint(0, W - side + 1, (n_boxes,), generator=generator)
         corners.append(torch.stack([ys, xs], dim=1))
@@ -127,29 +149,92 @@ def box_masks(corners: torch.Tensor, sizes: Sequence[int], patch: int, image_hw:
 
 def box_output_changes(
     score_fn: ScoreFn, image: torch.Tensor, blurred: torch.Tensor, masks: torch.Tensor, record: int,
-    batch_size: int = 64,
-) -> torch.Tensor:
+    batch_size: int = 64, *, return_scale: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``f(x) - f(x with the box blurred)`` for masks ``[S, n, H, W]``: ``[S, n]``. Independent of
-    any map, so computed once per image and recorded output and shared by all methods."""
+    any map, so computed once per image and recorded output and shared by all methods.
+
+    With ``return_scale``, also the magnitude of the outputs the changes are differences of,
+    ``[S]``: ``max(|f(x)|, max_n |f(x_box)|)`` of the recorded output. A change's round-off is
+    relative to that, not to the (maybe tiny) change: pass it to :func:`box_sensitivity` as
+    ``output_scale``.
+    """
     flat = masks.flatten(0, 1)[:, None]
     outputs = [score_fn(torch.where(chunk, blurred[None], image[None]))[:, record] for chunk in flat.split(batch_size)]
     original = score_fn(image[None])[0, record]
-    return (original - torch.cat(outputs)).view(masks.shape[:2])
+    boxed = torch.cat(outputs).view(masks.shape[:2])
+    changes = original - boxed
+    if not return_scale:
+        return changes
+    return changes, torch.maximum(boxed.abs().amax(-1), original.abs())
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation along the last dimension; 0 where either side is constant."""
-    a = a - a.mean(-1, keepdim=True)
-    b = b - b.mean(-1, keepdim=True)
-    denom = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(denom > 0, (a * b).sum(-1) / denom.clamp(min=torch.finfo(a.dtype).tiny), 0.0)
+#: a side of :func:`pearson` whose RMS spread is at most this many machine epsilons of its dtype
+#: times its scale counts as constant (float32: 1.2e-4 relative, float64: 2.3e-13)
+ROUNDOFF_EPS = 1024
 
 
-def box_sensitivity(maps: torch.Tensor, masks: torch.Tensor, changes: torch.Tensor) -> torch.Tensor:
+def _is_constant(x: torch.Tensor, centered: torch.Tensor, scale, rtol: float | None) -> torch.Tensor:
+    eps = torch.finfo(x.dtype if x.is_floating_point() else torch.get_default_dtype()).eps
+    tol = ROUNDOFF_EPS * eps if rtol is None else rtol
+    if scale is None:
+        scale = x.abs().amax(-1)
+    scale = torch.as_tensor(scale, dtype=centered.dtype, device=centered.device)
+    spread = centered.norm(dim=-1)  # sqrt(n) x the RMS deviation from the mean
+    return spread <= tol * math.sqrt(x.shape[-1]) * scale
+
+
+def pearson(
+    a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | float | None = None,
+    b_scale: torch.Tensor | float | None = None, *, rtol: float | None = None,
+) -> torch.Tensor:
+    """Pearson correlation along the last dimension; 0 where either side is constant up to round-off.
+
+    A side ``x`` of length ``n`` counts as constant when ``||x - mean(x)|| <= rtol * sqrt(n) *
+    scale``, i.e. when its RMS deviation from its mean is at most ``rtol`` times ``scale``: the
+    magnitude its round-off is relative to. ``scale`` defaults to ``max |x|`` of the side; give it
+    explicitly (broadcastable to ``x.shape[:-1]``) where the values are differences or sums of larger
+    numbers, whose round-off is relative to those (:func:`box_sensitivity`). ``rtol`` defaults to
+    ``ROUNDOFF_EPS = 1024`` machine epsilons of the side's own dtype (float32: 1.2e-4, float64:
+    2.3e-13): well above the round-off of a float32 forward pass (about one epsilon of the logits'
+    magnitude between batch sizes) or of summing a box of ~50 000 pixels (about ``sqrt(50 000) ~
+    224`` epsilons of the summed magnitudes, typically), and below real variation: for boxes of 7/8
+    of a 64 px image on a small digits ViT, the output changes spread by ~1e6 epsilons and the box
+    sums by 5e4 to 1e6, the least (~7e3) for the near-uniform attention maps. The correlation itself
+    is computed in the promoted dtype of the two sides.
+    """
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    ca = a.to(dtype) - a.to(dtype).mean(-1, keepdim=True)
+    cb = b.to(dtype) - b.to(dtype).mean(-1, keepdim=True)
+    constant = _is_constant(a, ca, a_scale, rtol) | _is_constant(b, cb, b_scale, rtol)
+    denom = ca.norm(dim=-1) * cb.norm(dim=-1)
+    r = (ca * cb).sum(-1) / denom.clamp(min=torch.finfo(dtype).tiny)
+    return torch.where(constant | (denom <= 0), torch.zeros((), dtype=dtype, device=r.device), r)
+
+
+def box_sensitivity(
+    maps: torch.Tensor, masks: torch.Tensor, changes: torch.Tensor,
+    output_scale: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """``f_box(s)`` ``[K, S]``: correlation over boxes of the summed importance ``[K, S, n]`` with the
-    output changes ``[S, n]``."""
-    sums = torch.einsum("khw,snhw->ksn", maps, masks.to(maps.dtype))
-    return pearson(sums, changes.to(maps.dtype).expand_as(sums))
+    output changes ``[S, n]``, in the dtype of ``maps``.
+
+    0 where either side is constant up to round-off (:func:`pearson`): a box sum's round-off is
+    relative to the summed magnitudes ``sum |map|`` in the box (the largest over the boxes of a size
+    is the sums' scale), an output change's to the outputs it is the difference of: pass
+    ``output_scale`` (a number or ``[S]``, from :func:`box_output_changes` with
+    ``return_scale=True``). Without it the changes' own ``max |change|`` is used, which does not
+    catch the noise of changes that are tiny against the outputs.
+    """
+    weights = masks.to(maps.dtype)
+    sums = torch.einsum("khw,snhw->ksn", maps, weights)
+    sum_scale = torch.einsum("khw,snhw->ksn", maps.abs(), weights).amax(-1)
+    changes = changes.expand_as(sums) if changes.dtype.is_floating_point else changes.to(maps.dtype).expand_as(sums)
+    if output_scale is not None:
+        output_scale = torch.as_tensor(output_scale, device=sums.device).expand(sums.shape[:-1])
+    return pearson(sums, changes, sum_scale, output_scale).to(maps.dtype)
 
 
 def compactness(maps: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:

@@ -6,6 +6,8 @@ interrupted run continues where it stopped and recomputes nothing. Under
 ``torchrun --nproc_per_node N`` every process takes the parts ``index % N == rank`` and rank 0
 merges all parts once the others are done. Results are independent of the number of processes and
 of interruptions: every random draw (boxes; seeded noise of the methods) is keyed to the image.
+What the config check cannot know without the model (box sides smaller than the model's images) is
+checked once the model is loaded, before the output folder is touched or any image is processed.
 
 Outputs (``out/``): ``metrics.parquet`` / ``.csv`` (one row per image set, image and method),
 ``curves.parquet`` (one row per curve point), ``skipped.csv``, ``randomization.csv``, and the
@@ -28,7 +30,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lidc_cdam.evaluate.benchmark_config import BenchmarkConfig, ConfigError
+from lidc_cdam.evaluate.benchmark_config import BenchmarkConfig, ConfigError, check_against_model
 from lidc_cdam.evaluate.image_sets import BenchImage, ImageSet, open_image_set
 from lidc_cdam.evaluate.localisation import pointing_game, positive_share_in_mask
 from lidc_cdam.evaluate.metrics import ImageMetrics, evaluate_image
@@ -219,6 +221,24 @@ def _check_run_folder(out: Path, config: BenchmarkConfig, restart: bool) -> None
                 f"{out}: holds results of another config ({previous.get('config_file')}, "
                 f"fingerprint {previous.get('fingerprint')}); use another --out or --restart to discard them"
             )
+
+
+def _image_sizes(config: BenchmarkConfig, model: ViTModel, data_kwargs: dict[str, Any]) -> set[tuple[int, int]]:
+    """The image sizes the config's image sets will have (generated digits: their generation size;
+    files: resized to the model's input size), without opening the sets."""
+    model_hw = tuple(int(v) for v in model.default_image_size)
+    sizes = set()
+    for spec in config.image_sets:
+        if spec.source == "multi-digits" and "size" in data_kwargs:
+            sizes.add((int(data_kwargs["size"]), int(data_kwargs["size"])))
+        else:
+            sizes.add(model_hw)
+    return sizes
+
+
+def _start_run_folder(out: Path, config: BenchmarkConfig, restart: bool) -> None:
+    """Record the config in the folder (after :func:`_check_run_folder`); ``restart`` discards the parts."""
+    run_file = out / "run.json"
     if restart and (out / "parts").exists():
         import shutil
 
@@ -237,8 +257,12 @@ def run_benchmark(config: BenchmarkConfig, out: str | Path, *, restart: bool = F
     with sharding() as shard:
         if shard.rank == 0:
             _check_run_folder(out, config, restart)
-        shard.barrier()
         model, data_kwargs = load_benchmark_model(config, progress=progress and shard.rank == 0)
+        for hw in sorted(_image_sizes(config, model, data_kwargs)):
+            check_against_model(config, int(model.patch_size[0]), hw)  # every rank: none waits for a failed one
+        if shard.rank == 0:
+            _start_run_folder(out, config, restart)
+        shard.barrier()
         model = model.to(shard.device).eval()
         done_here = 0
         for spec in config.image_sets:
