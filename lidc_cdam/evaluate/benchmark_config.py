@@ -3,6 +3,8 @@ dataclasses, checked up front so that a typo fails before hours of compute, not 
 
 A config names a model, one or more image sets, the methods with their options, and the metric
 settings (SPEC "Evaluation"). ``--set key.sub=value`` overrides single values from the command line.
+What needs the model (every box side ``metrics.box_sizes x patch`` smaller than the model's images)
+is checked by :func:`check_against_model` once the runner has loaded it, before any work starts.
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lidc_cdam.config_overrides import apply_override
+from lidc_cdam.config_overrides import read_yaml_config
 from lidc_cdam.evaluate.metrics import BOX_SIZES
 
 #: the paper's method order (Tables 1-3)
@@ -63,7 +63,7 @@ class ImageSetConfig:
 @dataclass
 class MetricsConfig:
     percents: list[int] = field(default_factory=lambda: list(range(0, 100, 5)))
-    box_sizes: list[int] = field(default_factory=lambda: list(BOX_SIZES))  # patch units; those that fit
+    box_sizes: list[int] = field(default_factory=lambda: list(BOX_SIZES))  # patch units; each side < the image
     n_boxes: int = 100
     blur_sigma: float = 14.0
     seed: int = 0
@@ -85,12 +85,16 @@ class BenchmarkConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     randomization: RandomizationConfig = field(default_factory=RandomizationConfig)
     batch_images: int = 8  # images explained together and written as one resumable part
+    #: the paper's own setting (model, image sets, metric settings): the report shows the paper's values
+    #: beside the measured ones (lidc_cdam.evaluate.paper_tables); does not change results
+    paper_setting: bool = False
     source_file: str = ""
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not the file's path)."""
         data = asdict(self)
         data.pop("source_file")
+        data.pop("paper_setting")
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,16 +119,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Benchma
     from lidc_cdam.explain.api import METHODS
 
     file = str(path)
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: no such config file") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{file}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: expected a mapping at the top level")
-    for assignment in overrides or []:
-        apply_override(data, assignment, file, ConfigError)
+    data = read_yaml_config(path, overrides, ConfigError)
     for key in ("name", "model", "image_sets", "methods"):
         if key not in data:
             raise ConfigError(f"{file}: missing required key {key!r}")
@@ -151,6 +146,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Benchma
         metrics=_build(MetricsConfig, data.get("metrics", {}), "metrics", file),
         randomization=_build(RandomizationConfig, data.get("randomization", {}), "randomization", file),
         batch_images=int(data.get("batch_images", 8)),
+        paper_setting=data.get("paper_setting", False),
         source_file=file,
     )
     extra = set(data) - set(BenchmarkConfig.__dataclass_fields__) - {"description"}
@@ -182,6 +178,8 @@ def _check(config: BenchmarkConfig, file: str) -> None:
             raise ConfigError(f"{where}: a folder has no labels; use targets: predicted")
         if s.source == "multi-digits" and not s.n:
             raise ConfigError(f"{where}: n (the number of generated images) is required")
+    if not isinstance(config.paper_setting, bool):
+        raise ConfigError(f"{file}: paper_setting must be true or false, got {config.paper_setting!r}")
     if config.batch_images < 1:
         raise ConfigError(f"{file}: batch_images must be at least 1")
     m = config.metrics
@@ -189,3 +187,18 @@ def _check(config: BenchmarkConfig, file: str) -> None:
         raise ConfigError(f"{file}: metrics.percents must be increasing values in [0, 100)")
     if m.n_boxes < 2 or not m.box_sizes or min(m.box_sizes) < 1:
         raise ConfigError(f"{file}: metrics.n_boxes must be >= 2 and box_sizes positive")
+
+
+def check_against_model(config: BenchmarkConfig, patch: int, image_hw: tuple[int, int]) -> None:
+    """The checks that need the model: every box side ``s * patch`` (``metrics.box_sizes``, patch
+    units) must be smaller than the ``image_hw`` images, or the largest box would cover the image
+    (SPEC "Evaluation"; the default 1..27 at patch 8 reaches 216 < 224 px)."""
+    H, W = image_hw
+    too_large = [s for s in config.metrics.box_sizes if s * patch >= min(H, W)]
+    if too_large:
+        s = max(too_large)
+        raise ConfigError(
+            f"{config.source_file}: metrics.box_sizes: box size {s} (side {s} x {patch} = {s * patch} px at "
+            f"the model's patch {patch}) would cover the {H}x{W} images; box sides must be smaller than the "
+            f"image, here at most {(min(H, W) - 1) // patch} patches (too large: {too_large})"
+        )

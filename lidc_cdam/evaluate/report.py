@@ -5,6 +5,12 @@ A_LIF, A_LIF-MIF, A_box), class discrimination (Table 2: A_Delta(LIF-MIF), A_Del
 a second class only), compactness (Table 3), localisation against object masks (sets with masks),
 seconds per image; and the model-randomisation check. Figures: mean MIF / LIF curves and their
 difference (Fig. S2 / S7), f_box (S3 / S6), the class-discrimination differences (S4 / S5).
+
+Comparison with the paper (:mod:`lidc_cdam.evaluate.paper_tables`): every run reports the rank agreement
+(Spearman) of its method ordering with the paper's, per metric of each table an image set maps to a
+paper table (``paper_tables``), in ``tables.md`` and ``tables/rank_agreement.csv``; a config marked
+``paper_setting: true`` also shows the paper's values beside the measured ones with the difference
+(measured - paper), and writes ``tables/<set>_<table>_vs_paper.csv``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lidc_cdam.evaluate import paper_tables as pt
 from lidc_cdam.evaluate.benchmark_config import PAPER_METHOD_ORDER, BenchmarkConfig
 from lidc_cdam.io import atomic_write, write_json
 
@@ -99,7 +106,20 @@ def write_report(config: BenchmarkConfig, out: Path, metrics: pd.DataFrame, curv
              f"Config: `{_shown_path(config.source_file)}`; methods: {', '.join(method_order(list(config.methods)))}.",
              "Areas: MIF / LIF in output x percent of pixels perturbed (0-95 %), box sensitivity in patch "
              "units; means over images (standard errors in the CSV files).", ""]
-    summary: dict[str, Any] = {"name": config.name, "config": _shown_path(config.source_file), "image_sets": {}}
+    setting = pt.is_paper_setting(config)
+    try:
+        paper_frame = pt.load_paper_tables()
+    except FileNotFoundError as err:  # an installation without the manifests: report without the paper
+        paper_frame, missing_paper = pd.DataFrame(columns=list(pt.COLUMNS)), str(err)
+    else:
+        missing_paper = ""
+    lines += ["Paper setting (`paper_setting: true`): the paper's values are shown beside the measured ones, "
+              "Δ = measured - paper." if setting else
+              "Not the paper's setting: the paper's values are not shown; only the ordering of the methods is "
+              "compared with the paper's (rank agreement, at the end).", ""]
+    summary: dict[str, Any] = {"name": config.name, "config": _shown_path(config.source_file), "image_sets": {},
+                               "paper_setting": setting}
+    rank_rows: list[dict[str, Any]] = []
     for spec in config.image_sets:
         rows = metrics[metrics["image_set"] == spec.name] if len(metrics) else metrics
         n_images = int(rows["image_id"].nunique()) if len(rows) else 0
@@ -120,11 +140,25 @@ def write_report(config: BenchmarkConfig, out: Path, metrics: pd.DataFrame, curv
             paper = spec.paper_tables.get(table)
             lines += [f"### {TITLES[table]}" + (f" (paper {paper})" if paper else ""), "", markdown_table(means), ""]
             set_summary["tables"][table] = {m: {k: float(v) for k, v in r.items()} for m, r in means.iterrows()}
+            if paper:
+                lines += _paper_lines(out, spec.name, table, paper, rows, paper_frame, setting, rank_rows,
+                                      set_summary)
         set_curves = curves[curves["image_set"] == spec.name]
         for fig_path in plot_curves(set_curves, out / "figures", spec.name, spec.label or spec.name):
             lines += [f"![{fig_path.stem}](figures/{fig_path.name})", ""]
             set_summary["figures"].append(str(fig_path))
         summary["image_sets"][spec.name] = set_summary
+    rank = pd.DataFrame(rank_rows, columns=list(pt.RANK_COLUMNS))
+    atomic_write(out / "tables" / "rank_agreement.csv", lambda tmp: rank.to_csv(tmp, index=False))
+    lines += ["## Rank agreement with the paper", "",
+              "Spearman's ρ between the measured means and the paper's values, per metric, over the methods in "
+              "both (it compares the orderings of the values: +1 is the paper's order, whichever direction is "
+              f"better); n/a with fewer than {pt.MIN_METHODS} methods or a constant column. Also in "
+              "`tables/rank_agreement.csv`.", "",
+              pt.rank_markdown(rank) if len(rank) else "No image set maps a table to one of the paper's.", ""]
+    if missing_paper:
+        lines += [f"(The paper's values are not available: {missing_paper}.)", ""]
+    summary["rank_agreement"] = pt.records(rank)
     if randomization is not None and len(randomization):
         table = randomization_table(randomization)
         atomic_write(out / "tables" / "randomization.csv", lambda tmp: table.to_csv(tmp, index_label="method"))
@@ -138,6 +172,25 @@ def write_report(config: BenchmarkConfig, out: Path, metrics: pd.DataFrame, curv
     summary["tables_md"] = str(out / "tables.md")
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _paper_lines(out: Path, set_name: str, table: str, paper: str, rows: pd.DataFrame, paper_frame: pd.DataFrame,
+                 setting: bool, rank_rows: list[dict[str, Any]], set_summary: dict[str, Any]) -> list[str]:
+    """Rank agreement rows (appended to ``rank_rows``) and, in the paper's setting, the Markdown lines and
+    CSV of the paper's values beside the measured ones."""
+    metrics = [c for c, _ in TABLES[table]]
+    theirs = pt.paper_values(paper_frame, paper, metrics)
+    if theirs.empty:
+        return [f"({paper}: no values of the paper to compare with.)", ""]
+    ours = pt.measured_means(rows, metrics)
+    rank_rows.extend(pt.rank_agreement(ours, theirs, set_name, paper).to_dict("records"))
+    if not setting:
+        return []
+    long = pt.comparison(ours, theirs)
+    atomic_write(out / "tables" / f"{set_name}_{table}_vs_paper.csv", lambda tmp: long.to_csv(tmp, index=False))
+    set_summary.setdefault("paper", {})[table] = pt.records(long)
+    wide = pt.comparison_wide(long, dict(TABLES[table]), method_order(list(ours.index)))
+    return [f"The paper's {paper} beside the measured values (Δ = measured - paper):", "", markdown_table(wide), ""]
 
 
 def _shown_path(path: str) -> str:
