@@ -1,4 +1,11 @@
-"""Data sets: the embedded multi-digit images (offline demo, tests, benchmark)."""
+"""Data sets and image reading.
+
+- :mod:`.multi_digits` - the embedded two-digit images with masks and boxes (offline demo, tests, benchmark;
+  re-exported here);
+- :mod:`.images` - reading natural image files into model inputs;
+- :mod:`.imagenet` - the ImageNet X_val / X_multi manifests and loaders (evaluation, linear probe);
+- :mod:`.lidc` - LIDC-IDRI: nodule table, folds, DICOM preprocessing to crops, phantoms, training datasets.
+"""
 
 from lidc_cdam.data.multi_digits import (
     MEAN,

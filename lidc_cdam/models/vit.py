@@ -21,6 +21,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from lidc_cdam.models import checkpoint_format
+
 Task = Literal["classification", "regression", "features"]
 
 
@@ -120,10 +122,9 @@ class ViTModel(nn.Module):
         without a name, ``VisionTransformer(**timm_kwargs)``; with ``head_outputs`` a
         :class:`~lidc_cdam.models.heads.LinearHead` replaces the timm head."""
         from lidc_cdam.models.heads import LinearHead
-        from lidc_cdam.models.loading import build_backbone
 
         build = {"timm_name": timm_name, "timm_kwargs": dict(timm_kwargs)}
-        backbone = build_backbone(build)
+        backbone = checkpoint_format.build_backbone(build)
         head = LinearHead(backbone.embed_dim, head_outputs, head_dropout) if head_outputs else None
         return cls(backbone, head, build=build, **kwargs)
 
@@ -131,24 +132,18 @@ class ViTModel(nn.Module):
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> ViTModel:
         """Load a model file: a lidc-cdam checkpoint, or an official DINO / DINOv2 backbone
         (see :func:`lidc_cdam.models.loading.load_model`). Read with ``weights_only=True``."""
-        from lidc_cdam.models.loading import load_model
-
-        return load_model(path, **kwargs)
+        return checkpoint_format.load_model_file(cls, path, **kwargs)
 
     @classmethod
     def from_timm(cls, name: str, *, pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
                   **kwargs: Any) -> ViTModel:
         """A timm ViT by name, e.g. ``"vit_small_patch8_224.dino"``; weights downloaded with
         ``pretrained=True`` or read from a local ``checkpoint`` file."""
-        from lidc_cdam.models.loading import from_timm
-
-        return from_timm(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+        return checkpoint_format.model_from_timm(cls, name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
 
     def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None):
         """Write a checkpoint that :meth:`from_checkpoint` rebuilds (weights-only safe)."""
-        from lidc_cdam.models.loading import save_checkpoint
-
-        return save_checkpoint(self, path, meta)
+        return checkpoint_format.save_checkpoint(self, path, meta)
 
     # ------------------------------------------------------------------ layout
     @property

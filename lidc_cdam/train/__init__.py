@@ -1,4 +1,16 @@
-"""Training: the embedded multi-digit demo model."""
+"""Training: fine-tuning ViTs on LIDC nodules, the ImageNet linear probe, and the embedded demo model.
+
+- :mod:`.engine` - one fold's fine-tuning on MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator``
+  (validation, best checkpoint, early stopping, resuming, DDP under ``torchrun``);
+- :mod:`.config` - the fine-tuning configs (``pipelines/configs/train/*.yaml``), checked when read;
+- :mod:`.cross_validation` - the 5-fold runner, the reference baselines, the summary and learning curves;
+- :mod:`.sweep` - every combination of a parameter grid, cross-validated and ranked;
+- :mod:`.lidc_data` - the LIDC folds as the trainer sees them (train / validation / test datasets);
+- :mod:`.backbones` - the model to fine-tune from the config's backbone (a timm name or a local weights
+  file), its linear head, and which parameters train;
+- :mod:`.linear_probe` - the ImageNet linear probe on a frozen ViT backbone;
+- :mod:`.digits` - the tiny ViT of the multi-digit demo, trained once and cached (re-exported here).
+"""
 
 from lidc_cdam.train.digits import (
     DigitsTrainConfig,

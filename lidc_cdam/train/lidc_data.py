@@ -1,8 +1,14 @@
 """The LIDC folds as the trainer sees them: :func:`lidc_cdam.data.lidc.datasets.lidc_datasets` for a
-training config (test = the fold, validation = the next fold, training = the other three)."""
+training config (test = the fold, validation = the next fold, training = the other three).
+
+A validation part with fewer than :data:`MIN_VALIDATION` nodules per class (malignancy) or in all (biomarkers)
+is reported with a ``UserWarning``: the validation metrics that pick the best checkpoint and stop early are then
+mostly noise (small subsets of the data, phantoms of a few scans).
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +17,9 @@ from lidc_cdam.train.config import TrainConfig, TrainConfigError
 from lidc_cdam.train.engine import FoldData
 
 MALIGNANCY_OUTPUTS = ["malignant"]
+MALIGNANCY_CLASSES = {0: "benign", 1: "malignant"}
+#: Fewer validation nodules than this, per class for malignancy or in all for biomarkers, gives a warning.
+MIN_VALIDATION = 10
 
 
 def output_names(task: str) -> list[str]:
@@ -30,6 +39,28 @@ def check_data_root(config: TrainConfig) -> Path:
     return root
 
 
+def check_validation_size(val: pd.DataFrame, fold: int, task: str) -> dict[str, int]:
+    """The validation part's nodule counts (per class for ``"malignancy"``, ``"total"`` for ``"biomarkers"``);
+    warns (``UserWarning``) when a count is below :data:`MIN_VALIDATION`. ``val``: its rows (``label``, and
+    ``fold``: which fold of the folds table it is)."""
+    if task == "malignancy":
+        labels = val["label"].astype(int).tolist()
+        counts = {name: labels.count(c) for c, name in MALIGNANCY_CLASSES.items()}
+        rule = f"fewer than {MIN_VALIDATION} per class"
+    else:
+        counts = {"total": len(val)}
+        rule = f"fewer than {MIN_VALIDATION} in all"
+    if min(counts.values()) < MIN_VALIDATION:
+        source = sorted({int(f) for f in val["fold"]}) if "fold" in val.columns else []
+        where = f" (fold {source[0]} of the folds table)" if len(source) == 1 else ""
+        listed = ", ".join(f"{n} {name}" for name, n in counts.items()) if task == "malignancy" else f"{len(val)}"
+        warnings.warn(
+            f"fold {fold}: the validation part{where} is tiny: {listed} nodules ({rule}); the validation "
+            "metrics that choose the best checkpoint and stop early will be noisy. Use more data (more scans) "
+            "or expect unstable results.", UserWarning, stacklevel=2)
+    return counts
+
+
 def lidc_fold_data(config: TrainConfig, fold: int) -> FoldData:
     from lidc_cdam.data.lidc.datasets import lidc_datasets
 
@@ -38,6 +69,7 @@ def lidc_fold_data(config: TrainConfig, fold: int) -> FoldData:
                           task="classification" if config.task == "malignancy" else "regression",
                           folds=config.data.folds, seed=config.seed,
                           rotate_prob=0.75 if config.data.augment else 0.0, size=config.data.image_size)
+    check_validation_size(parts["tables"]["val"], fold, config.task)
     stats = parts["stats"].as_dict()
     input_stats = {"mean": stats["mean"], "std": stats["std"], "view": config.data.view,
                    "image_size": config.data.image_size, "hu_clip": [-1000, 400],

@@ -180,7 +180,7 @@ def process_scan(task: dict[str, Any], out_dir: str | Path, source: str, conf: d
                 timing["read_s"] += time.perf_counter() - t
                 note = CT_NOTE
             else:
-                from lidc_cdam.data.lidc.phantoms import PHANTOM_NOTE, phantom_geometry
+                from lidc_cdam.data.lidc.phantom_render import PHANTOM_NOTE, phantom_geometry
 
                 geom, image, note = phantom_geometry(scan), None, PHANTOM_NOTE
         except SeriesError as err:
@@ -195,7 +195,7 @@ def process_scan(task: dict[str, Any], out_dir: str | Path, source: str, conf: d
                     crop = crop_nodule(image, geom, nod.cmask, np.array([s.start for s in nod.cbbox]),
                                        nod.box_centre_ijk)
                 else:
-                    from lidc_cdam.data.lidc.phantoms import render_phantom
+                    from lidc_cdam.data.lidc.phantom_render import render_phantom
 
                     crop = render_phantom(nod, geom)
                 rec = crop_record(crop, geom, nid, nod.box_centre_ijk, source, note)

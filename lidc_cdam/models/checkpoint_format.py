@@ -1,0 +1,421 @@
+"""The model-file formats: reading files safely, finding the state dict, inferring the architecture,
+building backbones, writing lidc-cdam checkpoints, and rebuilding a model of a given class.
+
+Nothing here imports :mod:`lidc_cdam.models.vit`: the model class comes in as an argument, so that
+:class:`~lidc_cdam.models.vit.ViTModel`'s constructors (``from_checkpoint``, ``from_timm``, ``save``) and
+the functions of :mod:`lidc_cdam.models.loading` (the public entry points, which bind ``ViTModel``) both
+build on this module without importing each other. The formats understood are listed in
+:mod:`lidc_cdam.models.loading`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, TypeVar
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+from lidc_cdam.models.heads import LinearHead, build_head
+
+M = TypeVar("M", bound=nn.Module)
+
+CHECKPOINT_FORMAT = "lidc-cdam-checkpoint"
+CHECKPOINT_VERSION = 1
+
+#: ``num_heads`` of the standard ViT widths (Ti, S, B, L, g); other widths need ``num_heads=``.
+NUM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1536: 24}
+
+#: Plain-data classes allowed when unpickling: DINO training checkpoints store their ``args``.
+_SAFE_GLOBALS = [argparse.Namespace]
+
+#: Keys under which checkpoints nest their state dict, in order of preference.
+_WRAPPER_KEYS = ("teacher", "student", "model", "state_dict", "model_state_dict")
+
+_UNDERSTOOD = (
+    "understood formats: lidc-cdam checkpoints (ViTModel.save), official DINO backbones and DINO "
+    "training checkpoints ('teacher'/'student'), official DINOv2 backbones, and timm "
+    "VisionTransformer state dicts (optionally under 'model' or 'state_dict')"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (unsafe, unknown format, wrong shapes)."""
+
+
+class PretrainedWeightsUnavailable(CheckpointError):
+    """``pretrained=True`` weights could not be fetched (offline); pass a local file instead."""
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _unsafe_detail(err: BaseException) -> str:
+    """The useful part of torch's weights-only refusal ("Unsupported global: GLOBAL os.system")."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    match = re.search(r"WeightsUnpickler error:\s*(.*)", text)
+    detail = match.group(1) if match else _first_line(err)
+    return detail.split(" was not an allowed global")[0].strip()
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and say what to do.
+
+    ``.safetensors`` files are read with ``safetensors``; ``argparse.Namespace`` (the ``args`` in
+    DINO training checkpoints) is the only class allowed besides tensors and plain containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({err.__class__.__name__}: {err})"
+            ) from None
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = _unsafe_detail(err)
+        if not re.search(r"GLOBAL|allowlist|safe_globals|reduce", detail, re.IGNORECASE):
+            raise CheckpointError(  # a bad opcode: garbage, or a pickle torch.save did not write
+                f"{path}: not a readable PyTorch checkpoint, corrupted or not written by "
+                f"torch.save ({detail})"
+            ) from None
+        raise CheckpointError(
+            f"{path}: refused to load: the file contains pickled Python objects that could run "
+            f"code when loaded ({detail}). Checkpoints must hold only tensors and "
+            "plain containers; re-save it with torch.save(model.state_dict(), ...)."
+        ) from None
+    except Exception as err:  # truncated / not a torch file
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint, truncated or corrupted "
+            f"({err.__class__.__name__}: {_first_line(err)})"
+        ) from None
+
+
+def build_backbone(build: dict[str, Any]) -> VisionTransformer:
+    """A randomly initialised backbone from ``{"timm_name": name | None, "timm_kwargs": {...}}``."""
+    kwargs = dict(build.get("timm_kwargs") or {})
+    name = build.get("timm_name")
+    if name:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    return VisionTransformer(**kwargs)
+
+
+def save_checkpoint(
+    model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model`` (a :class:`~lidc_cdam.models.vit.ViTModel`: weights + everything needed to rebuild it)
+    atomically to ``path``.
+
+    The file holds only tensors and plain Python values, so it loads with ``weights_only=True``.
+    """
+    if not model.build:
+        raise ValueError(
+            "this ViTModel does not know how to rebuild its backbone: create it with "
+            "ViTModel.from_timm(...) / from_config(...), or pass "
+            "build={'timm_name': ..., 'timm_kwargs': {...}}"
+        )
+    head = model.head.config() if isinstance(model.head, LinearHead) else None
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "backbone": dict(model.build),
+        "head": head,
+        "task": model.task,
+        "output_names": model.output_names,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": {**model.meta, **(meta or {})},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def build_model_from_payload(model_cls: type[M], payload: dict[str, Any], source: str = "checkpoint") -> M:
+    """Rebuild a ``model_cls`` (:class:`~lidc_cdam.models.vit.ViTModel`) from a loaded lidc-cdam checkpoint
+    dictionary."""
+    if payload.get("version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{source}: written by a newer lidc-cdam (format version {payload['version']})"
+        )
+    backbone = build_backbone(payload["backbone"])
+    model = model_cls(
+        backbone,
+        build_head(payload.get("head")),
+        task=payload.get("task", "classification"),
+        output_names=payload.get("output_names"),
+        build=payload["backbone"],
+        meta=payload.get("meta") or {},
+    )
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{source}: weights do not fit the architecture it names: {err}"
+        ) from None
+    return model.eval()
+
+
+def is_lidc_cdam_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+# --------------------------------------------------------------------------- state dicts
+def extract_state_dict(obj: Any, source: str = "checkpoint") -> tuple[dict[str, Any], str]:
+    """The backbone state dict inside a loaded file, with timm key names, and the format name.
+
+    Unwraps our format (``state_dict``), DINO training checkpoints (``teacher``, else
+    ``student``) and ``model`` / ``state_dict`` wrappers; strips ``module.`` (DDP) and keeps only
+    ``backbone.*`` keys when there are any (dropping e.g. the DINO projection head). DINOv2 keys
+    are left for timm's ``checkpoint_filter_fn`` to convert.
+    """
+    fmt = "timm"
+    if is_lidc_cdam_checkpoint(obj):
+        obj, fmt = obj.get("state_dict"), "lidc-cdam"
+    for _ in range(3):
+        if not isinstance(obj, dict) or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            break
+        if key in ("teacher", "student"):
+            fmt = f"dino-training ({key})"
+        obj = obj[key]
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        kind = type(obj).__name__
+        keys = f" with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else ""
+        raise CheckpointError(f"{source}: no state dict found (a {kind}{keys}); {_UNDERSTOOD}")
+
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if "blocks.0.0.norm1.weight" in sd:  # DINOv2 "block chunks": blocks.{chunk}.{i}.*
+        sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
+    if "mask_token" in sd:
+        fmt = "dinov2"
+    elif fmt == "timm" and "patch_embed.proj.weight" in sd and "head.weight" not in sd:
+        fmt = "dino/timm backbone"
+    return sd, fmt
+
+
+def _load_into(backbone: VisionTransformer, state_dict: dict[str, Any], source: str) -> None:
+    """timm's ``checkpoint_filter_fn`` (DINOv2 conversion, pos-embed resampling), strict load."""
+    try:
+        filtered = checkpoint_filter_fn(dict(state_dict), backbone)
+    except Exception as err:
+        raise CheckpointError(
+            f"{source}: the weights cannot be converted for this model "
+            f"({err.__class__.__name__}: {_first_line(err)})"
+        ) from None
+    try:
+        backbone.load_state_dict(filtered, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{source}: the weights do not fit the model: {err}. Pass arch='<timm model name>' "
+            "and/or timm keyword arguments (e.g. img_size=, num_heads=) matching the file."
+        ) from None
+
+
+def _square_side(n: int) -> int | None:
+    side = math.isqrt(n) if n > 0 else 0
+    return side if side > 0 and side * side == n else None
+
+
+def infer_vit_kwargs(
+    state_dict: dict[str, Any], num_heads: int | None = None, source: str = "checkpoint"
+) -> tuple[str | None, dict[str, Any]]:
+    """``(timm_name, VisionTransformer kwargs)`` that fit a backbone state dict, from its shapes.
+
+    ``timm_name`` is ``None`` (build ``VisionTransformer(**kwargs)``) except for DINOv2 SwiGLU
+    (giant) files, whose MLP type only a timm model name can name.
+    """
+    sd = state_dict
+    proj = sd.get("patch_embed.proj.weight")
+    if not isinstance(proj, torch.Tensor) or proj.ndim != 4:
+        raise CheckpointError(f"{source}: no conv patch embedding 'patch_embed.proj.weight'; "
+                              f"pass arch='<timm model name>'. {_UNDERSTOOD}")
+    embed_dim, in_chans, ph, pw = (int(s) for s in proj.shape)
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks or blocks != set(range(max(blocks) + 1)):
+        raise CheckpointError(f"{source}: transformer blocks 'blocks.<i>.*' missing or not "
+                              f"numbered 0..depth-1 (found {sorted(blocks)[:8]})")
+    if num_heads is None:
+        if embed_dim not in NUM_HEADS:
+            raise CheckpointError(
+                f"{source}: cannot infer the number of attention heads for width {embed_dim} "
+                f"(known widths: {NUM_HEADS}); pass num_heads=... or arch='<timm model name>'"
+            )
+        num_heads = NUM_HEADS[embed_dim]
+
+    dinov2 = "mask_token" in sd
+    reg = sd.get("register_tokens", sd.get("reg_token"))
+    reg_tokens = int(reg.shape[1]) if isinstance(reg, torch.Tensor) else 0
+    class_token = "cls_token" in sd
+    kwargs: dict[str, Any] = {
+        "patch_size": ph if ph == pw else (ph, pw),
+        "in_chans": in_chans,
+        "embed_dim": embed_dim,
+        "depth": len(blocks),
+        "num_heads": num_heads,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
+        "num_classes": int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
+    }
+    swiglu = "blocks.0.mlp.w12.weight" in sd
+    if "blocks.0.mlp.fc1.weight" in sd:
+        kwargs["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    if "blocks.0.ls1.gamma" in sd:
+        kwargs["init_values"] = 1e-5  # any value: the gammas are loaded
+    if "blocks.0.attn.q_norm.weight" in sd:
+        kwargs["qk_norm"] = True
+    if "norm_pre.weight" in sd:
+        kwargs["pre_norm"] = True
+    if not class_token:
+        kwargs["class_token"] = False
+        kwargs["global_pool"] = "avg"
+    if "fc_norm.weight" in sd:
+        kwargs["global_pool"], kwargs["fc_norm"] = "avg", True
+    elif not class_token:
+        kwargs["fc_norm"] = False
+    if reg_tokens:
+        kwargs["reg_tokens"] = reg_tokens
+
+    pos = sd.get("pos_embed")
+    if not isinstance(pos, torch.Tensor):
+        kwargs["pos_embed"] = "none"
+    else:
+        length, prefix = int(pos.shape[1]), int(class_token) + reg_tokens
+        if dinov2:  # CLS slot, no register slots; timm drops the CLS slot when there are registers
+            layouts = [(bool(reg_tokens), length - int(class_token))]
+        elif reg_tokens:  # DINOv2-style registers first (timm's *_reg*_dinov2 use no_embed_class)
+            layouts = [(True, length), (False, length - prefix)]
+        else:
+            layouts = [(False, length - prefix), (True, length)]
+        fits = [(flag, side) for flag, n in layouts if (side := _square_side(n)) is not None]
+        if not fits:
+            raise CheckpointError(f"{source}: cannot infer the image size from pos_embed of "
+                                  f"{length} tokens; pass img_size=... or arch='<timm model name>'")
+        no_embed_class, side = fits[0]
+        if no_embed_class and prefix:
+            kwargs["no_embed_class"] = True
+        kwargs["img_size"] = side * ph if ph == pw else (side * ph, side * pw)
+
+    if swiglu:
+        name = "vit_giant_patch14_reg4_dinov2" if reg_tokens == 4 else "vit_giant_patch14_dinov2"
+        return name, kwargs
+    return None, kwargs
+
+
+# --------------------------------------------------------------------------- models of a given class
+def load_model_file(model_cls: type[M], path: str | os.PathLike, /, *, arch: str | None = None,
+                    **timm_kwargs: Any) -> M:
+    """Load a model file as a ``model_cls`` (:class:`~lidc_cdam.models.vit.ViTModel`): a lidc-cdam checkpoint,
+    an official DINO / DINOv2 backbone, a DINO training checkpoint (teacher) or a timm ViT state dict. Read
+    with ``weights_only=True``; :func:`lidc_cdam.models.loading.load_model` is this for ``ViTModel``.
+
+    For files without an architecture it is inferred from the tensor shapes; ``arch`` (a timm model
+    name) overrides the inference and ``timm_kwargs`` (e.g. ``num_heads=``, ``img_size=``,
+    ``dynamic_img_size=True``) override single arguments. Backbone-only files give a
+    ``task="features"`` model that :func:`save_checkpoint` can re-save.
+    """
+    source = str(path)
+    obj = read_checkpoint(path)
+    if is_lidc_cdam_checkpoint(obj):
+        if arch is not None or timm_kwargs:
+            saved = dict(obj.get("backbone") or {})
+            build = {"timm_name": arch or saved.get("timm_name"),
+                     "timm_kwargs": {**(saved.get("timm_kwargs") or {}), **timm_kwargs}}
+            obj = {**obj, "backbone": build}
+        try:
+            return build_model_from_payload(model_cls, obj, source=source)
+        except KeyError as err:
+            raise CheckpointError(f"{source}: incomplete lidc-cdam checkpoint (no {err})") from None
+
+    state_dict, fmt = extract_state_dict(obj, source)
+    if arch is None and "patch_embed.proj.weight" not in state_dict:
+        raise CheckpointError(f"{source}: not a Vision Transformer state dict (no "
+                              f"'patch_embed.proj.weight'); {_UNDERSTOOD}")
+    if arch is not None:
+        kwargs = {"num_classes": int(state_dict["head.weight"].shape[0])
+                  if "head.weight" in state_dict else 0, **timm_kwargs}
+        name: str | None = arch
+    else:
+        name, kwargs = infer_vit_kwargs(state_dict, timm_kwargs.get("num_heads"), source)
+        kwargs.update(timm_kwargs)
+        if name is not None:
+            kwargs.pop("mlp_ratio", None)  # SwiGLU: the timm model name sets it
+    build = {"timm_name": name, "timm_kwargs": kwargs}
+    backbone = build_backbone(build)
+    model = model_cls(
+        backbone,
+        task="features" if backbone.num_classes == 0 else "classification",
+        build=build,
+        meta={"loaded_from": source, "source_format": fmt},
+    )
+    _load_into(model.backbone, state_dict, source)
+    return model.eval()
+
+
+def model_from_timm(
+    model_cls: type[M],
+    name: str,
+    /,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> M:
+    """``timm.create_model(name, pretrained=..., **kwargs)`` as a ``model_cls``
+    (:class:`~lidc_cdam.models.vit.ViTModel`; :func:`lidc_cdam.models.loading.from_timm` binds it).
+
+    With ``checkpoint`` the weights come from that local file instead of the network (our format,
+    a DINO / DINOv2 file or a timm state dict, converted with timm's ``checkpoint_filter_fn``).
+    Without network access ``pretrained=True`` raises :class:`PretrainedWeightsUnavailable`.
+    """
+    download = pretrained and checkpoint is None
+    try:
+        backbone = timm.create_model(name, pretrained=download, **kwargs)
+    except OSError as err:  # huggingface_hub / urllib errors are all OSErrors
+        if not download:
+            raise
+        raise PretrainedWeightsUnavailable(
+            f"could not get the pretrained weights of timm model {name!r} "
+            f"({err.__class__.__name__}: {_first_line(err)}). Without network access, fetch the "
+            f"weights file elsewhere and pass it: ViTModel.from_timm({name!r}, checkpoint=PATH), "
+            f"or on the command line --model {name} --checkpoint PATH. (Set HF_HUB_OFFLINE=1 to "
+            "fail at once instead of retrying the download.)"
+        ) from err
+    model = model_cls(
+        backbone,
+        task="features" if getattr(backbone, "num_classes", 1) == 0 else "classification",
+        build={"timm_name": name, "timm_kwargs": dict(kwargs)},
+    )
+    if checkpoint is not None:
+        source = str(checkpoint)
+        state_dict, fmt = extract_state_dict(read_checkpoint(checkpoint), source)
+        _load_into(model.backbone, state_dict, source)
+        model.meta.update({"loaded_from": source, "source_format": fmt})
+    return model.eval()
