@@ -7,7 +7,14 @@ and per noise draw / path point). Naive Smooth / Integrated runs ``--naive-point
 is scaled to ``n`` and K targets to K x one target (each is an identical, independent full
 pass): such figures are marked ``*``.
 
+``--device cuda`` times on a GPU (the clocks are read after ``torch.cuda.synchronize()``);
+``--amp bf16`` runs both implementations and the forward pass under bf16 autocast. The sanity
+check against the naive map always runs in float32 (exact on the CPU; on CUDA its relative error
+is reported, as TF32 convolutions and other kernels differ slightly).
+``benchmarks/device_check.sh`` runs this on CUDA in float32 and bf16.
+
     python benchmarks/bench_cdam.py [--models vit_small_patch16_224] [--repeats 3] [--out FILE]
+    python benchmarks/bench_cdam.py --device cuda --amp bf16 --out cdam_bf16.json
 """
 
 from __future__ import annotations
@@ -19,23 +26,26 @@ from pathlib import Path
 
 import timm
 import torch
-from _timing import timed
+from _timing import AMP_CHOICES, autocast, environment, resolve_device, timed
 
 from lidc_cdam import ViTModel, explain
 
-METHODS = [
-    ("cdam", {}),
-    ("smooth-cdam", {"n": 50, "sigma": 0.05, "seed": 0}),
-    ("integrated-cdam", {"n": 50, "space": "tokens"}),
-    ("integrated-cdam", {"n": 50, "space": "block_input"}),
-]
+
+def methods(n: int = 50) -> list[tuple[str, dict]]:
+    """The timed explainers; ``n`` points for Smooth and Integrated CDAM (50 in the paper)."""
+    return [
+        ("cdam", {}),
+        ("smooth-cdam", {"n": n, "sigma": 0.05, "seed": 0}),
+        ("integrated-cdam", {"n": n, "space": "tokens"}),
+        ("integrated-cdam", {"n": n, "space": "block_input"}),
+    ]
 
 
 def naive_cdam(model: ViTModel, x: torch.Tensor, target: int, method: str, options: dict, points: int) -> torch.Tensor:
     """Hooks + full backward, one target and one point at a time (what a first version does)."""
     blk = model.last_block
     maps = []
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=x.device).manual_seed(0)
     space = options.get("space")
     n_points = 1 if method == "cdam" else points
     for k in range(1, n_points + 1):
@@ -45,7 +55,8 @@ def naive_cdam(model: ViTModel, x: torch.Tensor, target: int, method: str, optio
             (resid,) = args
             if method == "smooth-cdam":
                 std = options["sigma"] * (resid.max() - resid.min())
-                return (resid + std * torch.randn(resid.shape, generator=gen),)
+                noise = torch.randn(resid.shape, generator=gen, device=resid.device, dtype=resid.dtype)
+                return (resid + std * noise,)
             if method == "integrated-cdam" and space == "block_input":
                 return (resid * k / options["n"],)
             return None
@@ -76,40 +87,59 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", type=int, default=[1, 9])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-points", type=int, default=3)
+    parser.add_argument("--n", type=int, default=50, help="points of Smooth / Integrated CDAM")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="none", help="bf16: time under bf16 autocast")
+    parser.add_argument("--image-size", type=int, default=224, help="input side in px (timm img_size)")
+    parser.add_argument("--out", type=Path, help="also write the rows (and the environment) as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = []
+    device = resolve_device(args.device)
+    size = args.image_size
+    rows, checks = [], {}
+    print(f"device {device}, amp {args.amp}, {size} px")
     print(f"{'model':24s} {'method':34s} {'K':>2s} {'ours/fwd':>9s} {'naive/fwd':>10s} {'speed-up':>9s}")
     for name in args.models:
-        model = ViTModel(timm.create_model(name, pretrained=False, num_classes=1000))
-        x = torch.randn(1, 3, 224, 224)
-        with torch.no_grad():
-            forward = timed(partial(model, x), args.repeats)
-        # sanity: the naive implementation computes the same vanilla map
-        ref = naive_cdam(model, x, 3, "cdam", {}, 1)[:, 1:].reshape(1, *model.layout().grid)
-        torch.testing.assert_close(explain(model, x, [3]).maps[:, 0], ref, rtol=1e-3, atol=1e-5)
-        for method, options in METHODS:
+        kwargs = {} if size == 224 else {"img_size": size}
+        model = ViTModel(timm.create_model(name, pretrained=False, num_classes=1000, **kwargs)).to(device)
+        x = torch.randn(1, 3, size, size, device=device)
+        # sanity (float32): the naive implementation computes the same vanilla map
+        ref = naive_cdam(model, x, 3, "cdam", {}, 1)[:, 1:].reshape(1, *model.layout((size, size)).grid)
+        ours_map = explain(model, x, [3]).maps[:, 0]
+        if device.type == "cpu":
+            torch.testing.assert_close(ours_map, ref, rtol=1e-3, atol=1e-5)
+        checks[name] = ((ours_map - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
+        print(f"{name}: CDAM vs naive, max |difference| / max |naive| = {checks[name]:.1e} (float32)")
+        if checks[name] > 1e-2:
+            print(f"WARNING: {name}: CDAM differs from the naive implementation by {checks[name]:.1e}")
+        with torch.no_grad(), autocast(device, args.amp):
+            forward = timed(partial(model, x), args.repeats, device)
+        for method, options in methods(args.n):
             label = method + "".join(f" {k}={v}" for k, v in options.items() if k in ("space",))
             points = 1 if method == "cdam" else args.naive_points
             # naive cost of one target: one full pass per point, scaled to the method's point count
-            naive_one = timed(partial(naive_cdam, model, x, 0, method, options, points), args.repeats)
+            with autocast(device, args.amp):
+                naive_one = timed(partial(naive_cdam, model, x, 0, method, options, points), args.repeats, device)
             naive_one *= num_points(method, options) / points
             for n_targets in args.targets:
                 targets = list(range(n_targets))
-                ours = timed(partial(explain, model, x, targets, method=method, **options), args.repeats)
+                with autocast(device, args.amp):
+                    ours = timed(partial(explain, model, x, targets, method=method, **options), args.repeats, device)
                 naive = naive_one * n_targets
                 mark = "*" if method != "cdam" or n_targets > 1 else " "
-                rows.append({"model": name, "method": label, "targets": n_targets, "forward_s": forward,
+                rows.append({"model": name, "method": label, "targets": n_targets, "device": str(device),
+                             "amp": args.amp, "image_size": size, "forward_s": forward, "ours_s": ours,
                              "ours_ratio": ours / forward, "naive_ratio": naive / forward,
                              "naive_extrapolated": mark == "*"})
                 print(f"{name:24s} {label:34s} {n_targets:2d} {ours / forward:9.2f} {naive / forward:9.1f}{mark} "
                       f"{naive / ours:8.1f}x", flush=True)
         print(f"{name}: one forward = {forward * 1000:.0f} ms")
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        result = {"environment": environment(device), "device": str(device), "amp": args.amp, "image_size": size,
+                  "check_rel_error": checks, "rows": rows}
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def num_points(method: str, options: dict) -> int:
