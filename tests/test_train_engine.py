@@ -162,9 +162,9 @@ def test_config_errors(change, message):
 
 
 def test_presets_load_and_need_weights():
-    from lidc_cdam.pipelines.train import CONFIG_DIR
+    from lidc_cdam.resources import config_dir
 
-    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+    for path in sorted(config_dir("train").glob("*.yaml")):
         name = path.stem
         if name.startswith("tiny"):
             assert load_train_config(path).backbone.random_init

@@ -20,8 +20,6 @@ from lidc_cdam.data.images import ImageReadError, list_images, load_image, model
 from lidc_cdam.evaluate.benchmark_config import ConfigError, ImageSetConfig
 from lidc_cdam.models.vit import ViTModel
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
 
 @dataclass
 class BenchImage:
@@ -99,11 +97,18 @@ class ImageNetImages:
 
 
 def resolve_manifest(manifest: str) -> Path:
-    """A manifest path as given, else relative to the project (``data_manifest/...``)."""
-    for candidate in (Path(manifest), PROJECT_ROOT / manifest):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"manifest {manifest}: no such file (looked in . and {PROJECT_ROOT})")
+    """A manifest path as given, else a shipped one (``data_manifest/<name>``, see :mod:`lidc_cdam.resources`)."""
+    from lidc_cdam.resources import manifest_path
+
+    if Path(manifest).is_file():
+        return Path(manifest)
+    shipped = Path(manifest).name if Path(manifest).parent.name in ("", "data_manifest") else None
+    if shipped:
+        try:
+            return manifest_path(shipped)
+        except FileNotFoundError:
+            pass
+    raise ConfigError(f"manifest {manifest}: no such file (nor a manifest shipped in data_manifest/)")
 
 
 def open_image_set(spec: ImageSetConfig, model: ViTModel, data_kwargs: dict | None = None) -> ImageSet:

@@ -1,4 +1,4 @@
-"""The embedded demo model: a tiny ViT trained on the multi-digit images, cached on disk.
+"""The embedded demo model: a tiny ViT trained on the multi-digit images (shipped; retrainable).
 
 :func:`train_digits_vit` trains a small timm ``VisionTransformer`` (CLS token pooling, 8 x 8 patches
 on 64 x 64 images) from scratch on :func:`~lidc_cdam.data.multi_digits.make_multi_digits` images:
@@ -7,8 +7,9 @@ AdamW with a one-cycle (warm-up then cosine) learning-rate schedule. Every step 
 from the training pool of sklearn digits with a seed derived from the config seed and the step,
 so a run is a deterministic function of its config (on one machine and torch build).
 
-:func:`load_or_train_demo_model` returns the model for the default config, trained once and cached
-at ``cache_dir()/models/digits-vit-<config hash>.pt``.
+:func:`load_or_train_demo_model` returns the shipped model for the default config (trained with this
+code, committed under ``lidc_cdam/models/weights/``); other configs, or ``retrain=True``, are trained
+and cached at ``cache_dir()/models/digits-vit-<config hash>.pt``.
 
 The checkpoint's ``meta`` records the input normalisation (``mean`` / ``std``: images in ``[0, 1]``
 then ``(x - mean) / std``), the data settings, the training config and the test metrics.
@@ -275,10 +276,23 @@ def demo_model_path(config: DigitsTrainConfig | None = None) -> Path:
 def load_or_train_demo_model(
     progress: bool = True, retrain: bool = False, *, config: DigitsTrainConfig | None = None
 ) -> ViTModel:
-    """The demo model: loaded from the cache, or trained (about two minutes on a laptop CPU for the
-    default config) and cached. An unreadable or mismatching cache file is reported with a warning
-    and replaced; ``retrain=True`` always trains."""
+    """The demo model.
+
+    For the default config: the model shipped with the package (``digits-vit``, see
+    :mod:`lidc_cdam.models.demo_weights`), identical on every machine. Other configs, or
+    ``retrain=True``: trained (about two minutes on a laptop CPU for the default config) and cached; an
+    unreadable or mismatching cache file is reported with a warning and replaced; ``retrain=True``
+    always trains."""
     config = config or DigitsTrainConfig()
+    if not retrain and config == DigitsTrainConfig():
+        from lidc_cdam.models.demo_weights import load_shipped
+
+        model = load_shipped("digits-vit")
+        if model.meta.get("config_hash") == config.hash():
+            return model
+        warnings.warn(f"the shipped digits model was trained with another config "
+                      f"({model.meta.get('config_hash')} != {config.hash()}); training a new one",
+                      RuntimeWarning, stacklevel=2)
     path = demo_model_path(config)
     if path.exists() and not retrain:
         try:

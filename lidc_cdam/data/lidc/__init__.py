@@ -10,8 +10,10 @@ The pieces, each in its own module, imported on demand (importing :mod:`lidc_cda
 - :mod:`.crops` - 1 mm resampling and the 32 mm crop per nodule (and where it sits in the scan);
 - :mod:`.preprocess` - the resumable process pool behind ``lidc-cdam preprocess``;
 - :mod:`.synthetic_dicom` - synthetic DICOM series with a real scan's geometry (tests, benchmarks);
-- :mod:`.phantoms` - nodules rendered from the real contours into a lung-like background (offline data);
-- :mod:`.datasets` - MONAI-style datasets and transforms for the model input.
+- :mod:`.phantom_render` - one nodule rendered from its real contours into a lung-like background;
+- :mod:`.phantoms` - the phantom data set of many scans (offline data, not CT);
+- :mod:`.datasets` - MONAI-style datasets and transforms for the model input (and for a trained
+  checkpoint's own statistics: ``checkpoint_dataset``).
 """
 
 from lidc_cdam.data.lidc.errors import LidcError

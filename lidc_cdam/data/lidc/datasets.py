@@ -159,6 +159,29 @@ def check_crop_paths(nodules: pd.DataFrame, root: Path) -> None:
             raise LidcError(f"{root / 'nodules.csv'}: crop_path of {nodule} ({rel}) leaves the data folder")
 
 
+def checkpoint_dataset(data_dir: str | Path, nodule_ids: list[str], input_stats: dict[str, Any],
+                       task: str = "classification", target_stats: dict[str, Any] | None = None) -> Dataset:
+    """The evaluation inputs of ``nodule_ids`` (from a preprocess / phantoms folder) for a trained model:
+    normalised with the statistics its checkpoint recorded (``meta["input_stats"]``, ``meta["target_stats"]``),
+    not with statistics refitted on whatever data is at hand. Items keep the order of ``nodule_ids``."""
+    root = Path(data_dir)
+    nodules = pd.read_csv(root / "nodules.csv")
+    check_crop_paths(nodules, root)
+    missing = sorted(set(nodule_ids) - set(nodules["nodule_id"]))
+    if missing:
+        raise ValueError(f"{root / 'nodules.csv'}: no crops for {', '.join(missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    table = nodules.set_index("nodule_id").loc[list(nodule_ids)].reset_index()
+    if target_stats:
+        bio_mean, bio_std = np.asarray(target_stats["mean"], float), np.asarray(target_stats["std"], float)
+    else:
+        bio_mean, bio_std = np.zeros(len(BIOMARKERS)), np.ones(len(BIOMARKERS))
+    stats = Stats(float(input_stats["mean"]), float(input_stats["std"]), bio_mean, bio_std)
+    tf = transforms(stats, view=input_stats.get("view", "axial"), train=False, root=root,
+                    size=int(input_stats.get("image_size", IMAGE_SIZE)))
+    return Dataset(_records(table, stats, task), transform=tf)
+
+
 def lidc_datasets(data_dir: str | Path, fold: int = 0, view: str = "axial", task: str = "classification",
                   folds: str | Path | pd.DataFrame | None = None, val_fold: int | None = None,
                   seed: int = 0, rotate_prob: float = 0.75, size: int = IMAGE_SIZE) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pandas as pd
 
 N_FOLDS = 5
 SEED = 20240  # fixed: the committed data_manifest/lidc_folds.csv was made with it
-MANIFEST = Path(__file__).resolve().parents[3] / "data_manifest" / "lidc_folds.csv"
+MANIFEST = "lidc_folds.csv"  # shipped in lidc_cdam.data_manifest
 
 
 def make_folds(nodules: pd.DataFrame, n_folds: int = N_FOLDS, seed: int = SEED) -> pd.DataFrame:
@@ -31,13 +31,18 @@ def make_folds(nodules: pd.DataFrame, n_folds: int = N_FOLDS, seed: int = SEED) 
     return table
 
 
-def write_folds(folds: pd.DataFrame, path: str | Path = MANIFEST) -> Path:
+def write_folds(folds: pd.DataFrame, path: str | Path) -> Path:
     from lidc_cdam.io import atomic_write
 
     return atomic_write(path, lambda tmp: folds.to_csv(tmp, index=False, lineterminator="\n"))
 
 
-def read_folds(path: str | Path = MANIFEST) -> pd.DataFrame:
+def read_folds(path: str | Path | None = None) -> pd.DataFrame:
+    """A folds table (default: the committed one)."""
+    if path is None:
+        from lidc_cdam.resources import manifest_path
+
+        path = manifest_path(MANIFEST)
     return pd.read_csv(path)
 
 

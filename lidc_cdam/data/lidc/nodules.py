@@ -42,7 +42,7 @@ RATED = ("subtlety", "internalStructure", "calcification", "sphericity", "margin
 LABEL_NAMES = {0: "benign", 1: "malignant"}
 CLEVEL = 0.5
 MIN_ANNOTATIONS, MAX_ANNOTATIONS = 3, 4
-MANIFEST = Path(__file__).resolve().parents[3] / "data_manifest" / "lidc_nodules.csv"
+MANIFEST = "lidc_nodules.csv"  # shipped in lidc_cdam.data_manifest
 
 COLUMNS = [
     "nodule_id", "patient_id", "scan_id", "cluster_index", "n_annotations", "annotation_ids",
@@ -229,8 +229,13 @@ def write_nodule_table(frame: pd.DataFrame, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n"))
 
 
-def read_nodule_table(path: str | Path = MANIFEST) -> pd.DataFrame:
-    """Read a nodule table written by :func:`write_nodule_table` (ids and rating lists kept as strings)."""
+def read_nodule_table(path: str | Path | None = None) -> pd.DataFrame:
+    """Read a nodule table written by :func:`write_nodule_table` (default: the committed one; ids and
+    rating lists kept as strings)."""
+    if path is None:
+        from lidc_cdam.resources import manifest_path
+
+        path = manifest_path(MANIFEST)
     frame = pd.read_csv(path, dtype={c: str for c in ("annotation_ids", *(f"ratings_{r}" for r in RATED),
                                                        "ratings_diameter_mm", "study_instance_uid",
                                                        "series_instance_uid")}, keep_default_na=False)

@@ -1,0 +1,94 @@
+"""The shipped demo models: hashes, refusal of a damaged file, the recorded test metrics recomputed,
+retraining still reaching the quality bars, and committed results under another kernel set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lidc_cdam.models import demo_weights
+from lidc_cdam.models.demo_weights import SHIPPED, load_shipped, sha256_of, shipped_checkpoint, shipped_manifest
+from lidc_cdam.models.loading import CheckpointError
+from lidc_cdam.resources import weights_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_file_matches_its_recorded_hash_and_loads_weights_only():
+    manifest = shipped_manifest()
+    assert set(manifest) == set(SHIPPED)
+    for name, file in SHIPPED.items():
+        path = shipped_checkpoint(name)
+        assert path.name == file and sha256_of(path) == manifest[name]["sha256"]
+        assert path.stat().st_size == manifest[name]["bytes"] < 5_000_000
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+        assert payload["format"] and payload["state_dict"]
+        model = load_shipped(name)
+        assert not model.training and model.meta["shipped"] == name
+
+
+def test_a_damaged_shipped_file_is_refused(tmp_path, monkeypatch):
+    damaged = tmp_path / "digits-vit.pt"
+    data = bytearray(weights_path("digits-vit.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(demo_weights, "weights_path", lambda name: damaged if name.endswith(".pt")
+                        else weights_path(name))
+    with pytest.raises(CheckpointError, match=r"SHA-256 .* differs"):
+        load_shipped("digits-vit")
+    with pytest.raises(KeyError, match="no shipped model"):
+        shipped_checkpoint("nope")
+
+
+def test_the_demo_models_have_the_expected_outputs():
+    mal, bio = load_shipped("phantom-malignancy"), load_shipped("phantom-biomarkers")
+    assert mal.output_names == ["malignant"] and mal.task == "classification"
+    assert len(bio.output_names) == 8 and bio.task == "regression"
+    for model in (mal, bio):
+        assert {"mean", "std", "view", "image_size"} <= set(model.meta["input_stats"])
+    assert len(bio.meta["target_stats"]["mean"]) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.committed_results
+def test_shipped_digits_model_reproduces_its_recorded_test_metrics():
+    from lidc_cdam.train.digits import DigitsTrainConfig, digits_test_set, evaluate_digits
+
+    model = load_shipped("digits-vit")
+    metrics = evaluate_digits(model, digits_test_set(DigitsTrainConfig()))
+    recorded = shipped_manifest()["digits-vit"]["test_metrics"]
+    for key, value in recorded.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+    assert metrics["top2_accuracy"] >= 0.85 and metrics["label_accuracy"] >= 0.96
+
+
+@pytest.mark.slow
+def test_retraining_the_digits_model_reaches_the_quality_bars():
+    """The same code trains afresh (about two minutes): the bars, not equality (training differs by CPU)."""
+    from lidc_cdam.train.digits import DigitsTrainConfig, train_digits_vit
+
+    _, report = train_digits_vit(DigitsTrainConfig(), progress=False)
+    assert report["test_metrics"]["top2_accuracy"] >= 0.85, report["test_metrics"]
+    assert report["test_metrics"]["label_accuracy"] >= 0.96, report["test_metrics"]
+
+
+@pytest.mark.slow
+def test_committed_results_hold_under_another_kernel_set():
+    """Every test marked ``committed_results`` passes with ``ATEN_CPU_CAPABILITY=default`` (no SIMD kernels)
+    and one thread, standing in for another CPU."""
+    this = "test_committed_results_hold_under_another_kernel_set"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "committed_results", "-p", "no:cacheprovider",
+                           "--deselect", f"tests/test_demo_weights.py::{this}", "tests"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    tail = done.stdout[-3000:]
+    assert done.returncode == 0, tail
+    assert " passed" in tail and " failed" not in tail
+    report = {"kernel_set": "ATEN_CPU_CAPABILITY=default, 1 thread", "summary": tail.strip().splitlines()[-1]}
+    print(json.dumps(report))
