@@ -3,8 +3,9 @@
     xvfb-run -a python -m lidc_cdam.viewer.screenshot --out docs/viewer.png [--checkpoint best.pt ...]
 
 Without ``--checkpoint`` a tiny *random* model is used (the maps then mean nothing; the window says so in
-the layer name). The docs image was made with the tiny phantom malignancy model of the offline demo
-(``lidc-cdam phantoms --out phantoms && lidc-cdam train --config tiny-phantom-malignancy --data phantoms``).
+the layer name). The docs image is made with the two shipped demo models:
+``--checkpoint lidc_cdam/models/weights/phantom-malignancy.pt``
+``--checkpoint lidc_cdam/models/weights/phantom-biomarkers.pt``.
 Needs a display: run it under ``xvfb-run -a`` on a headless machine.
 """
 
