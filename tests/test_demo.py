@@ -61,15 +61,19 @@ def test_lidc_demo_explains_every_biomarker_with_the_shipped_models(tmp_path, ca
 
 
 @pytest.mark.slow
-def test_lidc_demo_retrain_trains_afresh_and_beats_the_majority_class(tmp_path):
-    """``--retrain``: the phantoms of 120 scans and both models trained with the same code (a few minutes);
-    the retrained malignancy model beats the majority class on its test nodules (the bar, not equality)."""
+def test_lidc_demo_retrain_trains_afresh_with_the_same_code(tmp_path):
+    """``--retrain`` renders the phantoms and trains both models afresh with the trainer and the same
+    configs as the shipped ones (here on 30 scans, to stay quick). That the malignancy model then beats
+    the majority class is checked on 60 scans by
+    ``test_train_lidc.py::test_malignancy_on_phantoms_learns_beyond_the_majority_class``."""
+    from lidc_cdam.models.demo_weights import shipped_checkpoint
+
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--nodules", "2", "--retrain"]) == 0
+    assert main(["demo", "--out", str(out), "--nodules", "2", "--scans", "30", "--retrain"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["models"].startswith("trained afresh")
-    run = Path(summary["training"]["malignancy"]["checkpoint"]).parents[1]
-    test = pd.read_csv(run / "fold0" / "test_predictions.csv")
-    majority = max(test["true_malignant"].mean(), 1 - test["true_malignant"].mean())
-    accuracy = json.loads((run / "fold0" / "result.json").read_text())["test_metrics"]["accuracy"]
-    assert accuracy > majority, (accuracy, majority)
+    for task in ("malignancy", "biomarkers"):
+        checkpoint = Path(summary["training"][task]["checkpoint"])
+        assert checkpoint.is_file() and checkpoint != shipped_checkpoint(f"phantom-{task}")
+        assert json.loads((checkpoint.parent / "result.json").read_text())["test_metrics"]
+    assert len(summary["nodules"]) == 2
