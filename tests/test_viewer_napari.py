@@ -14,9 +14,10 @@ if not os.environ.get("DISPLAY") and shutil.which("Xvfb") is None:  # pragma: no
     pytest.skip("no display and no Xvfb: install xvfb (see .ci/run) to test the napari plugin",
                 allow_module_level=True)
 
-from lidc_cdam.viewer import maps as M  # noqa: E402
-from lidc_cdam.viewer.synthetic import ORIGIN, SHAPE, SPACING  # noqa: E402
-from lidc_cdam.viewer.testing import BIOMARKERS, digits_checkpoint, synthetic, tiny_checkpoint  # noqa: E402
+from lidc_cdam.ct.crop import read_crop  # noqa: E402
+from lidc_cdam.ct.placement import place_on_scan  # noqa: E402
+from lidc_cdam.ct.synthetic import ORIGIN, SHAPE, SPACING  # noqa: E402
+from lidc_cdam.ct.testing import BIOMARKERS, digits_checkpoint, synthetic, tiny_checkpoint  # noqa: E402
 
 WAIT_MS = 60_000
 
@@ -157,7 +158,7 @@ def test_several_targets_views_and_export(viewer, qtbot, biomarker_checkpoint, t
     assert img.GetSize() == SHAPE[::-1]
     np.testing.assert_allclose(img.GetSpacing(), SPACING)
     np.testing.assert_allclose(img.GetOrigin(), ORIGIN)
-    raw = M.place_on_scan(widget.results[0].maps[1], M.read_crop(widget.nodules[0].crop_path), widget.volume)
+    raw = place_on_scan(widget.results[0].maps[1], read_crop(widget.nodules[0].crop_path), widget.volume)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), raw)  # raw scores, not the display scaling
     png = widget.save_png(tmp_path / "view.png")
     assert png.stat().st_size > 1000

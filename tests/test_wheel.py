@@ -44,6 +44,7 @@ def test_wheel_carries_the_run_time_files(wheel):
         "lidc_cdam/pipelines/configs/train/tiny-phantom-malignancy.yaml", "lidc_cdam/viewer/napari.yaml",
         "lidc_cdam/models/weights/MANIFEST.json", "lidc_cdam/models/weights/digits-vit.pt",
         "lidc_cdam/models/weights/phantom-malignancy.pt", "lidc_cdam/models/weights/phantom-biomarkers.pt",
+        "lidc_cdam/ct/__init__.py", "lidc_cdam/ct/maps.py", "lidc_cdam/viewer/_widget.py",
     ]
     assert not [n for n in expected if n not in names]
     assert not [n for n in names if n.startswith(("data_manifest/", "pipelines/", "viewer/", "tests/"))]

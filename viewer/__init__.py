@@ -1,10 +1,10 @@
 """napari plugin for lidc-cdam: per-target CDAM overlays on CT slices, in the scan's own coordinates.
 
-The core modules import no GUI toolkit: :mod:`.volume` (reading DICOM / LIDC scans, napari geometry),
-:mod:`.maps` (2.5D maps of a nodule, placing them on the CT grid, cache, NIfTI export), :mod:`.synthetic`
-(the sample scan with phantom nodules). napari and Qt (the ``viewer`` extra) are needed by
-:mod:`._reader`, :mod:`._sample_data`, :mod:`._widget` (the npe2 contributions, see ``napari.yaml``),
-:func:`open_viewer` and :mod:`.screenshot`.
+A thin napari layer over :mod:`lidc_cdam.ct` (reading scans, nodules, model inputs, maps, placing them on
+the CT grid, cache, export, the synthetic sample scan), which imports no GUI toolkit. Here, with napari and
+Qt (the ``viewer`` extra): :mod:`._reader`, :mod:`._sample_data`, :mod:`._widget` (the npe2 contributions,
+see ``napari.yaml``), :func:`open_viewer` (:mod:`.app`), :mod:`.screenshot` and :mod:`.benchmark`;
+:mod:`._guard` imports torch's stack safely beside napari's OpenGL context.
 """
 
 from __future__ import annotations

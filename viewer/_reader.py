@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lidc_cdam.viewer.volume import CTVolume, iter_dicom_folders, read_dicom_folder, window_limits
+from lidc_cdam.ct.volume import CTVolume, iter_dicom_folders, read_dicom_folder, window_limits
 
 META_KEY = "lidc_cdam"
 
@@ -25,7 +25,7 @@ def ct_layer_data(volume: CTVolume, **extra_meta: Any) -> tuple[Any, dict[str, A
 
 
 def read_path(path: str | Path) -> list[tuple[Any, dict[str, Any], str]]:
-    """Read a DICOM series (raises ViewerError with a clear message when there is none)."""
+    """Read a DICOM series (raises CTError with a clear message when there is none)."""
     return [ct_layer_data(read_dicom_folder(path))]
 
 

@@ -9,8 +9,9 @@ def synthetic_chest() -> list[tuple[Any, dict[str, Any], str]]:
     """The synthetic scan read back from its DICOM series, with its crops folder recorded in the layer's
     metadata (the CDAM widget picks it up as the nodule table)."""
     from lidc_cdam.viewer._reader import ct_layer_data
-    from lidc_cdam.viewer.synthetic import synthetic_data
-    from lidc_cdam.viewer.volume import read_dicom_folder
+
+    from lidc_cdam.ct.synthetic import synthetic_data
+    from lidc_cdam.ct.volume import read_dicom_folder
 
     paths = synthetic_data()
     volume = read_dicom_folder(paths["dicom"])

@@ -23,9 +23,7 @@ from lidc_cdam.viewer._guard import prepare_torch
 prepare_torch()  # before anything imports timm beside the viewer's GL context
 
 import numpy as np  # noqa: E402
-from lidc_cdam.viewer import maps as M  # noqa: E402
 from lidc_cdam.viewer._reader import META_KEY, ct_layer_data  # noqa: E402
-from lidc_cdam.viewer.volume import CTVolume, ViewerError, read_dicom_folder, window_limits  # noqa: E402
 from magicgui.widgets import (  # noqa: E402
     ComboBox,
     Container,
@@ -37,6 +35,10 @@ from magicgui.widgets import (  # noqa: E402
     Select,
     SpinBox,
 )
+
+from lidc_cdam import ct  # noqa: E402
+from lidc_cdam.ct.errors import CTError  # noqa: E402
+from lidc_cdam.ct.volume import CTVolume, read_dicom_folder, window_limits  # noqa: E402
 
 if TYPE_CHECKING:
     import napari
@@ -77,7 +79,7 @@ def volume_from_layer(layer: Any) -> CTVolume:
         return meta["volume"]
     data = np.asarray(layer.data)
     if data.ndim != 3:
-        raise ViewerError(f"layer {layer.name!r} is not a 3D volume (shape {data.shape})")
+        raise CTError(f"layer {layer.name!r} is not a 3D volume (shape {data.shape})")
     return CTVolume(data, tuple(float(s) for s in layer.scale[::-1]), tuple(float(t) for t in layer.translate[::-1]),
                     name=layer.name, meta={"patient_id": meta.get("patient_id", "")})
 
@@ -94,11 +96,11 @@ class CdamWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self.viewer = viewer
-        self.cache = M.MapCache(self._cache_folder())
-        self.models: dict[str, M.LoadedModel] = {}
-        self.nodules: list[M.NoduleRef] = []
-        self.result: M.MapResult | None = None
-        self.results: list[M.MapResult] = []
+        self.cache = ct.MapCache(self._cache_folder())
+        self.models: dict[str, ct.LoadedModel] = {}
+        self.nodules: list[ct.NoduleRef] = []
+        self.result: ct.MapResult | None = None
+        self.results: list[ct.MapResult] = []
         self._crop_path: Path | None = None
         self.overlays: dict[str, Any] = {}
         self.worker: Any = None
@@ -115,9 +117,9 @@ class CdamWidget(Container):
         self.cursor_button = PushButton(text="Nodule under cursor")
         self.checkpoints = FileEdit(label="Checkpoint(s)", mode="rm", filter="*.pt *.pth *.safetensors")
         self.targets = Select(label="Targets", choices=lambda _w: list(self.models))
-        self.method = ComboBox(label="Method", choices=list(M.METHODS), value="CDAM")
+        self.method = ComboBox(label="Method", choices=list(ct.METHODS), value="CDAM")
         self.samples = SpinBox(label="Samples (Smooth/Integrated)", value=50, min=2, max=500)
-        self.view = ComboBox(label="View", choices=list(M.VIEWS), value="axial")
+        self.view = ComboBox(label="View", choices=list(ct.VIEWS), value="axial")
         self.slices = ComboBox(label="Slices", choices=list(SLICE_MODES), value="nodule +- 3 slices")
         self.compute_button = PushButton(text="Compute")
         self.progress = ProgressBar(label="Progress", min=0, max=100, value=0)
@@ -210,7 +212,7 @@ class CdamWidget(Container):
             return None
         try:
             volume = read_dicom_folder(path)
-        except ViewerError as err:
+        except CTError as err:
             self.say(str(err), error=True)
             return None
         return self.add_ct(volume)
@@ -235,15 +237,15 @@ class CdamWidget(Container):
         elif _path_or_none(self.crops_dir.value) is not None:
             self.load_nodules()
 
-    def load_nodules(self) -> list[M.NoduleRef]:
+    def load_nodules(self) -> list[ct.NoduleRef]:
         """The nodules of the nodule table whose crops lie in the selected CT; their contours as labels."""
         folder = _path_or_none(self.crops_dir.value)
         volume = self.volume
         if folder is None or volume is None:
             return []
         try:
-            self.nodules = M.list_nodules(folder, volume)
-        except ViewerError as err:
+            self.nodules = ct.list_nodules(folder, volume)
+        except CTError as err:
             self.say(str(err), error=True)
             self.nodules = []
         self.nodule.reset_choices()
@@ -252,7 +254,7 @@ class CdamWidget(Container):
             return []
         labels = volume.meta.get("labels")
         if labels is None:
-            labels = M.nodule_labels(self.nodules, volume)
+            labels = ct.nodule_labels(self.nodules, volume)
         if CONTOURS in self.viewer.layers:
             self.viewer.layers[CONTOURS].data = labels
         else:
@@ -268,10 +270,10 @@ class CdamWidget(Container):
         self.say(f"{len(self.nodules)} nodule(s) in this scan")
         return self.nodules
 
-    def nodule_under_cursor(self, *_: Any) -> M.NoduleRef | None:
+    def nodule_under_cursor(self, *_: Any) -> ct.NoduleRef | None:
         """Select the nodule whose crop centre is nearest to the mouse cursor (within 16 mm)."""
         pos = np.asarray(self.viewer.cursor.position, dtype=float)[-3:]
-        found = M.nodule_at(self.nodules, pos[::-1])
+        found = ct.nodule_at(self.nodules, pos[::-1])
         if found is None:
             self.say("no nodule of the table within 16 mm of the cursor", error=True)
             return None
@@ -287,12 +289,12 @@ class CdamWidget(Container):
             value = [value]
         files = [Path(p) for p in (value or ()) if _path_or_none(p) is not None]
 
-        def load() -> tuple[list[M.LoadedModel], list[str]]:
+        def load() -> tuple[list[ct.LoadedModel], list[str]]:
             loaded, errors = [], []
             for f in files:
                 try:
-                    loaded.append(M.load_checked_model(f))
-                except ViewerError as err:
+                    loaded.append(ct.load_checked_model(f))
+                except CTError as err:
                     errors.append(str(err))
             return loaded, errors
 
@@ -309,7 +311,7 @@ class CdamWidget(Container):
         self._loader = worker
         return worker
 
-    def _models_loaded(self, out: tuple[list[M.LoadedModel], list[str]]) -> None:
+    def _models_loaded(self, out: tuple[list[ct.LoadedModel], list[str]]) -> None:
         loaded, errors = out
         self.models = {}
         for m in loaded:
@@ -318,7 +320,7 @@ class CdamWidget(Container):
         choices = list(self.models)
         self.targets.reset_choices()
         self.targets.value = choices[:1]
-        if loaded and loaded[0].view in M.VIEWS:
+        if loaded and loaded[0].view in ct.VIEWS:
             self.view.value = loaded[0].view
         if errors:
             self.say(" | ".join(errors), error=True)
@@ -326,17 +328,17 @@ class CdamWidget(Container):
             self.say(f"model(s) loaded: {', '.join(m.path.name + ' (' + m.task + ')' for m in loaded)}")
 
     # ------------------------------------------------------------------ computing
-    def requests(self) -> list[M.MapRequest]:
+    def requests(self) -> list[ct.MapRequest]:
         nodule = self.nodule.value
         if nodule is None:
-            raise ViewerError("choose a nodule (nodule table, then the list or 'Nodule under cursor')")
+            raise CTError("choose a nodule (nodule table, then the list or 'Nodule under cursor')")
         targets = list(self.targets.value or [])
         if not targets:
-            raise ViewerError("choose at least one target (load a checkpoint first)")
+            raise CTError("choose at least one target (load a checkpoint first)")
         by_model: dict[str, list[str]] = {}
         for t in targets:
             by_model.setdefault(str(self.models[t].path), []).append(t)
-        return [M.MapRequest(ck, str(nodule.crop_path), tuple(ts), M.METHODS[self.method.value], self.view.value,
+        return [ct.MapRequest(ck, str(nodule.crop_path), tuple(ts), ct.METHODS[self.method.value], self.view.value,
                              SLICE_MODES[self.slices.value], n=int(self.samples.value))
                 for ck, ts in by_model.items()]
 
@@ -346,19 +348,19 @@ class CdamWidget(Container):
         volume = self.volume
         try:
             if volume is None:
-                raise ViewerError("open a CT first")
+                raise CTError("open a CT first")
             requests = self.requests()
-        except ViewerError as err:
+        except CTError as err:
             self.say(str(err), error=True)
             return None
-        crop = M.read_crop(requests[0].crop_path)
+        crop = ct.read_crop(requests[0].crop_path)
         cache = self.cache
         scale = SCALES[self.scale.value]
 
         def work():
             results = []
             for n, req in enumerate(requests):
-                steps = M.cached_steps(req, cache)
+                steps = ct.cached_steps(req, cache)
                 while True:
                     try:
                         done, total = next(steps)
@@ -369,7 +371,7 @@ class CdamWidget(Container):
             placed = []
             for r in results:
                 shown = [r.scaled(k, scale) for k in range(len(r.targets))]
-                placed.append([(M.place_on_scan(m, crop, volume), limit) for m, limit in shown])
+                placed.append([(ct.place_on_scan(m, crop, volume), limit) for m, limit in shown])
             return results, placed
 
         if self.worker is not None:
@@ -402,14 +404,14 @@ class CdamWidget(Container):
     def _failed(self, err: BaseException) -> None:
         self.compute_button.enabled = True
         self.progress.value = 0
-        msg = str(err) if isinstance(err, ViewerError) else f"{type(err).__name__}: {err}"
+        msg = str(err) if isinstance(err, CTError) else f"{type(err).__name__}: {err}"
         self.say(msg, error=True)
 
-    def _show(self, out: tuple[list[M.MapResult], list[list[tuple[np.ndarray, float]]]], volume: CTVolume,
+    def _show(self, out: tuple[list[ct.MapResult], list[list[tuple[np.ndarray, float]]]], volume: CTVolume,
               crop: dict[str, Any], crop_path: str) -> None:
         results, placed = out
         previous, self.overlays = self.overlays, {}
-        method_label = {v: k for k, v in M.METHODS.items()}
+        method_label = {v: k for k, v in ct.METHODS.items()}
         for result, arrays in zip(results, placed, strict=True):
             for target, (arr, limit) in zip(result.targets, arrays, strict=True):
                 name = f"{method_label[result.method]} {target} ({result.view})"
@@ -456,13 +458,13 @@ class CdamWidget(Container):
         self.say(f"{n_slices} slices, {len(self.overlays)} map(s) in {self.last_seconds:.2f} s"
                  + (" (cached)" if cached else "") + "; orange = evidence, blue = counter-evidence")
 
-    def _prediction_text(self, results: list[M.MapResult]) -> str:
+    def _prediction_text(self, results: list[ct.MapResult]) -> str:
         nodule = self.nodule.value
         row = nodule.row if nodule is not None else {}
         lines = []
         for r in results:
             for name, value in r.predictions.items():
-                if name == M.MALIGNANCY:
+                if name == ct.MALIGNANCY:
                     ref = row.get("label_name")
                     median = row.get("malignancy_median")
                     extra = f" (radiologists: {ref}" + (f", median {median:g}" if isinstance(median, float) and
@@ -477,7 +479,7 @@ class CdamWidget(Container):
 
     def _focus(self, crop: dict[str, Any], view: str) -> None:
         """Slider and camera on the nodule, the view's plane displayed."""
-        centre_xyz = M.crop_centre_world(crop)
+        centre_xyz = ct.crop_centre_world(crop)
         centre = np.asarray(centre_xyz[::-1], dtype=float)  # world z, y, x
         ndim = self.viewer.dims.ndim
         if ndim >= 3:
@@ -525,12 +527,12 @@ class CdamWidget(Container):
                 self.say("nothing to export: compute maps first", error=True)
             return []
         written = []
-        crop = M.read_crop(self._crop_path)
+        crop = ct.read_crop(self._crop_path)
         for result in self.results:
             for k, target in enumerate(result.targets):
                 name = f"{result.nodule_id}_{result.method}_{result.view}_{target}.nii.gz"
-                raw = M.place_on_scan(result.maps[k], crop, volume)  # raw scores, whatever the colour scale
-                written.append(M.export_nifti(raw, volume, out / name))
+                raw = ct.place_on_scan(result.maps[k], crop, volume)  # raw scores, whatever the colour scale
+                written.append(ct.export_nifti(raw, volume, out / name))
         self.say(f"wrote {len(written)} NIfTI map(s) to {out}")
         return written
 

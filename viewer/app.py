@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from lidc_cdam.viewer._guard import prepare_torch
-from lidc_cdam.viewer.volume import CTVolume, ViewerError
+
+from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.volume import CTVolume
 
 
 def _as_volume(scan: Any) -> tuple[CTVolume, str | None]:
-    from lidc_cdam.viewer.volume import read_dicom_folder
+    from lidc_cdam.ct.volume import read_dicom_folder
 
     if isinstance(scan, CTVolume):
         return scan, None
     if scan is None or str(scan) == "synthetic":
-        from lidc_cdam.viewer.synthetic import synthetic_data
+        from lidc_cdam.ct.synthetic import synthetic_data
 
         paths = synthetic_data()
         volume = read_dicom_folder(paths["dicom"])
@@ -31,7 +33,7 @@ def _as_volume(scan: Any) -> tuple[CTVolume, str | None]:
         return volume, str(paths["crops_dir"])
     if isinstance(scan, str | Path):
         return read_dicom_folder(scan), None
-    raise ViewerError(f"open_viewer takes a DICOM folder, a CTVolume or 'synthetic', not {type(scan).__name__}")
+    raise CTError(f"open_viewer takes a DICOM folder, a CTVolume or 'synthetic', not {type(scan).__name__}")
 
 
 def open_viewer(scan_folder_or_volume: Any = "synthetic", crops_dir: str | Path | None = None,
@@ -40,14 +42,14 @@ def open_viewer(scan_folder_or_volume: Any = "synthetic", crops_dir: str | Path 
                 compute: bool = True, show: bool = True, run: bool = False, viewer: Any = None) -> tuple[Any, Any]:
     """Open napari on a scan with the CDAM widget; returns ``(viewer, widget)``.
 
-    ``scan_folder_or_volume``: a DICOM series folder, a :class:`~lidc_cdam.viewer.volume.CTVolume` or
+    ``scan_folder_or_volume``: a DICOM series folder, a :class:`~lidc_cdam.ct.volume.CTVolume` or
     ``"synthetic"`` (the sample scan, whose crops folder is used when ``crops_dir`` is None).
     ``crops_dir``: the preprocessed folder (``nodules.csv`` + ``crops/``). ``checkpoint``: one or more
     ``best.pt`` files. ``nodule`` (an id; default the first nodule of the scan), ``targets`` (default all
     the checkpoints' targets), ``method`` (a widget label: "CDAM", "Smooth CDAM", "Integrated CDAM",
     "Attention map"), ``view`` (default the model's). With ``compute`` the maps are computed at once
     (in this thread when ``show`` is False, else in the widget's worker). ``run`` starts napari's event
-    loop (blocks until the window closes). Raises :class:`ViewerError` for bad input.
+    loop (blocks until the window closes). Raises :class:`CTError` for bad input.
     """
     prepare_torch()
     import napari
@@ -65,7 +67,7 @@ def open_viewer(scan_folder_or_volume: Any = "synthetic", crops_dir: str | Path 
     if nodule is not None:
         match = [n for n in widget.nodules if n.nodule_id == nodule]
         if not match:
-            raise ViewerError(f"nodule {nodule} is not among this scan's nodules "
+            raise CTError(f"nodule {nodule} is not among this scan's nodules "
                               f"({[n.nodule_id for n in widget.nodules]})")
         widget.nodule.value = match[0]
     if checkpoint is not None:
@@ -73,7 +75,7 @@ def open_viewer(scan_folder_or_volume: Any = "synthetic", crops_dir: str | Path 
         widget.checkpoints.value = files  # loads in a worker: load now, in this thread, instead
         widget.load_checkpoints(files, block=True)
         if not widget.models:
-            raise ViewerError(widget.status.value)
+            raise CTError(widget.status.value)
         widget.targets.value = list(targets) if targets is not None else list(widget.models)
     widget.method.value = method
     if view is not None:

@@ -18,8 +18,8 @@ from lidc_cdam.viewer._guard import prepare_torch
 
 def _checkpoint(kind: str, folder: Path) -> Path:
     import torch
-    from lidc_cdam.viewer.testing import STATS, tiny_checkpoint
 
+    from lidc_cdam.ct.testing import STATS, tiny_checkpoint
     from lidc_cdam.models.loading import save_checkpoint
     from lidc_cdam.models.vit import ViTModel
 
@@ -37,7 +37,8 @@ def run(models: list[str], method: str = "CDAM", slices: str = "all 32 slices", 
     import napari
     import torch
     from lidc_cdam.viewer._widget import CdamWidget
-    from lidc_cdam.viewer.maps import MapCache
+
+    from lidc_cdam.ct.cache import MapCache
 
     torch.set_num_threads(threads)
     out = []

@@ -25,7 +25,7 @@ def make_screenshot(out: str | Path, checkpoints: list[str] | None = None, nodul
 
     tmp = None
     if not checkpoints:
-        from lidc_cdam.viewer.testing import tiny_checkpoint
+        from lidc_cdam.ct.testing import tiny_checkpoint
 
         tmp = tempfile.TemporaryDirectory(prefix="lidc-cdam-screenshot-")
         checkpoints = [str(tiny_checkpoint(Path(tmp.name) / "random-tiny-model.pt", img_size=64))]
@@ -47,7 +47,7 @@ def make_screenshot(out: str | Path, checkpoints: list[str] | None = None, nodul
 
 
 def _crop(widget):
-    from lidc_cdam.viewer.maps import read_crop
+    from lidc_cdam.ct.crop import read_crop
 
     return read_crop(widget.nodule.value.crop_path)
 

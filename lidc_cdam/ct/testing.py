@@ -1,4 +1,5 @@
-"""Test helpers for the viewer (its tests, the docs screenshot): the synthetic scan and tiny checkpoints."""
+"""Test helpers for :mod:`lidc_cdam.ct` and the viewer (their tests, the docs screenshot, the viewer benchmark):
+the synthetic scan and tiny random checkpoints."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ BIOMARKERS = list(_BIOMARKERS)
 @functools.cache
 def synthetic() -> dict[str, Path]:
     """The synthetic scan in the lidc-cdam cache (tests: the session's LIDC_CDAM_CACHE), as the sample data uses it."""
-    from lidc_cdam.viewer.synthetic import synthetic_data
+    from lidc_cdam.ct.synthetic import synthetic_data
 
     return synthetic_data()
 

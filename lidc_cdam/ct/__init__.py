@@ -1,0 +1,74 @@
+"""CT work without a GUI: a scan in patient millimetres, a nodule's crop, model inputs, CDAM maps on the scan.
+
+The napari plugin (:mod:`lidc_cdam.viewer`) is a thin layer over this package; nothing here imports napari or
+Qt. From reading a scan to a map on its grid:
+
+- :mod:`.errors` - :class:`CTError`, bad input as a clear message;
+- :mod:`.volume` - :class:`CTVolume` (HU ``[z, y, x]``, spacing / origin / direction, index <-> patient mm,
+  the layer ``scale`` / ``translate`` / ``rotate`` a viewer needs), :func:`read_dicom_folder` (a DICOM series
+  through SimpleITK), :func:`read_lidc_scan` (an LIDC-IDRI scan through pylidc, with consensus labels),
+  window presets;
+- :mod:`.crop` - a nodule's 32 mm crop at 1 mm (cut by :mod:`lidc_cdam.data.lidc.crops`) read back, its centre
+  in patient mm;
+- :mod:`.nodules` - the nodules of a preprocessed folder whose crops lie in a scan, the nodule at a point;
+- :mod:`.checkpoint` - a checked LIDC checkpoint (targets, recorded input statistics) and its predictions in
+  rating units;
+- :mod:`.inputs` - model inputs of a crop's slices, as the training transforms build them;
+- :mod:`.maps` - the 2.5D maps of a crop (every slice along a view explained) for several targets;
+- :mod:`.cache` - computed maps in memory and on disk;
+- :mod:`.placement` - crop-grid arrays (maps, masks) resampled onto the scan's grid;
+- :mod:`.export` - arrays on the scan's grid as NIfTI;
+- :mod:`.synthetic` - a synthetic chest scan with phantom nodules (DICOM series, crops, nodule table): **not CT**;
+- :mod:`.testing` - tiny random checkpoints for tests and the viewer's screenshot and benchmark.
+
+>>> volume = read_dicom_folder("LIDC-IDRI-0078/")
+>>> nodule = list_nodules("preprocessed/", volume)[0]
+>>> result = compute_maps(MapRequest("best.pt", str(nodule.crop_path), ("malignancy",)))
+>>> overlay = place_on_scan(result.maps[0], read_crop(nodule.crop_path), volume)  # the CT's shape
+"""
+
+from lidc_cdam.ct.cache import MapCache, cached_compute, cached_steps
+from lidc_cdam.ct.checkpoint import MALIGNANCY, LoadedModel, load_checked_model, predictions
+from lidc_cdam.ct.crop import CROP, crop_centre_world, read_crop
+from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.export import export_nifti
+from lidc_cdam.ct.inputs import CENTRE, VIEWS, model_inputs, slices_for
+from lidc_cdam.ct.maps import METHODS, SIGNED, MapRequest, MapResult, compute_maps, compute_steps
+from lidc_cdam.ct.nodules import NoduleRef, list_nodules, nodule_at
+from lidc_cdam.ct.placement import nodule_labels, place_on_scan
+from lidc_cdam.ct.volume import WINDOWS, CTVolume, read_dicom_folder, read_lidc_scan, window_limits
+
+__all__ = [
+    "CENTRE",
+    "CROP",
+    "MALIGNANCY",
+    "METHODS",
+    "SIGNED",
+    "VIEWS",
+    "WINDOWS",
+    "CTError",
+    "CTVolume",
+    "LoadedModel",
+    "MapCache",
+    "MapRequest",
+    "MapResult",
+    "NoduleRef",
+    "cached_compute",
+    "cached_steps",
+    "compute_maps",
+    "compute_steps",
+    "crop_centre_world",
+    "export_nifti",
+    "list_nodules",
+    "load_checked_model",
+    "model_inputs",
+    "nodule_at",
+    "nodule_labels",
+    "place_on_scan",
+    "predictions",
+    "read_crop",
+    "read_dicom_folder",
+    "read_lidc_scan",
+    "slices_for",
+    "window_limits",
+]

@@ -1,0 +1,155 @@
+"""Per-slice (2.5D) CDAM maps of one nodule's crop, for several targets of one checkpoint.
+
+For a nodule's 32 mm crop (:mod:`lidc_cdam.data.lidc.crops`) and a model trained by ``lidc-cdam train``:
+
+1. every slice ``s`` of the crop along the chosen view (all 32, or those where the consensus mask is
+   non-empty +- a margin) becomes a model input exactly as :func:`lidc_cdam.data.lidc.datasets.transforms`
+   builds the central one (:mod:`lidc_cdam.ct.inputs`);
+2. the slices are explained in batches (:func:`lidc_cdam.explain.explain`: CDAM, Smooth CDAM, Integrated
+   CDAM or the attention map), each map (raw signed token scores) is resized bilinearly to the 32 x 32
+   crop plane and put at index ``s`` along the view axis: a ``[K, 32, 32, 32]`` map in crop coordinates;
+3. :func:`lidc_cdam.ct.placement.place_on_scan` resamples it from the crop's 1 mm grid to the scan's grid.
+
+The predictions returned with the maps are the model's outputs on the central slice (index 16, what it
+was trained and evaluated on): malignancy as a probability, biomarkers in rating units (``target_stats``).
+:mod:`lidc_cdam.ct.cache` keeps computed maps in memory and on disk.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lidc_cdam.ct.checkpoint import MALIGNANCY, load_checked_model, predictions
+from lidc_cdam.ct.crop import CROP, read_crop
+from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.inputs import CENTRE, VIEWS, model_inputs, slices_for
+
+#: label in the widget -> lidc_cdam.explain method name
+METHODS = {"CDAM": "cdam", "Smooth CDAM": "smooth-cdam", "Integrated CDAM": "integrated-cdam",
+           "Attention map": "attention"}
+SIGNED = {"cdam": True, "smooth-cdam": True, "integrated-cdam": True, "attention": False}
+
+
+@dataclass(frozen=True)
+class MapRequest:
+    """What to compute for one nodule (hashable: the cache key)."""
+
+    checkpoint: str
+    crop_path: str
+    targets: tuple[str, ...]
+    method: str = "cdam"
+    view: str = "axial"
+    slices: str = "nodule"
+    margin: int = 3
+    n: int = 50  # samples of Smooth / Integrated CDAM
+    batch: int = 8
+
+    def options(self) -> dict[str, Any]:
+        return {"n": self.n} if self.method in ("smooth-cdam", "integrated-cdam") else {}
+
+
+@dataclass
+class MapResult:
+    """Maps ``[K, 32, 32, 32]`` in crop coordinates (zero on slices not explained) and what they mean."""
+
+    maps: np.ndarray
+    targets: list[str]
+    method: str
+    view: str
+    slices: list[int]
+    predictions: dict[str, float]  # on the central slice: malignancy probability, biomarkers in rating units
+    signed: bool
+    nodule_id: str
+    seconds: float
+    cached: bool = False
+
+    def limit(self, k: int) -> float:
+        """Symmetric colour limit of map ``k`` (max |value|, 1 when all zero)."""
+        m = float(np.abs(self.maps[k]).max()) if self.maps.size else 0.0
+        return m if m > 0 else 1.0
+
+    def scaled(self, k: int, scale: str = "slice") -> tuple[np.ndarray, float]:
+        """Map ``k`` for display and its symmetric limit: ``"nodule"`` the raw scores (one limit for all
+        slices), ``"slice"`` each slice's map divided by its own max |value| (as the paper scales each
+        map on its own; limit 1)."""
+        if scale == "nodule":
+            return self.maps[k], self.limit(k)
+        if scale != "slice":
+            raise ValueError(f"scale must be 'slice' or 'nodule', got {scale!r}")
+        axis = VIEWS[self.view]
+        others = tuple(a for a in range(3) if a != axis)
+        peak = np.abs(self.maps[k]).max(axis=others, keepdims=True)
+        return np.divide(self.maps[k], peak, out=np.zeros_like(self.maps[k]), where=peak > 0), 1.0
+
+
+
+
+def compute_steps(request: MapRequest) -> Generator[tuple[int, int], None, MapResult]:
+    """:func:`compute_maps` as a generator: yields ``(slices done, total)`` after each batch (a worker
+    thread reports them as progress and can stop between batches) and returns the :class:`MapResult`."""
+    import torch
+    import torch.nn.functional as F
+
+    from lidc_cdam.explain import explain
+
+    start = time.perf_counter()
+    if request.view not in VIEWS:
+        raise CTError(f"view must be one of {list(VIEWS)}, got {request.view!r}")
+    if request.method not in SIGNED:
+        raise CTError(f"method must be one of {list(SIGNED)}, got {request.method!r}")
+    loaded = load_checked_model(request.checkpoint)
+    missing = [t for t in request.targets if t not in loaded.targets]
+    if missing or not request.targets:
+        raise CTError(f"{loaded.path.name} explains {loaded.targets}, not {missing or 'nothing'}")
+    crop = read_crop(request.crop_path)
+    if tuple(crop["image"].shape) != (CROP, CROP, CROP):
+        raise CTError(f"{request.crop_path}: crop of shape {crop['image'].shape}, expected {(CROP,) * 3}")
+    indices = slices_for(crop["mask"], request.view, request.slices, request.margin)
+    out_index = [loaded.targets.index(t) for t in request.targets]
+    names = ["malignant"] if loaded.targets == [MALIGNANCY] else loaded.targets
+    target_names = [names[i] for i in out_index]
+    maps = np.zeros((len(out_index), CROP, CROP, CROP), dtype=np.float32)
+    axis = VIEWS[request.view]
+    size = loaded.image_size
+    model = loaded.model
+    yield 0, len(indices)
+    with torch.no_grad():
+        central = model(model_inputs(crop["image"], request.view, [CENTRE], loaded.input_stats, size))[0].numpy()
+    done = 0
+    for b in range(0, len(indices), request.batch):
+        chunk = indices[b : b + request.batch]
+        x = model_inputs(crop["image"], request.view, chunk, loaded.input_stats, size)
+        attr = explain(model, x, targets=target_names, method=request.method, **request.options())
+        planes = F.interpolate(attr.maps.detach().float(), size=(CROP, CROP), mode="bilinear",
+                               align_corners=False).numpy()  # [B, K, 32, 32]
+        for j, s in enumerate(chunk):
+            index: list[Any] = [slice(None)] * 3
+            index[axis] = s
+            maps[(slice(None), *index)] = planes[j]
+        done += len(chunk)
+        yield done, len(indices)
+    return MapResult(maps, list(request.targets), request.method, request.view, indices,
+                     predictions(loaded, central), SIGNED[request.method], str(crop.get("nodule_id", "")),
+                     time.perf_counter() - start)
+
+
+def compute_maps(request: MapRequest, progress: Callable[[int, int], None] | None = None) -> MapResult:
+    """The ``[K, 32, 32, 32]`` crop maps of one nodule (see the module docstring); ``progress(done, total)``
+    is called after each batch of slices."""
+    return drain(compute_steps(request), progress)
+
+
+def drain(steps, progress: Callable[[int, int], None] | None) -> MapResult:
+    """Run a step generator to its result, reporting ``(done, total)`` after each step."""
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if progress:
+            progress(done, total)
