@@ -8,6 +8,10 @@ Qt. From reading a scan to a map on its grid:
   the layer ``scale`` / ``translate`` / ``rotate`` a viewer needs), :func:`read_dicom_folder` (a DICOM series
   through SimpleITK), :func:`read_lidc_scan` (an LIDC-IDRI scan through pylidc, with consensus labels),
   window presets;
+- :mod:`.read` - any CT in: :func:`read_ct` (a DICOM series folder, a DICOM file, a NIfTI file; refusals as
+  :class:`SeriesRefused`) and :func:`list_series`, over :mod:`.series` (the series of a folder from their
+  headers, one chosen), :mod:`.dicom_reader` (one series decoded and checked, compressed transfer syntaxes
+  through pydicom + pylibjpeg) and :mod:`.nifti` (RAS -> LPS through SimpleITK);
 - :mod:`.crop` - a nodule's 32 mm crop at 1 mm (cut by :mod:`lidc_cdam.data.lidc.crops`) read back, its centre
   in patient mm;
 - :mod:`.nodules` - the nodules of a preprocessed folder whose crops lie in a scan, the nodule at a point;
@@ -21,7 +25,7 @@ Qt. From reading a scan to a map on its grid:
 - :mod:`.synthetic` - a synthetic chest scan with phantom nodules (DICOM series, crops, nodule table): **not CT**;
 - :mod:`.testing` - tiny random checkpoints for tests and the viewer's screenshot and benchmark.
 
->>> volume = read_dicom_folder("LIDC-IDRI-0078/")
+>>> volume = read_ct("LIDC-IDRI-0078/")  # or read_dicom_folder (SimpleITK), read_ct("scan.nii.gz")
 >>> nodule = list_nodules("preprocessed/", volume)[0]
 >>> result = compute_maps(MapRequest("best.pt", str(nodule.crop_path), ("malignancy",)))
 >>> overlay = place_on_scan(result.maps[0], read_crop(nodule.crop_path), volume)  # the CT's shape
@@ -30,12 +34,14 @@ Qt. From reading a scan to a map on its grid:
 from lidc_cdam.ct.cache import MapCache, cached_compute, cached_steps
 from lidc_cdam.ct.checkpoint import MALIGNANCY, LoadedModel, load_checked_model, predictions
 from lidc_cdam.ct.crop import CROP, crop_centre_world, read_crop
-from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.errors import CTError, SeriesRefused
 from lidc_cdam.ct.export import export_nifti
 from lidc_cdam.ct.inputs import CENTRE, VIEWS, model_inputs, slices_for
 from lidc_cdam.ct.maps import METHODS, SIGNED, MapRequest, MapResult, compute_maps, compute_steps
 from lidc_cdam.ct.nodules import NoduleRef, list_nodules, nodule_at
 from lidc_cdam.ct.placement import nodule_labels, place_on_scan
+from lidc_cdam.ct.read import list_series, read_ct
+from lidc_cdam.ct.series import SeriesInfo
 from lidc_cdam.ct.volume import WINDOWS, CTVolume, read_dicom_folder, read_lidc_scan, window_limits
 
 __all__ = [
@@ -53,6 +59,8 @@ __all__ = [
     "MapRequest",
     "MapResult",
     "NoduleRef",
+    "SeriesInfo",
+    "SeriesRefused",
     "cached_compute",
     "cached_steps",
     "compute_maps",
@@ -60,6 +68,7 @@ __all__ = [
     "crop_centre_world",
     "export_nifti",
     "list_nodules",
+    "list_series",
     "load_checked_model",
     "model_inputs",
     "nodule_at",
@@ -67,6 +76,7 @@ __all__ = [
     "place_on_scan",
     "predictions",
     "read_crop",
+    "read_ct",
     "read_dicom_folder",
     "read_lidc_scan",
     "slices_for",

