@@ -367,3 +367,21 @@ def test_nifti_refusals(tmp_path):
     bad.write_bytes(b"not gzip at all")
     with pytest.raises(SeriesRefused, match="cannot be read as NIfTI"):
         read_ct(bad)
+
+
+# --------------------------------------------------------------------------------------------- viewer reader
+
+
+def test_viewer_reader_opens_nifti_and_compressed_series(tmp_path):
+    from lidc_cdam.viewer._reader import get_reader  # no napari needed for the reader itself
+
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(gzip.compress(_nifti_bytes(np.full((12, 10, 9), -1000, np.int16), np.diag([1.0, 1, 2, 1]))))
+    data, kwargs, kind = get_reader(str(path))(str(path))[0]
+    assert kind == "image" and data.shape == (9, 10, 12) and kwargs["scale"] == pytest.approx((2.0, 1.0, 1.0))
+    write_series(tmp_path / "rle", codec=RLELossless)
+    data, kwargs, _ = get_reader(str(tmp_path / "rle"))(str(tmp_path / "rle"))[0]
+    assert data.shape == (N, 128, 128)
+    write_series(tmp_path / "mr", modality="MR")
+    with pytest.raises(SeriesRefused, match="not CT"):
+        get_reader(str(tmp_path / "mr"))(str(tmp_path / "mr"))

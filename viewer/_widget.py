@@ -38,7 +38,8 @@ from magicgui.widgets import (  # noqa: E402
 
 from lidc_cdam import ct  # noqa: E402
 from lidc_cdam.ct.errors import CTError  # noqa: E402
-from lidc_cdam.ct.volume import CTVolume, read_dicom_folder, window_limits  # noqa: E402
+from lidc_cdam.ct.read import read_ct  # noqa: E402
+from lidc_cdam.ct.volume import CTVolume, window_limits  # noqa: E402
 
 if TYPE_CHECKING:
     import napari
@@ -205,13 +206,14 @@ class CdamWidget(Container):
 
     # ------------------------------------------------------------------ scan and nodules
     def open_scan(self, folder: Any) -> Any:
-        """Read a DICOM series folder into a CT layer; a clear message when it is not one."""
+        """Read a DICOM series folder (its largest CT series, :func:`lidc_cdam.ct.read_ct`) into a CT layer; a
+        clear message when it is not one or when the series is refused (MR, localizer, gantry tilt...)."""
         path = _path_or_none(folder)
         if path is None:
             self.say("choose a DICOM series folder first", error=True)
             return None
         try:
-            volume = read_dicom_folder(path)
+            volume = read_ct(path)
         except CTError as err:
             self.say(str(err), error=True)
             return None
