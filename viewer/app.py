@@ -32,8 +32,11 @@ def _as_volume(scan: Any) -> tuple[CTVolume, str | None]:
         volume.name = "CT synthetic chest (phantom nodules, not CT)"
         return volume, str(paths["crops_dir"])
     if isinstance(scan, str | Path):
-        return read_dicom_folder(scan), None
-    raise CTError(f"open_viewer takes a DICOM folder, a CTVolume or 'synthetic', not {type(scan).__name__}")
+        from lidc_cdam.ct.read import read_ct
+
+        return read_ct(scan), None
+    raise CTError("open_viewer takes a DICOM folder or file, a NIfTI file, a CTVolume or 'synthetic', "
+                  f"not {type(scan).__name__}")
 
 
 def open_viewer(scan_folder_or_volume: Any = "synthetic", crops_dir: str | Path | None = None,
@@ -42,8 +45,9 @@ def open_viewer(scan_folder_or_volume: Any = "synthetic", crops_dir: str | Path 
                 compute: bool = True, show: bool = True, run: bool = False, viewer: Any = None) -> tuple[Any, Any]:
     """Open napari on a scan with the CDAM widget; returns ``(viewer, widget)``.
 
-    ``scan_folder_or_volume``: a DICOM series folder, a :class:`~lidc_cdam.ct.volume.CTVolume` or
-    ``"synthetic"`` (the sample scan, whose crops folder is used when ``crops_dir`` is None).
+    ``scan_folder_or_volume``: a DICOM series folder or a NIfTI file (:func:`lidc_cdam.ct.read_ct`), a
+    :class:`~lidc_cdam.ct.volume.CTVolume` or ``"synthetic"`` (the sample scan, whose crops folder is used
+    when ``crops_dir`` is None).
     ``crops_dir``: the preprocessed folder (``nodules.csv`` + ``crops/``). ``checkpoint``: one or more
     ``best.pt`` files. ``nodule`` (an id; default the first nodule of the scan), ``targets`` (default all
     the checkpoints' targets), ``method`` (a widget label: "CDAM", "Smooth CDAM", "Integrated CDAM",

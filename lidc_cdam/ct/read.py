@@ -40,7 +40,9 @@ def read_ct(path: str | Path, series: str | int | None = None) -> CTVolume:
             return read_series(series_of([(path, ds)])[0], where=path)
         found = list_series(path.parent)
         uid = str(ds.SeriesInstanceUID).strip()
-        info = next(s for s in found if s.uid == uid)
+        info = next((s for s in found if s.uid == uid), None)
+        if info is None:
+            raise CTError(f"{path}: its series {uid} is not found in {path.parent}")
         return read_series(info, where=path.parent)
     found: list[SeriesInfo] = list_series(path)
     return read_series(choose_series(found, series, where=path), where=path)
