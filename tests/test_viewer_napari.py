@@ -207,6 +207,11 @@ def test_bad_input_gives_clear_messages(viewer, qtbot, tmp_path):
     (empty / "readme.txt").write_text("no DICOM here")
     assert widget.open_scan(empty) is None
     assert "no DICOM files here" in widget.status.value and len(viewer.layers) == 0
+    from test_ct_reading import write_series
+
+    write_series(tmp_path / "mr", modality="MR")  # a real series, refused by read_ct: MR is not CT
+    assert widget.open_scan(tmp_path / "mr") is None
+    assert "modality MR, not CT" in widget.status.value and len(viewer.layers) == 0
     widget.compute()
     assert "open a CT first" in widget.status.value
     open_synthetic(viewer)
