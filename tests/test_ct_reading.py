@@ -385,3 +385,15 @@ def test_viewer_reader_opens_nifti_and_compressed_series(tmp_path):
     write_series(tmp_path / "mr", modality="MR")
     with pytest.raises(SeriesRefused, match="not CT"):
         get_reader(str(tmp_path / "mr"))(str(tmp_path / "mr"))
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached")
+def test_undecodable_pixel_data_names_the_file(tmp_path):
+    write_series(tmp_path / "s", codec=JPEG2000Lossless)
+    victim = sorted((tmp_path / "s").glob("*.dcm"))[3]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) - 4000])  # a truncated JPEG 2000 stream
+    with pytest.raises(SeriesRefused) as err:
+        read_ct(tmp_path / "s")
+    assert err.value.reason == "undecodable" and victim.name in str(err.value)
+    assert "JPEG 2000" in str(err.value)
