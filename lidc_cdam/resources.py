@@ -25,9 +25,10 @@ def _on_disk(item: Traversable, what: str) -> Path:
         raise FileNotFoundError(f"{what}: not shipped with this installation of lidc-cdam ({item})")
     if isinstance(item, Path):
         return item
+    from lidc_cdam import __version__
     from lidc_cdam.cache import cache_dir
 
-    target = cache_dir() / "resources" / what
+    target = cache_dir() / "resources" / str(__version__) / what
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with resources.as_file(item) as path:
