@@ -177,7 +177,7 @@ def test_structured_report(series, tmp_path):
     evidence = {r.ReferencedSOPInstanceUID for item in ds.CurrentRequestedProcedureEvidenceSequence
                 for s in item.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
     assert evidence == {s.SOPInstanceUID for s in sources}
-    assert RESEARCH_USE in ds.SeriesDescription
+    assert RESEARCH_USE in ds.SeriesDescription and ds.ContentQualification == "RESEARCH"
     assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
     sr = hd.sr.srread(path)

@@ -16,7 +16,7 @@ maps are computed: the inputs are plain arrays on the source series' grid (``[z,
 Every object gets fresh SOP Instance and Series UIDs, shares the source's StudyInstanceUID and
 FrameOfReferenceUID, references the source instances (ReferencedSeriesSequence / SourceImageSequence for the
 images, the evidence sequence for the report), and says "research use, not for diagnostic use" (:data:`RESEARCH_USE`):
-in the SeriesDescription of all three; in ImageComments and ContentQualification = RESEARCH of the map and the
+in the SeriesDescription and ContentQualification (= RESEARCH) of all three; in ImageComments of the map and the
 segmentation; in the report's content tree, as the device observer's name and as a qualitative evaluation of
 every measurement group. Codes of lidc-cdam's own are in the private coding scheme ``99LIDCCDAM``.
 
@@ -244,10 +244,11 @@ def write_segmentation(source: Any, mask_zyx: np.ndarray, label: str, out_path: 
     measures, orientation, positions = _spatial(grid)
     seg = hd.seg.Segmentation(
         source_images=datasets, pixel_array=mask.astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment], **_common(series_number), content_label="REGION",
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
+        **_common(series_number), content_label="REGION",
         content_description=f"{label} ({RESEARCH_USE})"[:64], omit_empty_frames=False,
         pixel_measures=measures, plane_orientation=orientation, plane_positions=positions)
-    seg.ContentQualification = "RESEARCH"
+    seg.ContentQualification = "RESEARCH"  # SOP Common (the PM has it in its image module)
     _fix_spacing(seg, grid)
     _say_research(seg, f"Explained region {label}")
     return _save(seg, out_path)
@@ -322,6 +323,7 @@ def write_structured_report(source: Any, points: Sequence[Mapping[str, Any]], ou
         common.pop(key)
     sr = hd.sr.Comprehensive3DSR(evidence=datasets, content=report, **common, is_complete=True)
     sr.SeriesDescription = _description("lidc-cdam point predictions")
+    sr.ContentQualification = "RESEARCH"  # SOP Common
     return _save(sr, out_path)
 
 
