@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from test_ct_reading import write_series
 
-from lidc_cdam.ct import read_ct
+from lidc_cdam.ct import CTError, CTVolume, read_ct
 from lidc_cdam.ct.dicom_results import (
     CDAM_EXPLANATION,
     RESEARCH_USE,
@@ -124,6 +124,9 @@ def test_parametric_map_from_volume_and_shape_check(series, tmp_path):
         write_parametric_map(vol, np.zeros((3, 4, 5), np.float32), "malignancy", tmp_path / "bad.dcm")
     path = write_parametric_map(vol, np.zeros(vol.shape, np.float32), "spiculation", tmp_path / "zero.dcm")
     assert pydicom.dcmread(path).NumberOfFrames == vol.shape[0]
+    nifti_like = CTVolume(vol.hu, vol.spacing, vol.origin, vol.direction)  # no source files
+    with pytest.raises(CTError, match="source"):
+        write_segmentation(nifti_like, np.zeros(vol.shape, bool), "box", tmp_path / "none.dcm")
 
 
 def test_segmentation(series, tmp_path):

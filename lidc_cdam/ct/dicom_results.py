@@ -126,7 +126,8 @@ def source_grid(source: Any) -> tuple[list[Any], dict[str, Any]]:
     for ds in datasets:
         if "FrameOfReferenceUID" not in ds:
             raise CTError(f"source image {ds.get('SOPInstanceUID', '?')} has no FrameOfReferenceUID")
-    names = [Path(str(getattr(ds, "filename", "") or f"dataset-{k}")) for k, ds in enumerate(datasets)]
+    files = [str(getattr(ds, "filename", "") or "") for ds in datasets]
+    names = [Path(f) if f and files.count(f) == 1 else Path(f"dataset-{k}") for k, f in enumerate(files)]
     info = SeriesInfo(uid=str(first.SeriesInstanceUID), modality=str(first.get("Modality", "") or ""),
                       description="", number=None, rows=int(first.Rows), columns=int(first.Columns),
                       n_slices=len(datasets), size_bytes=0, files=names, headers=datasets,
