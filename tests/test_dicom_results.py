@@ -118,6 +118,24 @@ def test_parametric_map_peak_and_references(series, tmp_path):
     np.testing.assert_allclose(np.sort(volume.array.ravel()), np.sort(cdam.ravel()))
 
 
+def test_parametric_map_on_an_oblique_series(tmp_path):
+    """An oblique (rotated, orthogonal) grid: the peak lands on its voxel through the PM's own geometry."""
+    a = np.radians(20.0)
+    write_series(tmp_path / "oblique", vary=False, iop=[np.cos(a), np.sin(a), 0.0, 0.0, 0.0, -1.0])
+    vol = read_ct(tmp_path / "oblique")
+    assert not np.allclose(vol.dmat, np.eye(3))
+    cdam = np.zeros(vol.shape, np.float32)
+    cdam[PEAK] = 2.0
+    cdam[1, 2, 3] = -1.0
+    ds = pydicom.dcmread(write_parametric_map(vol, cdam, "margin", tmp_path / "pm.dcm"))
+    f, r, c = np.unravel_index(int(np.argmax(ds.pixel_array)), ds.pixel_array.shape)
+    want = vol.index_to_world(np.array(PEAK))
+    np.testing.assert_allclose(_frame_world(ds, int(f), int(r), int(c)), want, atol=1e-3)
+    volume = hd.pm.ParametricMap.from_dataset(ds).get_volume()
+    idx = np.unravel_index(int(np.argmax(volume.array)), volume.array.shape)
+    np.testing.assert_allclose(volume.map_indices_to_reference(np.array([idx]))[0], want, atol=1e-3)
+
+
 def test_parametric_map_from_volume_and_shape_check(series, tmp_path):
     vol = series["volume"]
     with pytest.raises(ValueError, match="grid"):
