@@ -22,6 +22,8 @@ Qt. From reading a scan to a map on its grid:
 - :mod:`.cache` - computed maps in memory and on disk;
 - :mod:`.placement` - crop-grid arrays (maps, masks) resampled onto the scan's grid;
 - :mod:`.export` - arrays on the scan's grid as NIfTI;
+- :mod:`.dicom_results` - results for a PACS through highdicom: a CDAM as a Parametric Map, the explained region
+  as a Segmentation, predictions / spread / trust flag as a TID 1500 Structured Report, on the source series;
 - :mod:`.synthetic` - a synthetic chest scan with phantom nodules (DICOM series, crops, nodule table): **not CT**;
 - :mod:`.testing` - tiny random checkpoints for tests and the viewer's screenshot and benchmark.
 

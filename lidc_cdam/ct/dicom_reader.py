@@ -208,4 +208,4 @@ def read_series(info: SeriesInfo, where: object = None) -> CTVolume:
     if grid["warnings"]:
         meta["warning"] = "; ".join(grid["warnings"])
     return CTVolume(hu, grid["spacing"], grid["origin"], grid["direction"], name=f"CT {patient}".strip(),
-                    meta=meta)
+                    meta=meta, source_files=tuple(dict.fromkeys(Path(s["path"]) for s in kept)))

@@ -43,6 +43,10 @@ class CTVolume:
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
     name: str = "CT"
     meta: dict[str, Any] = field(default_factory=dict)
+    #: the DICOM files of the series, one per slice in grid order (one file for a multi-frame series), as read
+    #: by :func:`lidc_cdam.ct.read_ct`; empty when not read from DICOM through it (NIfTI, synthetic, SimpleITK).
+    #: What :mod:`lidc_cdam.ct.dicom_results` references.
+    source_files: tuple[Path, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:
