@@ -11,7 +11,8 @@ target, and the sign agreement of the folds' maps. Written under --out:
   POINT/predictions.json          the point, its crop, per task: mean, sd and each checkpoint's predictions
   POINT/TARGET.nii.gz             the (mean) map of a target on the scan's grid (zero outside the crop)
   POINT/TARGET_agreement.nii.gz   share of the models whose map has the mean map's sign (ensembles of 2+)
-  POINT/crop.npz, POINT/maps.npz  the crop (as the nodule crops' .npz) and the maps on its 1 mm grid
+  POINT/crop.npz, POINT/maps.npz  the crop (as the nodule crops' .npz, + `padded`) and the maps on its
+                                  1 mm grid
 
 The NIfTI files carry the scan's geometry: they open aligned with the CT in 3D Slicer or ITK-SNAP.
 """
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result = PointResult(pc, ensembles)
             results.append((pid, result))
             folder = out / pid
-            write_crop(folder / "crop.npz", pc.crop)
+            write_crop(folder / "crop.npz", {**pc.crop, "padded": pc.padded.astype(np.uint8)})
             arrays: dict[str, np.ndarray] = {}
             files: dict[str, str] = {}
             tasks = []
