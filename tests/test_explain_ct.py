@@ -107,7 +107,8 @@ def test_fold_ensemble_from_a_csv_of_voxel_indices_on_nifti(tmp_path, scan, nodu
     assert agreement.shape == scan.shape and agreement.min() >= 0 and agreement.max() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("case", ["outside", "outside_ijk", "folder", "series", "checkpoint", "csv", "dicom"])
+@pytest.mark.parametrize("case", ["outside", "outside_ijk", "folder", "series", "checkpoint", "csv", "csv_values",
+                                  "dicom"])
 def test_refusals_exit_2_naming_the_problem(tmp_path, capsys, folds, case):
     series = str(synthetic()["dicom"])
     args = {"outside": [series, "--point", "0", "0", "0"],
@@ -116,6 +117,7 @@ def test_refusals_exit_2_naming_the_problem(tmp_path, capsys, folds, case):
             "series": [str(tmp_path / "scan.nii.gz"), "--point", "0", "0", "0"],
             "checkpoint": [series, "--point", "0", "0", "0"],
             "csv": [series, "--points", str(tmp_path / "p.csv")],
+            "csv_values": [series, "--points", str(tmp_path / "q.csv")],
             "dicom": [series, "--point", "0", "0", "0", "--dicom"]}[case]
     checkpoint = str(folds[0])
     if case == "checkpoint":
@@ -123,6 +125,7 @@ def test_refusals_exit_2_naming_the_problem(tmp_path, capsys, folds, case):
         (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "p.csv").write_text("id,i,j,k\na,1,2,3\n")
     (tmp_path / "scan.nii.gz").write_bytes(b"not an image")
+    (tmp_path / "q.csv").write_text("x,y,z\n-75,-35,-205\n1,abc,3\n")
     code = main(["explain-ct", *args, "--checkpoint", checkpoint, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
@@ -131,6 +134,7 @@ def test_refusals_exit_2_naming_the_problem(tmp_path, capsys, folds, case):
                 "folder": r"no DICOM files here", "series": r"scan\.nii\.gz: cannot be read as NIfTI",
                 "checkpoint": r"broken\.pt: not a readable PyTorch checkpoint",
                 "csv": r"p\.csv: no column\(s\) \['x', 'y', 'z'\].*--ijk",
+                "csv_values": r"q\.csv: row 3 has no number in \['x', 'y', 'z'\]",
                 "dicom": r"--dicom: .*not yet available"}[case]
     assert err.startswith("lidc-cdam explain-ct: error: ")
     assert re.search(expected, err), err
