@@ -8,6 +8,8 @@ import sys
 
 JOBS = {
     "explain": ("lidc_cdam.pipelines.explain", "importance maps for image files"),
+    "explain-ct": ("lidc_cdam.pipelines.explain_ct", "predictions and CDAM maps at points of any CT (DICOM, NIfTI), "
+                                                     "fold ensembles; maps as NIfTI on the scan's grid"),
     "benchmark": ("lidc_cdam.pipelines.benchmark", "evaluate importance estimators: tables and curves as in the paper"),
     "demo": ("lidc_cdam.pipelines.demo", "the embedded example: the shipped tiny ViTs explain LIDC phantom nodules "
                                          "(malignancy, eight biomarkers; not CT); --digits: two-digit images"),

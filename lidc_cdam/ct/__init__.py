@@ -19,6 +19,11 @@ Qt. From reading a scan to a map on its grid:
   rating units;
 - :mod:`.inputs` - model inputs of a crop's slices, as the training transforms build them;
 - :mod:`.maps` - the 2.5D maps of a crop (every slice along a view explained) for several targets;
+- :mod:`.point` - explain at a point of any CT: :func:`crop_at_point` (the 32 mm crop at 1 mm around a point in
+  patient mm or a voxel index (i, j, k), cut as the preprocessing cuts a nodule's, padded with -1000 HU, the
+  padded share reported; a point outside the volume refused as :class:`PointOutside`) and :func:`explain_point`;
+- :mod:`.ensemble` - fold ensembles: checkpoints grouped by task, mean prediction and sd, mean map and the sign
+  agreement per target;
 - :mod:`.cache` - computed maps in memory and on disk;
 - :mod:`.placement` - crop-grid arrays (maps, masks) resampled onto the scan's grid;
 - :mod:`.export` - arrays on the scan's grid as NIfTI;
@@ -31,17 +36,21 @@ Qt. From reading a scan to a map on its grid:
 >>> nodule = list_nodules("preprocessed/", volume)[0]
 >>> result = compute_maps(MapRequest("best.pt", str(nodule.crop_path), ("malignancy",)))
 >>> overlay = place_on_scan(result.maps[0], read_crop(nodule.crop_path), volume)  # the CT's shape
+>>> at = explain_point(volume, (-75.0, -35.0, -205.0), ["fold0.pt", "fold1.pt", "fold2.pt"])  # LPS mm
+>>> at.ensembles[0].mean, at.ensembles[0].sd, at.on_scan(at.ensembles[0].agreement[0], volume)
 """
 
 from lidc_cdam.ct.cache import MapCache, cached_compute, cached_steps
 from lidc_cdam.ct.checkpoint import MALIGNANCY, LoadedModel, load_checked_model, predictions
 from lidc_cdam.ct.crop import CROP, crop_centre_world, read_crop
+from lidc_cdam.ct.ensemble import EnsembleResult, explain_crop, group_checkpoints
 from lidc_cdam.ct.errors import CTError, SeriesRefused
 from lidc_cdam.ct.export import export_nifti
 from lidc_cdam.ct.inputs import CENTRE, VIEWS, model_inputs, slices_for
 from lidc_cdam.ct.maps import METHODS, SIGNED, MapRequest, MapResult, compute_maps, compute_steps
 from lidc_cdam.ct.nodules import NoduleRef, list_nodules, nodule_at
 from lidc_cdam.ct.placement import nodule_labels, place_on_scan
+from lidc_cdam.ct.point import PointCrop, PointOutside, PointResult, crop_at_point, explain_point
 from lidc_cdam.ct.read import list_series, read_ct
 from lidc_cdam.ct.series import SeriesInfo
 from lidc_cdam.ct.volume import WINDOWS, CTVolume, read_dicom_folder, read_lidc_scan, window_limits
@@ -56,19 +65,27 @@ __all__ = [
     "WINDOWS",
     "CTError",
     "CTVolume",
+    "EnsembleResult",
     "LoadedModel",
     "MapCache",
     "MapRequest",
     "MapResult",
     "NoduleRef",
+    "PointCrop",
+    "PointOutside",
+    "PointResult",
     "SeriesInfo",
     "SeriesRefused",
     "cached_compute",
     "cached_steps",
     "compute_maps",
     "compute_steps",
+    "crop_at_point",
     "crop_centre_world",
+    "explain_crop",
+    "explain_point",
     "export_nifti",
+    "group_checkpoints",
     "list_nodules",
     "list_series",
     "load_checked_model",

@@ -18,13 +18,13 @@ was trained and evaluated on): malignancy as a probability, biomarkers in rating
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from lidc_cdam.ct.checkpoint import MALIGNANCY, load_checked_model, predictions
+from lidc_cdam.ct.checkpoint import MALIGNANCY, LoadedModel, load_checked_model, predictions
 from lidc_cdam.ct.crop import CROP, read_crop
 from lidc_cdam.ct.errors import CTError
 from lidc_cdam.ct.inputs import CENTRE, VIEWS, model_inputs, slices_for
@@ -92,39 +92,58 @@ class MapResult:
 def compute_steps(request: MapRequest) -> Generator[tuple[int, int], None, MapResult]:
     """:func:`compute_maps` as a generator: yields ``(slices done, total)`` after each batch (a worker
     thread reports them as progress and can stop between batches) and returns the :class:`MapResult`."""
+    start = time.perf_counter()
+    check_request(request.method, request.view)
+    loaded = load_checked_model(request.checkpoint)
+    crop = read_crop(request.crop_path)
+    result = yield from crop_steps(loaded, crop, request.targets, request.method, request.view, request.slices,
+                                   request.margin, request.options(), request.batch, where=request.crop_path)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def check_request(method: str, view: str) -> None:
+    """:class:`CTError` for an unknown view or method."""
+    if view not in VIEWS:
+        raise CTError(f"view must be one of {list(VIEWS)}, got {view!r}")
+    if method not in SIGNED:
+        raise CTError(f"method must be one of {list(SIGNED)}, got {method!r}")
+
+
+def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[str], method: str = "cdam",
+               view: str = "axial", slices: str = "nodule", margin: int = 3, options: dict[str, Any] | None = None,
+               batch: int = 8, where: object = "crop") -> Generator[tuple[int, int], None, MapResult]:
+    """The maps of a crop in memory (a dict with ``image`` ``[32, 32, 32]`` HU and ``mask``, as
+    :func:`~lidc_cdam.ct.crop.read_crop` or :func:`lidc_cdam.ct.point.crop_at_point` give it) for a loaded
+    checkpoint: what :func:`compute_steps` runs after reading the files."""
     import torch
     import torch.nn.functional as F
 
     from lidc_cdam.explain import explain
 
     start = time.perf_counter()
-    if request.view not in VIEWS:
-        raise CTError(f"view must be one of {list(VIEWS)}, got {request.view!r}")
-    if request.method not in SIGNED:
-        raise CTError(f"method must be one of {list(SIGNED)}, got {request.method!r}")
-    loaded = load_checked_model(request.checkpoint)
-    missing = [t for t in request.targets if t not in loaded.targets]
-    if missing or not request.targets:
+    check_request(method, view)
+    missing = [t for t in targets if t not in loaded.targets]
+    if missing or not targets:
         raise CTError(f"{loaded.path.name} explains {loaded.targets}, not {missing or 'nothing'}")
-    crop = read_crop(request.crop_path)
     if tuple(crop["image"].shape) != (CROP, CROP, CROP):
-        raise CTError(f"{request.crop_path}: crop of shape {crop['image'].shape}, expected {(CROP,) * 3}")
-    indices = slices_for(crop["mask"], request.view, request.slices, request.margin)
-    out_index = [loaded.targets.index(t) for t in request.targets]
+        raise CTError(f"{where}: crop of shape {crop['image'].shape}, expected {(CROP,) * 3}")
+    indices = slices_for(crop["mask"], view, slices, margin)
+    out_index = [loaded.targets.index(t) for t in targets]
     names = ["malignant"] if loaded.targets == [MALIGNANCY] else loaded.targets
     target_names = [names[i] for i in out_index]
     maps = np.zeros((len(out_index), CROP, CROP, CROP), dtype=np.float32)
-    axis = VIEWS[request.view]
+    axis = VIEWS[view]
     size = loaded.image_size
     model = loaded.model
     yield 0, len(indices)
     with torch.no_grad():
-        central = model(model_inputs(crop["image"], request.view, [CENTRE], loaded.input_stats, size))[0].numpy()
+        central = model(model_inputs(crop["image"], view, [CENTRE], loaded.input_stats, size))[0].numpy()
     done = 0
-    for b in range(0, len(indices), request.batch):
-        chunk = indices[b : b + request.batch]
-        x = model_inputs(crop["image"], request.view, chunk, loaded.input_stats, size)
-        attr = explain(model, x, targets=target_names, method=request.method, **request.options())
+    for b in range(0, len(indices), batch):
+        chunk = indices[b : b + batch]
+        x = model_inputs(crop["image"], view, chunk, loaded.input_stats, size)
+        attr = explain(model, x, targets=target_names, method=method, **(options or {}))
         planes = F.interpolate(attr.maps.detach().float(), size=(CROP, CROP), mode="bilinear",
                                align_corners=False).numpy()  # [B, K, 32, 32]
         for j, s in enumerate(chunk):
@@ -133,9 +152,8 @@ def compute_steps(request: MapRequest) -> Generator[tuple[int, int], None, MapRe
             maps[(slice(None), *index)] = planes[j]
         done += len(chunk)
         yield done, len(indices)
-    return MapResult(maps, list(request.targets), request.method, request.view, indices,
-                     predictions(loaded, central), SIGNED[request.method], str(crop.get("nodule_id", "")),
-                     time.perf_counter() - start)
+    return MapResult(maps, list(targets), method, view, indices, predictions(loaded, central), SIGNED[method],
+                     str(crop.get("nodule_id", "")), time.perf_counter() - start)
 
 
 def compute_maps(request: MapRequest, progress: Callable[[int, int], None] | None = None) -> MapResult:

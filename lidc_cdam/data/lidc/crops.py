@@ -69,12 +69,18 @@ class Geometry:
         return int(n[2]), int(n[1]), int(n[0])
 
 
-def crop_box(geom: Geometry, centre_ijk: np.ndarray, size: int = CROP) -> tuple[np.ndarray, np.ndarray]:
-    """(start index (z, y, x) in the 1 mm grid, centre there (z, y, x)); raises CropError if it leaves it."""
-    world = geom.ijk_to_world(centre_ijk)
-    r_xyz = geom.dmat.T @ (world - np.asarray(geom.origin))  # 1 mm grid, continuous
+def box_at(geom: Geometry, world_xyz: np.ndarray, size: int = CROP) -> tuple[np.ndarray, np.ndarray]:
+    """(start index (z, y, x) in the 1 mm grid, centre there (z, y, x)) of the ``size`` box centred on a
+    point in patient mm (x, y, z), snapped to the 1 mm grid; no check that it stays inside."""
+    r_xyz = geom.dmat.T @ (np.asarray(world_xyz, dtype=float) - np.asarray(geom.origin))  # 1 mm grid, continuous
     centre = r_xyz[::-1]
     start = np.floor(centre - (size - 1) / 2.0 + 0.5).astype(int)
+    return start, centre
+
+
+def crop_box(geom: Geometry, centre_ijk: np.ndarray, size: int = CROP) -> tuple[np.ndarray, np.ndarray]:
+    """(start index (z, y, x) in the 1 mm grid, centre there (z, y, x)); raises CropError if it leaves it."""
+    start, centre = box_at(geom, geom.ijk_to_world(centre_ijk), size)
     shape = np.array(geom.resampled_shape_zyx())
     if (start < 0).any() or (start + size > shape).any():
         raise CropError("crop_outside_volume", f"the {size} mm crop centred at scan index (i, j, k) = "
@@ -130,10 +136,16 @@ def crop_nodule(ct_image, geom: Geometry, cmask_ijk: np.ndarray, cbbox_start_ijk
                 centre_ijk: np.ndarray, size: int = CROP) -> dict[str, np.ndarray]:
     """Crop + mask for one nodule from the scan's SimpleITK image (float32 HU); raises CropError."""
     start, _ = crop_box(geom, centre_ijk, size)
-    image = _resample(ct_image, geom, start, size, linear=True, default=float(HU_WINDOW[0]))
+    image = crop_hu(ct_image, geom, start, size)
     mask = _resample(mask_image(geom, cmask_ijk, cbbox_start_ijk), geom, start, size, linear=False, default=0)
-    image = np.clip(np.rint(image), *HU_WINDOW).astype(np.int16)
     return {"image": image, "mask": mask.astype(np.uint8), "start_resampled": start}
+
+
+def crop_hu(ct_image, geom: Geometry, start_zyx: np.ndarray, size: int = CROP) -> np.ndarray:
+    """The ``size``^3 block of the 1 mm grid at ``start_zyx`` (linear), HU clipped to ``HU_WINDOW``, int16;
+    voxels outside the scan are ``HU_WINDOW[0]`` (-1000, air)."""
+    image = _resample(ct_image, geom, np.asarray(start_zyx), size, linear=True, default=float(HU_WINDOW[0]))
+    return np.clip(np.rint(image), *HU_WINDOW).astype(np.int16)
 
 
 def ct_image(hu_zyx: np.ndarray, geom: Geometry):

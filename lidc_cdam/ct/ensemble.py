@@ -1,0 +1,114 @@
+"""Fold ensembles: several checkpoints of one task (the five folds of ``lidc-cdam train``) explaining one crop.
+
+Per target: the mean prediction over the models and its standard deviation (population sd, ``ddof=0``: a
+single checkpoint is an ensemble of one with sd 0), the mean map, and the sign agreement: per location, the
+share of the models whose map has the mean map's sign (``np.sign``, so where the mean and every map are 0
+the agreement is 1).
+
+- :func:`group_checkpoints` - checkpoints grouped by task and output names (malignancy models form one
+  ensemble, biomarker models another);
+- :func:`combine` - an :class:`EnsembleResult` from the models' :class:`~lidc_cdam.ct.maps.MapResult` (numpy only);
+- :func:`explain_crop` - every model of one group on a crop in memory, combined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lidc_cdam.ct.checkpoint import LoadedModel, load_checked_model
+from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.maps import MapResult, crop_steps, drain
+
+
+@dataclass
+class EnsembleResult:
+    """One task's models on one crop: maps ``[K, 32, 32, 32]`` in crop coordinates, predictions per target."""
+
+    task: str  # "malignancy" or "biomarkers"
+    checkpoints: list[str]
+    targets: list[str]
+    method: str
+    view: str
+    mean: dict[str, float]  # mean prediction per target (malignancy probability, biomarkers in rating units)
+    sd: dict[str, float]  # its standard deviation over the models (ddof=0)
+    per_model: list[dict[str, float]]
+    mean_maps: np.ndarray  # [K, 32, 32, 32]
+    agreement: np.ndarray  # [K, 32, 32, 32] share of models whose map has the mean map's sign
+    signed: bool
+
+    @property
+    def n(self) -> int:
+        return len(self.checkpoints)
+
+
+def as_loaded(checkpoint: str | Path | LoadedModel) -> LoadedModel:
+    return checkpoint if isinstance(checkpoint, LoadedModel) else load_checked_model(checkpoint)
+
+
+def group_checkpoints(checkpoints: Sequence[str | Path | LoadedModel]) -> dict[tuple[str, ...], list[LoadedModel]]:
+    """Checkpoints (paths or loaded) checked and grouped by their output names, in the order first seen:
+    ``{("malignancy",): [...], (eight biomarkers): [...]}``; :class:`CTError` for none or a bad one."""
+    if not checkpoints:
+        raise CTError("no checkpoint given")
+    groups: dict[tuple[str, ...], list[LoadedModel]] = {}
+    for c in checkpoints:
+        loaded = as_loaded(c)
+        groups.setdefault(tuple(loaded.targets), []).append(loaded)
+    return groups
+
+
+def sign_agreement(maps: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+    """``maps`` ``[M, ...]``: per location the share of the M maps with the sign of their mean."""
+    maps = np.asarray(maps)
+    mean = maps.mean(0) if mean is None else mean
+    return (np.sign(maps) == np.sign(mean)[None]).mean(0).astype(np.float32)
+
+
+def combine(results: Sequence[MapResult], checkpoints: Sequence[str], task: str) -> EnsembleResult:
+    """The ensemble of the models' results on one crop (same targets, method and view)."""
+    if not results:
+        raise CTError("an ensemble needs at least one result")
+    first = results[0]
+    for r in results[1:]:
+        if r.targets != first.targets or r.method != first.method or r.view != first.view:
+            raise CTError(f"cannot combine maps of {r.targets} ({r.method}, {r.view}) with {first.targets} "
+                          f"({first.method}, {first.view})")
+    stack = np.stack([r.maps for r in results]).astype(np.float64)  # [M, K, 32, 32, 32]
+    mean_maps = stack.mean(0)
+    values = {t: np.array([r.predictions[t] for r in results], dtype=float) for t in first.targets}
+    return EnsembleResult(task, [str(c) for c in checkpoints], list(first.targets), first.method, first.view,
+                          {t: float(v.mean()) for t, v in values.items()},
+                          {t: float(v.std()) for t, v in values.items()},
+                          [dict(r.predictions) for r in results], mean_maps.astype(np.float32),
+                          sign_agreement(stack, mean_maps), first.signed)
+
+
+def explain_crop(models: Sequence[str | Path | LoadedModel], crop: dict[str, Any], targets: Sequence[str] | None = None,
+                 method: str = "cdam", view: str | None = None, slices: str = "all", margin: int = 3,
+                 options: dict[str, Any] | None = None, batch: int = 8, where: object = "crop",
+                 progress: Callable[[], None] | None = None) -> EnsembleResult:
+    """Every model of one task on a crop in memory (:func:`lidc_cdam.ct.maps.crop_steps`), combined; all
+    targets by default; ``view`` defaults to the view the models were trained on (they must agree)."""
+    loaded = [as_loaded(m) for m in models]
+    if not loaded:
+        raise CTError("no checkpoint given")
+    outputs = {tuple(m.targets) for m in loaded}
+    if len(outputs) > 1:
+        raise CTError(f"an ensemble needs models of one task with the same outputs, got {sorted(outputs)}")
+    if view is None:
+        views = {m.view for m in loaded}
+        if len(views) > 1:
+            raise CTError(f"the models were trained on different views {sorted(views)}: choose one view")
+        view = views.pop()
+    targets = tuple(targets or loaded[0].targets)
+    results = []
+    for m in loaded:
+        results.append(drain(crop_steps(m, crop, targets, method, view, slices, margin, options, batch, where), None))
+        if progress:
+            progress()
+    return combine(results, [str(m.path) for m in loaded], loaded[0].task)

@@ -1,0 +1,228 @@
+"""`lidc-cdam explain-ct`: predictions and CDAM maps at points of any CT (DICOM series folder or file, NIfTI).
+
+For each point (patient mm, DICOM LPS x y z; or with --ijk a voxel index i j k along the scan's x, y, z axes)
+the 32 mm crop at 1 mm is cut as the LIDC-IDRI preprocessing cuts a nodule's (padded with -1000 HU where it
+crosses the volume's edge; the padded share is reported) and every checkpoint explains it. Checkpoints of one
+task (e.g. the five folds of `lidc-cdam train`) form an ensemble: mean prediction and its sd, mean map per
+target, and the sign agreement of the folds' maps. Written under --out:
+
+  predictions.csv                 one row per point and target: mean, sd, number of models, padded share
+  summary.json                    the series, the settings and, per point, the files below
+  POINT/predictions.json          the point, its crop, per task: mean, sd and each checkpoint's predictions
+  POINT/TARGET.nii.gz             the (mean) map of a target on the scan's grid (zero outside the crop)
+  POINT/TARGET_agreement.nii.gz   share of the models whose map has the mean map's sign (ensembles of 2+)
+  POINT/crop.npz, POINT/maps.npz  the crop (as the nodule crops' .npz, + `padded`) and the maps on its
+                                  1 mm grid
+
+The NIfTI files carry the scan's geometry: they open aligned with the CT in 3D Slicer or ITK-SNAP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lidc_cdam.ct.errors import CTError
+
+log = logging.getLogger("lidc_cdam.explain_ct")
+METHOD_CHOICES = ("cdam", "smooth-cdam", "integrated-cdam", "attention")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("series", type=Path, help="a CT: DICOM series folder (or a patient folder above it), a "
+                                                  "DICOM file of the series, or a NIfTI file (.nii, .nii.gz)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
+                       help="a point in patient mm, DICOM LPS (with --ijk: a voxel index I J K); repeat for more")
+    where.add_argument("--points", type=Path, metavar="CSV",
+                       help="a CSV file of points: columns x,y,z (with --ijk: i,j,k) and an optional id")
+    parser.add_argument("--ijk", action="store_true",
+                        help="points are voxel indices (i, j, k) along the scan's x (column), y (row), z (slice) axes")
+    parser.add_argument("--checkpoint", nargs="+", type=Path, required=True, metavar="PT",
+                        help="LIDC checkpoints (malignancy and/or biomarkers); several of one task form an ensemble")
+    parser.add_argument("--method", default="cdam", choices=METHOD_CHOICES, help="importance estimator")
+    parser.add_argument("--n", type=int, default=50, help="samples of Smooth / Integrated CDAM")
+    parser.add_argument("--view", choices=("axial", "coronal", "sagittal"),
+                        help="slicing view (default: the view the checkpoints were trained on)")
+    parser.add_argument("--slices", choices=("all", "centre"), default="all",
+                        help="explain all 32 crop slices along the view, or the centre slice +- --margin")
+    parser.add_argument("--margin", type=int, default=3)
+    parser.add_argument("--series-uid", dest="series_uid",
+                        help="the series of a folder with several: a SeriesInstanceUID or an index")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--dicom", action="store_true",
+                        help="also write DICOM results (Parametric Map, SR): NOT YET AVAILABLE (exits with an error)")
+
+
+# ------------------------------------------------------------------------------------------ points
+
+
+def safe_id(raw: Any, n: int) -> str:
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", str(raw)).strip("._")
+    return text or f"p{n + 1:02d}"
+
+
+def read_points(args: argparse.Namespace) -> list[tuple[str, tuple[float, float, float]]]:
+    """``[(id, (3 numbers))]`` from --point or --points; :class:`CTError` for a bad CSV."""
+    if args.point:
+        raw = [(f"p{n + 1:02d}", tuple(p)) for n, p in enumerate(args.point)]
+    else:
+        import pandas as pd
+
+        path: Path = args.points
+        try:
+            frame = pd.read_csv(path)
+        except (OSError, ValueError) as err:
+            raise CTError(f"{path}: not a readable CSV file of points ({err})") from None
+        frame.columns = [str(c).strip().lower() for c in frame.columns]
+        cols = ["i", "j", "k"] if args.ijk else ["x", "y", "z"]
+        missing = [c for c in cols if c not in frame.columns]
+        if missing:
+            raise CTError(f"{path}: no column(s) {missing}; expected {','.join(cols)} (and an optional id), "
+                          f"found {list(frame.columns)}" + ("" if args.ijk else "; voxel indices need --ijk"))
+        if frame.empty:
+            raise CTError(f"{path}: no points")
+        values = frame[cols].apply(pd.to_numeric, errors="coerce")
+        bad = values.isna().any(axis=1) | ~np.isfinite(values.to_numpy(dtype=float)).all(axis=1)
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise CTError(f"{path}: row {row + 2} has no number in {cols}: {frame.iloc[row][cols].tolist()}")
+        ids = frame["id"].tolist() if "id" in frame.columns else [None] * len(frame)
+        raw = [(safe_id(i, n) if i is not None else f"p{n + 1:02d}", tuple(float(v) for v in row))
+               for n, (i, row) in enumerate(zip(ids, values.to_numpy(dtype=float), strict=True))]
+    seen: dict[str, int] = {}
+    out = []
+    for pid, p in raw:
+        seen[pid] = seen.get(pid, 0) + 1
+        out.append((pid if seen[pid] == 1 else f"{pid}_{seen[pid]}", p))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ hooks
+
+
+def write_dicom_results(volume, results, out: Path) -> None:
+    """HOOK for DICOM results (``lidc_cdam.ct.dicom_results``, written by others: CDAM as a Parametric Map,
+    the region as a Segmentation, predictions as a TID 1500 SR). Not yet available: ``--dicom`` stops here
+    before anything is computed. The inputs it will get: the :class:`~lidc_cdam.ct.volume.CTVolume` (its
+    ``meta`` has the series' UIDs), ``results`` ``[(point_id, PointResult)]`` and the output folder."""
+    raise CTError("--dicom: DICOM results (Parametric Map, Segmentation, Structured Report) are not yet "
+                  "available; run without --dicom for NIfTI maps and CSV / JSON predictions")
+
+
+def write_report(summary: dict[str, Any], out: Path) -> None:
+    """HOOK for the report page (written later by others): called with ``summary.json``'s content after
+    every file is written; does nothing yet."""
+    return None
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def map_names(ensembles) -> list[list[str]]:
+    """File stems per ensemble and target: the target's name, prefixed by its task when two ensembles share it."""
+    count: dict[str, int] = {}
+    for e in ensembles:
+        for t in e.targets:
+            count[t] = count.get(t, 0) + 1
+    return [[t if count[t] == 1 else f"{e.task}{g}_{t}" for t in e.targets] for g, e in enumerate(ensembles)]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from lidc_cdam.ct.crop import CROP
+    from lidc_cdam.ct.ensemble import explain_crop, group_checkpoints
+    from lidc_cdam.ct.export import export_nifti
+    from lidc_cdam.ct.placement import place_on_scan
+    from lidc_cdam.ct.point import PointResult, crop_at_point, to_world
+    from lidc_cdam.ct.read import read_ct
+    from lidc_cdam.data.lidc.crops import ct_image, write_crop
+    from lidc_cdam.io import atomic_write, write_json, write_npz
+
+    if args.dicom:
+        write_dicom_results(None, [], args.out)
+    if args.n < 1 or args.margin < 0:
+        raise CTError("--n must be >= 1 and --margin >= 0")
+    points = read_points(args)
+    series = int(args.series_uid) if args.series_uid and args.series_uid.isdigit() else args.series_uid
+    volume = read_ct(args.series, series)
+    groups = group_checkpoints(args.checkpoint)
+    worlds = [to_world(volume, p, args.ijk) for _, p in points]  # every point checked before any work
+    options = {"n": args.n} if args.method in ("smooth-cdam", "integrated-cdam") else {}
+    slices = "nodule" if args.slices == "centre" else "all"  # a point's crop has no mask: centre +- margin
+    image = ct_image(volume.hu, volume.geometry())
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+    results: list[tuple[str, PointResult]] = []
+    n_models = sum(len(g) for g in groups.values())
+    with tqdm(total=len(points) * n_models, desc="explaining points", unit="model",
+              disable=not sys.stderr.isatty()) as bar:
+        for (pid, given), world in zip(points, worlds, strict=True):
+            pc = crop_at_point(volume, world, image=image, point_id=pid)
+            ensembles = [explain_crop(models, pc.crop, method=args.method, view=args.view, slices=slices,
+                                      margin=args.margin, options=options, where=pid, progress=bar.update)
+                         for models in groups.values()]
+            result = PointResult(pc, ensembles)
+            results.append((pid, result))
+            folder = out / pid
+            write_crop(folder / "crop.npz", {**pc.crop, "padded": pc.padded.astype(np.uint8)})
+            arrays: dict[str, np.ndarray] = {}
+            files: dict[str, str] = {}
+            tasks = []
+            for e, stems in zip(ensembles, map_names(ensembles), strict=True):
+                for k, (target, stem) in enumerate(zip(e.targets, stems, strict=True)):
+                    arrays[stem] = e.mean_maps[k]
+                    arrays[f"{stem}_agreement"] = e.agreement[k]
+                    files[stem] = export_nifti(place_on_scan(e.mean_maps[k], pc.crop, volume), volume,
+                                               folder / f"{stem}.nii.gz").name
+                    if e.n > 1:
+                        files[f"{stem}_agreement"] = export_nifti(
+                            place_on_scan(e.agreement[k], pc.crop, volume), volume,
+                            folder / f"{stem}_agreement.nii.gz").name
+                    rows.append({"point_id": pid, "x": world[0], "y": world[1], "z": world[2],
+                                 "i": pc.point_index[0], "j": pc.point_index[1], "k": pc.point_index[2],
+                                 "padded_share": pc.padded_share, "task": e.task, "target": target,
+                                 "mean": e.mean[target], "sd": e.sd[target], "n_models": e.n})
+                tasks.append({"task": e.task, "targets": e.targets, "checkpoints": e.checkpoints, "n_models": e.n,
+                              "mean": e.mean, "sd": e.sd, "per_checkpoint": e.per_model,
+                              "maps": {t: s for t, s in zip(e.targets, stems, strict=True)}})
+            write_npz(folder / "maps.npz", **arrays)
+            entry = {"id": pid, "given": list(given), "given_as": "ijk" if args.ijk else "lps_mm",
+                     "world_lps_mm": world.tolist(), "index_ijk": pc.point_index.tolist(),
+                     "padded_share": pc.padded_share, "crop_size_mm": CROP, "method": args.method,
+                     "view": ensembles[0].view, "tasks": tasks, "files": {"crop": "crop.npz", "maps": "maps.npz",
+                                                                          "nifti": files}}
+            if pc.padded_share > 0:
+                log.warning("%s: the crop crosses the volume's edge; %.1f%% of it is padding (-1000 HU)",
+                            pid, 100 * pc.padded_share)
+            write_json(folder / "predictions.json", entry)
+            entries.append(entry)
+
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    atomic_write(out / "predictions.csv", lambda tmp: table.to_csv(tmp, index=False, lineterminator="\n"))
+    summary = {"series": str(args.series), "volume": {"name": volume.name, "shape_zyx": list(volume.shape),
+                                                       "spacing_xyz": list(volume.spacing),
+                                                       "origin_xyz": list(volume.origin),
+                                                       "series_instance_uid": volume.meta.get("series_instance_uid"),
+                                                       "warning": volume.meta.get("warning")},
+               "checkpoints": [str(c) for c in args.checkpoint], "method": args.method,
+               "options": options, "slices": args.slices, "margin": args.margin,
+               "maps_note": "raw signed scores of each crop slice, resized to the 1 mm crop plane, placed on the "
+                            "scan's grid (linear), zero outside the crop; ensembles: the mean over the models",
+               "points": entries}
+    write_json(out / "summary.json", summary)
+    write_report(summary, out)
+    print(f"explained {len(points)} point(s) with {n_models} checkpoint(s) ({len(groups)} task(s)); "
+          f"results in {out}/")
+    return summary

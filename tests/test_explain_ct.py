@@ -1,0 +1,141 @@
+"""`lidc-cdam explain-ct` end to end on the synthetic chest series (DICOM and NIfTI): the shipped phantom models
+at two points, a fold ensemble of tiny checkpoints, and the refusals (exit 2 with a message)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from lidc_cdam.pipelines.cli import main
+
+import lidc_cdam.ct as M
+from lidc_cdam.ct.point import explain_point
+from lidc_cdam.ct.testing import BIOMARKERS, synthetic, tiny_checkpoint
+from lidc_cdam.models.demo_weights import shipped_checkpoint
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return M.read_ct(synthetic()["dicom"])
+
+
+@pytest.fixture(scope="module")
+def nodule_centre(scan):
+    crop = M.read_crop(M.list_nodules(synthetic()["crops_dir"], scan)[1].crop_path)
+    return M.crop_centre_world(crop)
+
+
+@pytest.fixture(scope="module")
+def phantom_models():
+    return [shipped_checkpoint("phantom-malignancy"), shipped_checkpoint("phantom-biomarkers")]
+
+
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folds")
+    return [tiny_checkpoint(root / f"fold{s}.pt", seed=s) for s in range(3)]
+
+
+def read_nifti(path):
+    image = sitk.ReadImage(str(path))
+    return image, sitk.GetArrayFromImage(image)
+
+
+def test_two_points_with_the_shipped_models(tmp_path, scan, nodule_centre, phantom_models):
+    edge = scan.index_to_world(np.array([0.0, 128.0, 128.0]))  # first slice: half the box is outside
+    out = tmp_path / "out"
+    code = main(["explain-ct", str(synthetic()["dicom"]), "--point", *map(str, nodule_centre),
+                 "--point", *map(str, edge), "--checkpoint", *map(str, phantom_models), "--out", str(out)])
+    assert code == 0
+    table = pd.read_csv(out / "predictions.csv")
+    assert len(table) == 2 * 9 and list(table["point_id"].unique()) == ["p01", "p02"]
+    assert set(table["target"]) == {"malignancy", *BIOMARKERS} and (table["sd"] == 0).all()
+    assert (table["n_models"] == 1).all()
+    share = table.groupby("point_id")["padded_share"].first()
+    assert share["p01"] == 0 and 0.4 < share["p02"] < 0.6
+    # the nodule's point: what the API gives (predictions, maps on the scan's grid with its geometry)
+    ref = explain_point(scan, nodule_centre, phantom_models)
+    info = json.loads((out / "p01" / "predictions.json").read_text())
+    assert info["padded_share"] == 0 and info["given_as"] == "lps_mm"
+    np.testing.assert_allclose(info["world_lps_mm"], nodule_centre)
+    malignancy = table[(table.point_id == "p01") & (table.target == "malignancy")]["mean"].item()
+    assert malignancy == pytest.approx(ref.ensembles[0].mean["malignancy"], rel=1e-6) and 0 <= malignancy <= 1
+    spiculation = table[(table.point_id == "p01") & (table.target == "spiculation")]["mean"].item()
+    assert spiculation == pytest.approx(ref.ensembles[1].mean["spiculation"], rel=1e-6)
+    for target, (g, k) in {"malignancy": (0, 0), "spiculation": (1, BIOMARKERS.index("spiculation"))}.items():
+        image, array = read_nifti(out / "p01" / f"{target}.nii.gz")
+        assert array.shape == scan.shape
+        np.testing.assert_allclose(image.GetOrigin(), scan.origin, atol=1e-4)
+        np.testing.assert_allclose(image.GetSpacing(), scan.spacing, atol=1e-6)
+        np.testing.assert_allclose(array, ref.on_scan(ref.ensembles[g].mean_maps[k], scan), rtol=1e-5, atol=1e-7)
+        assert (array > 0).any() and (array < 0).any()
+    assert not list((out / "p01").glob("*_agreement.nii.gz"))  # one model per task: no agreement maps
+    crop = M.read_crop(out / "p02" / "crop.npz")
+    padded = crop["padded"].astype(bool)
+    assert (crop["image"][padded] == -1000).all() and padded.mean() == pytest.approx(share["p02"])
+    assert padded[:14].all() and not padded[16:].any()  # the slices below the scan (2.5 mm slices, 1 mm crop)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["id"] for p in summary["points"]] == ["p01", "p02"] and summary["method"] == "cdam"
+
+
+def test_fold_ensemble_from_a_csv_of_voxel_indices_on_nifti(tmp_path, scan, nodule_centre, folds):
+    nifti = M.export_nifti(scan.hu, scan, tmp_path / "scan.nii.gz")
+    ijk = scan.world_to_index(nodule_centre)[::-1]
+    (tmp_path / "points.csv").write_text(f"id,i,j,k\nnodule 2,{ijk[0]},{ijk[1]},{ijk[2]}\n")
+    out = tmp_path / "out"
+    code = main(["explain-ct", str(nifti), "--points", str(tmp_path / "points.csv"), "--ijk",
+                 "--checkpoint", *map(str, folds), "--method", "cdam", "--out", str(out)])
+    assert code == 0
+    table = pd.read_csv(out / "predictions.csv")
+    assert table["point_id"].tolist() == ["nodule_2"] and table["n_models"].tolist() == [3]
+    info = json.loads((out / "nodule_2" / "predictions.json").read_text())
+    (task,) = info["tasks"]
+    values = np.array([p["malignancy"] for p in task["per_checkpoint"]])
+    assert table["mean"].item() == pytest.approx(values.mean()) and table["sd"].item() == pytest.approx(values.std())
+    assert table["sd"].item() > 0
+    # the per-fold maps, each computed alone, against the written mean and agreement
+    singles = [explain_point(scan, nodule_centre, [f]).ensembles[0].mean_maps[0] for f in folds]
+    maps = np.stack(singles).astype(np.float64)
+    saved = np.load(out / "nodule_2" / "maps.npz")
+    np.testing.assert_allclose(saved["malignancy"], maps.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(saved["malignancy_agreement"], (np.sign(maps) == np.sign(maps.mean(0))).mean(0))
+    _, agreement = read_nifti(out / "nodule_2" / "malignancy_agreement.nii.gz")
+    assert agreement.shape == scan.shape and agreement.min() >= 0 and agreement.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("case", ["outside", "outside_ijk", "folder", "series", "checkpoint", "csv", "csv_values",
+                                  "dicom"])
+def test_refusals_exit_2_naming_the_problem(tmp_path, capsys, folds, case):
+    series = str(synthetic()["dicom"])
+    args = {"outside": [series, "--point", "0", "0", "0"],
+            "outside_ijk": [series, "--point", "1", "2", "48", "--ijk"],
+            "folder": [str(tmp_path), "--point", "0", "0", "0"],
+            "series": [str(tmp_path / "scan.nii.gz"), "--point", "0", "0", "0"],
+            "checkpoint": [series, "--point", "0", "0", "0"],
+            "csv": [series, "--points", str(tmp_path / "p.csv")],
+            "csv_values": [series, "--points", str(tmp_path / "q.csv")],
+            "dicom": [series, "--point", "0", "0", "0", "--dicom"]}[case]
+    checkpoint = str(folds[0])
+    if case == "checkpoint":
+        checkpoint = str(tmp_path / "broken.pt")
+        (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "p.csv").write_text("id,i,j,k\na,1,2,3\n")
+    (tmp_path / "scan.nii.gz").write_bytes(b"not an image")
+    (tmp_path / "q.csv").write_text("x,y,z\n-75,-35,-205\n1,abc,3\n")
+    code = main(["explain-ct", *args, "--checkpoint", checkpoint, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    expected = {"outside": r"point \(x, y, z\) = \(0\.0, 0\.0, 0\.0\) mm \(LPS\) is outside the volume .* spans x",
+                "outside_ijk": r"voxel index \(i, j, k\) = \(1\.0, 2\.0, 48\.0\) is outside the volume .*k 0 \.\. 47",
+                "folder": r"no DICOM files here", "series": r"scan\.nii\.gz: cannot be read as NIfTI",
+                "checkpoint": r"broken\.pt: not a readable PyTorch checkpoint",
+                "csv": r"p\.csv: no column\(s\) \['x', 'y', 'z'\].*--ijk",
+                "csv_values": r"q\.csv: row 3 has no number in \['x', 'y', 'z'\]",
+                "dicom": r"--dicom: .*not yet available"}[case]
+    assert err.startswith("lidc-cdam explain-ct: error: ")
+    assert re.search(expected, err), err
+    assert not (tmp_path / "out" / "predictions.csv").exists()
