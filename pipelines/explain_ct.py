@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the series of a folder with several: a SeriesInstanceUID or an index")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--dicom", action="store_true",
-                        help="also write DICOM results (Parametric Map, SR): NOT YET AVAILABLE (exits with an error)")
+                        help="also write DICOM results for a PACS (DICOM input only): each CDAM as a Parametric Map, "
+                             "the explained region as a Segmentation, the predictions as a TID 1500 SR")
 
 
 # ------------------------------------------------------------------------------------------ points
@@ -109,13 +110,54 @@ def read_points(args: argparse.Namespace) -> list[tuple[str, tuple[float, float,
 # ------------------------------------------------------------------------------------------ hooks
 
 
-def write_dicom_results(volume, results, out: Path) -> None:
-    """HOOK for DICOM results (``lidc_cdam.ct.dicom_results``, written by others: CDAM as a Parametric Map,
-    the region as a Segmentation, predictions as a TID 1500 SR). Not yet available: ``--dicom`` stops here
-    before anything is computed. The inputs it will get: the :class:`~lidc_cdam.ct.volume.CTVolume` (its
-    ``meta`` has the series' UIDs), ``results`` ``[(point_id, PointResult)]`` and the output folder."""
-    raise CTError("--dicom: DICOM results (Parametric Map, Segmentation, Structured Report) are not yet "
-                  "available; run without --dicom for NIfTI maps and CSV / JSON predictions")
+def check_dicom_input(volume) -> None:
+    """``--dicom`` needs a DICOM series as input: the results reference its instances."""
+    if not getattr(volume, "source_files", ()):
+        raise CTError("--dicom: the DICOM results reference the source series' instances, so the input must be "
+                      "a DICOM series (this one has no DICOM source files, e.g. NIfTI); run without --dicom")
+
+
+def write_dicom_results(volume, results, out: Path) -> dict[str, list[str]]:
+    """The DICOM results of :mod:`lidc_cdam.ct.dicom_results` for ``results`` ``[(point_id, PointResult)]``:
+    per point, each target's mean CDAM on the scan grid as a Parametric Map and the explained region (the
+    32 mm crop) as a Segmentation, in ``<out>/<point>/dicom/``; one TID 1500 Structured Report with every
+    point's predictions and spread in ``<out>/dicom_sr.dcm``. Returns the files written per point."""
+    from lidc_cdam.ct.dicom_results import (
+        load_source_datasets,
+        write_parametric_map,
+        write_segmentation,
+        write_structured_report,
+    )
+    from lidc_cdam.ct.placement import place_on_scan
+
+    source = load_source_datasets(volume)
+    written: dict[str, list[str]] = {}
+    sr_points = []
+    series_number = 901
+    for pid, result in results:
+        folder = out / pid / "dicom"
+        files = []
+        region = place_on_scan(np.ones((32, 32, 32), np.uint8), result.crop.crop, volume, linear=False) > 0
+        files.append(write_segmentation(source, region, f"explained region {pid}", folder / "region_seg.dcm",
+                                        series_number=series_number))
+        predictions: dict[str, float] = {}
+        spread: dict[str, float | None] = {}
+        for e, stems in zip(result.ensembles, map_names(result.ensembles), strict=True):
+            for k, (target, stem) in enumerate(zip(e.targets, stems, strict=True)):
+                series_number += 1
+                on_scan = place_on_scan(e.mean_maps[k], result.crop.crop, volume)
+                files.append(write_parametric_map(source, on_scan, stem, folder / f"cdam_{stem}_pm.dcm",
+                                                  series_number=series_number))
+                predictions[stem] = float(e.mean[target])
+                spread[stem] = float(e.sd[target]) if e.n > 1 else None
+        series_number += 1
+        sr_points.append({"point_id": pid, "position_mm": [float(v) for v in result.crop.point_world],
+                          "predictions": predictions, "spread": spread, "trust_percentile": None,
+                          "trust_flag": None})
+        written[pid] = [str(f.relative_to(out)) for f in files]
+    sr = write_structured_report(source, sr_points, out / "dicom_sr.dcm", series_number=series_number)
+    written["structured_report"] = [str(sr.relative_to(out))]
+    return written
 
 
 def write_report(summary: dict[str, Any], out: Path) -> None:
@@ -146,13 +188,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lidc_cdam.data.lidc.crops import ct_image, write_crop
     from lidc_cdam.io import atomic_write, write_json, write_npz
 
-    if args.dicom:
-        write_dicom_results(None, [], args.out)
     if args.n < 1 or args.margin < 0:
         raise CTError("--n must be >= 1 and --margin >= 0")
     points = read_points(args)
     series = int(args.series_uid) if args.series_uid and args.series_uid.isdigit() else args.series_uid
     volume = read_ct(args.series, series)
+    if args.dicom:
+        check_dicom_input(volume)
     groups = group_checkpoints(args.checkpoint)
     worlds = [to_world(volume, p, args.ijk) for _, p in points]  # every point checked before any work
     options = {"n": args.n} if args.method in ("smooth-cdam", "integrated-cdam") else {}
@@ -221,6 +263,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "maps_note": "raw signed scores of each crop slice, resized to the 1 mm crop plane, placed on the "
                             "scan's grid (linear), zero outside the crop; ensembles: the mean over the models",
                "points": entries}
+    if args.dicom:
+        summary["dicom"] = write_dicom_results(volume, results, out)
     write_json(out / "summary.json", summary)
     write_report(summary, out)
     print(f"explained {len(points)} point(s) with {n_models} checkpoint(s) ({len(groups)} task(s)); "

@@ -118,13 +118,15 @@ def test_refusals_exit_2_naming_the_problem(tmp_path, capsys, folds, case):
             "checkpoint": [series, "--point", "0", "0", "0"],
             "csv": [series, "--points", str(tmp_path / "p.csv")],
             "csv_values": [series, "--points", str(tmp_path / "q.csv")],
-            "dicom": [series, "--point", "0", "0", "0", "--dicom"]}[case]
+            "dicom": [str(tmp_path / "good.nii.gz"), "--point", "0", "0", "0", "--dicom"]}[case]
     checkpoint = str(folds[0])
     if case == "checkpoint":
         checkpoint = str(tmp_path / "broken.pt")
         (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "p.csv").write_text("id,i,j,k\na,1,2,3\n")
     (tmp_path / "scan.nii.gz").write_bytes(b"not an image")
+    if case == "dicom":
+        M.export_nifti(M.read_ct(series).hu, M.read_ct(series), tmp_path / "good.nii.gz")
     (tmp_path / "q.csv").write_text("x,y,z\n-75,-35,-205\n1,abc,3\n")
     code = main(["explain-ct", *args, "--checkpoint", checkpoint, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -135,7 +137,51 @@ def test_refusals_exit_2_naming_the_problem(tmp_path, capsys, folds, case):
                 "checkpoint": r"broken\.pt: not a readable PyTorch checkpoint",
                 "csv": r"p\.csv: no column\(s\) \['x', 'y', 'z'\].*--ijk",
                 "csv_values": r"q\.csv: row 3 has no number in \['x', 'y', 'z'\]",
-                "dicom": r"--dicom: .*not yet available"}[case]
+                "dicom": r"--dicom: .*the input must be a DICOM series"}[case]
     assert err.startswith("lidc-cdam explain-ct: error: ")
     assert re.search(expected, err), err
     assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+def test_dicom_results_of_an_ensemble_read_back(tmp_path, scan, nodule_centre, folds):
+    """``--dicom``: per point a Parametric Map per target and the region's Segmentation, one SR for all points;
+    read back with pydicom and highdicom: the map's peak sits where the NIfTI map has it, the UIDs reference
+    the source series, and the SR's values equal the JSON."""
+    import highdicom as hd
+    import pydicom
+
+    out = tmp_path / "out"
+    assert main(["explain-ct", str(synthetic()["dicom"]), "--point", *map(str, nodule_centre),
+                 "--checkpoint", *map(str, folds), "--out", str(out), "--dicom"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["dicom"]) == {"p01", "structured_report"}
+    source = pydicom.dcmread(scan.source_files[0], stop_before_pixels=True)
+    pm = pydicom.dcmread(out / "p01" / "dicom" / "cdam_malignancy_pm.dcm")
+    seg = pydicom.dcmread(out / "p01" / "dicom" / "region_seg.dcm")
+    sr = pydicom.dcmread(out / "dicom_sr.dcm")
+    for ds in (pm, seg, sr):
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.SeriesInstanceUID != source.SeriesInstanceUID
+        assert "research use, not for diagnostic use" in ds.SeriesDescription
+    assert pm.FrameOfReferenceUID == seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    # the peak of |map| in the Parametric Map lands on the NIfTI map's peak voxel (same scan grid), through the
+    # map's own per-frame positions, orientation and pixel spacing
+    _, nifti = read_nifti(out / "p01" / "malignancy.nii.gz")
+    world_nifti = scan.index_to_world(np.array(np.unravel_index(np.abs(nifti).argmax(), nifti.shape), dtype=float))
+    frames = pm.pixel_array.reshape(-1, pm.Rows, pm.Columns)
+    frame, row, col = np.unravel_index(np.abs(frames).argmax(), frames.shape)
+    shared, per = pm.SharedFunctionalGroupsSequence[0], pm.PerFrameFunctionalGroupsSequence[frame]
+    ipp = np.array(per.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+    iop = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
+    row_mm, col_mm = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
+    world_pm = ipp + col * col_mm * iop[:3] + row * row_mm * iop[3:]
+    np.testing.assert_allclose(world_pm, world_nifti, atol=1e-3)
+    assert frames.max() == pytest.approx(nifti.max(), rel=1e-5)
+    # the SR's numbers are the JSON's (the ensemble's mean and its standard deviation)
+    (group,) = hd.sr.srread(out / "dicom_sr.dcm").content.get_planar_roi_measurement_groups()
+    assert str(group.tracking_identifier) == "p01"
+    got = {m.derivation.meaning: m.value for m in group.get_measurements() if m.name.meaning == "malignancy"}
+    task = json.loads((out / "p01" / "predictions.json").read_text())["tasks"][0]
+    assert got == {"Mean": pytest.approx(task["mean"]["malignancy"]),
+                   "Standard Deviation": pytest.approx(task["sd"]["malignancy"])}
+    np.testing.assert_allclose(group.roi.value[0], nodule_centre, atol=1e-4)
+    assert hd.seg.segread(out / "p01" / "dicom" / "region_seg.dcm").number_of_segments == 1

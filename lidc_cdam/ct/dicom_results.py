@@ -87,6 +87,12 @@ def prediction_code(name: str):
 # ------------------------------------------------------------------------------------------ source series
 
 
+#: Type 2 attributes of the patient and study modules that the results copy from the source (present,
+#: possibly empty); a source without them gets them empty
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def load_source_datasets(source: Any) -> list[Any]:
     """The source series as pydicom datasets (headers): ``source`` is a list of datasets or file paths, or a
     :class:`~lidc_cdam.ct.volume.CTVolume` read from DICOM (``source_files``)."""
@@ -101,10 +107,15 @@ def load_source_datasets(source: Any) -> list[Any]:
         source = files
     out = []
     for item in source:
-        if isinstance(item, Dataset):
-            out.append(item)
-        else:
-            out.append(pydicom.dcmread(item, stop_before_pixels=True))
+        ds = item if isinstance(item, Dataset) else pydicom.dcmread(item, stop_before_pixels=True)
+        missing = [kw for kw in TYPE2_PATIENT_STUDY if kw not in ds]
+        if missing:  # Type 2: must be present, may be empty; some writers leave them out
+            import copy
+
+            ds = copy.deepcopy(ds) if ds is item else ds
+            for kw in missing:
+                setattr(ds, kw, "")
+        out.append(ds)
     if not out:
         raise CTError("no source datasets: DICOM results need the source CT series")
     return out
