@@ -148,3 +148,13 @@ def test_a_phantom_model_flags_real_ct_and_noise_but_few_held_out_phantoms(phant
     assert again["n_train"] == stats["n_train"]
     torch.testing.assert_close(again["mean"], stats["mean"], atol=1e-5, rtol=1e-5)
     assert "trust" in read_checkpoint(tmp_path / "again.pt")["meta"]
+
+
+def test_shipped_weight_files_are_not_rewritten_in_place(tmp_path):
+    from pathlib import Path
+
+    import lidc_cdam.models.trust as trust
+
+    shipped = Path(trust.__file__).resolve().parent / "weights" / "phantom-malignancy.pt"
+    with pytest.raises(ValueError, match="shipped weight file"):
+        add_trust_to_checkpoint(shipped, tmp_path, 0)
