@@ -42,6 +42,7 @@ class FoldData:
     output_names: list[str]
     fold: int
     test: Dataset | None = None  # scored once with the best checkpoint
+    trust: Dataset | None = None  # the training part without augmentation (trust flag); default ``train``
     input_stats: dict[str, Any] = field(default_factory=dict)
     target_stats: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -302,12 +303,30 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
               "checkpoint": str(out / "best.pt"), "interrupted": interrupted,
               "train_size": len(data.train), "val_size": len(data.val)}
     if process.main and not interrupted:
+        result["trust"] = add_trust(out / "best.pt", data.trust if data.trust is not None else data.train,
+                                    config.batch_size, process.device)
         if data.test is not None:
             best = ViTModel.from_checkpoint(out / "best.pt").to(process.device)
             result["test_metrics"], predictions = evaluate_model(best, data.test, config, process.device)
             atomic_write(out / "test_predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
         write_json(out / "result.json", result)
     return result
+
+
+def add_trust(path: Path, dataset: Dataset, batch_size: int, device: torch.device) -> dict[str, Any] | None:
+    """Re-save the best checkpoint with ``meta["trust"]`` (:func:`lidc_cdam.models.trust.fit_trust` of the best
+    model's latents of ``dataset``, the training crops without augmentation); a summary for ``result.json``,
+    or None (with a warning) when there are fewer than 2 training crops."""
+    from lidc_cdam.models.trust import dataset_latents, fit_trust
+
+    model = ViTModel.from_checkpoint(path).to(device)
+    if len(dataset) < 2:
+        log.warning("%s: fewer than 2 training crops: no trust statistics", path)
+        return None
+    stats = fit_trust(dataset_latents(model, dataset, batch_size))
+    save_checkpoint(model.cpu(), path, meta={"trust": stats})
+    return {"n_train": stats["n_train"], "dim": stats["dim"], "shrinkage": stats["shrinkage"],
+            "cross_fit": stats["cross_fit"], "p99_distance": float(stats["percentiles"][99])}
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ def check_validation_size(val: pd.DataFrame, fold: int, task: str) -> dict[str, 
 
 
 def lidc_fold_data(config: TrainConfig, fold: int) -> FoldData:
-    from lidc_cdam.data.lidc.datasets import lidc_datasets
+    from lidc_cdam.data.lidc.datasets import checkpoint_dataset, lidc_datasets
 
     root = check_data_root(config)
     parts = lidc_datasets(root, fold=fold, view=config.data.view,
@@ -79,8 +79,11 @@ def lidc_fold_data(config: TrainConfig, fold: int) -> FoldData:
     info = {"root": str(root), "fold": fold, "sizes": {k: len(parts["tables"][k]) for k in ("train", "val", "test")}}
     if (root / "PHANTOM.txt").exists() or "phantom" in str(parts["tables"]["train"].get("source", "")).lower():
         info["phantom"] = True
+    trust = checkpoint_dataset(root, parts["tables"]["train"]["nodule_id"].tolist(), input_stats,
+                               task="classification" if config.task == "malignancy" else "regression",
+                               target_stats=target_stats)  # the training part without augmentation
     return FoldData(parts["train"], parts["val"], output_names(config.task), fold, test=parts["test"],
-                    input_stats=input_stats, target_stats=target_stats, info=info)
+                    input_stats=input_stats, target_stats=target_stats, info=info, trust=trust)
 
 
 def nodule_table(config: TrainConfig) -> pd.DataFrame:

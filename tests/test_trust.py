@@ -1,0 +1,160 @@
+"""The trust flag (lidc_cdam.models.trust): Mahalanobis distance of the latent to the training crops' latents
+(Ledoit-Wolf covariance) as a percentile of the training crops' own distances; > 99 = unlike the training data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lidc_cdam.models.trust import (
+    add_trust_to_checkpoint,
+    fit_trust,
+    is_unlike_training,
+    mahalanobis,
+    model_latents,
+    trust_percentile,
+)
+
+
+def gaussian(n: int, dim: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    chol = np.linalg.cholesky(a @ a.T + 0.1 * np.eye(dim))
+    return rng.normal(size=(n, dim)) @ chol.T + 2.0, chol
+
+
+def test_in_distribution_percentiles_are_uniform_and_far_points_are_flagged():
+    x, chol = gaussian(400)
+    stats = fit_trust(torch.from_numpy(x).float())
+    held_out = np.random.default_rng(1).normal(size=(2000, x.shape[1])) @ chol.T + 2.0
+    p = trust_percentile(stats, held_out).numpy()
+    assert ((p >= 0) & (p <= 100)).all()
+    counts = np.histogram(p, bins=5, range=(0, 100))[0] / len(p)
+    assert np.abs(counts - 0.2).max() < 0.06, counts  # roughly uniform
+    assert is_unlike_training(torch.from_numpy(p)).float().mean() < 0.03
+    far = held_out[:20] * 4 + 10
+    assert (trust_percentile(stats, far) > 99).all()
+    assert is_unlike_training(99.5) and not is_unlike_training(50.0) and not is_unlike_training(99.0)
+
+
+def test_mahalanobis_equals_a_direct_computation_with_sklearns_ledoit_wolf():
+    from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+    from sklearn.covariance import LedoitWolf
+
+    x, _ = gaussian(200)
+    stats = fit_trust(x)
+    lw = LedoitWolf().fit(x)
+    vi = np.linalg.inv(lw.covariance_)
+    y = x[:7] + 0.5
+    direct = [scipy_mahalanobis(v, x.mean(0), vi) for v in y]
+    np.testing.assert_allclose(mahalanobis(stats, y).numpy(), direct, rtol=1e-6)
+    assert stats["shrinkage"] == pytest.approx(lw.shrinkage_)
+    assert list(stats["train_distances"]) == sorted(stats["train_distances"])
+
+
+def test_degenerate_inputs_have_defined_answers():
+    x, _ = gaussian(10, dim=64)  # fewer crops than dimensions: Ledoit-Wolf is still positive definite
+    stats = fit_trust(x)
+    assert np.isfinite(mahalanobis(stats, x + 1).numpy()).all() and stats["n_train"] == 10
+    assert fit_trust(x[:2])["cross_fit"] == 0  # too few to cross-fit: in-sample reference distances
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_trust(x[:1])
+    with pytest.raises(ValueError, match="dimension 3"):
+        trust_percentile(stats, np.zeros((1, 3)))
+
+
+def test_stats_survive_save_checkpoint_and_weights_only_load(tmp_path):
+    from lidc_cdam.models.loading import load_model, save_checkpoint
+    from lidc_cdam.models.vit import ViTModel
+
+    model = ViTModel.from_timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=1)
+    images = torch.randn(12, 3, 32, 32)
+    latents = model_latents(model, images, batch_size=5)
+    assert latents.shape == (12, model.embed_dim) and not latents.requires_grad
+    torch.testing.assert_close(latents, model.eval().latent(images).detach())
+    stats = fit_trust(latents)
+    save_checkpoint(model, tmp_path / "m.pt", meta={"trust": stats})
+    loaded = torch.load(tmp_path / "m.pt", weights_only=True)["meta"]["trust"]
+    torch.testing.assert_close(trust_percentile(loaded, latents), trust_percentile(stats, latents))
+    assert load_model(tmp_path / "m.pt").meta["trust"]["dim"] == model.embed_dim
+
+
+# ----------------------------------------------------------------- a phantom-trained model
+def real_ct_crops() -> list[np.ndarray]:
+    """32^3 crops at about 1 mm from pydicom's CT_small.dcm (a real CT slice, HU; repeated along z): the centre
+    and four others, and the whole slice (its model input is the whole slice resized)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from scipy.ndimage import zoom
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    hu = zoom(hu, [float(s) for s in ds.PixelSpacing], order=1)  # to 1 mm pixels
+    cy, cx = hu.shape[0] // 2, hu.shape[1] // 2
+    crops = [hu[y - 16 : y + 16, x - 16 : x + 16] for y, x in
+             [(cy, cx), (cy - 20, cx - 20), (cy - 20, cx + 20), (cy + 20, cx - 20), (cy + 20, cx + 20)]]
+    return [np.repeat(c[None], 32, axis=0) for c in [*crops, hu]]
+
+
+@pytest.fixture(scope="module")
+def phantom_model(tmp_path_factory):
+    from lidc_cdam.pipelines.cli import main
+
+    from lidc_cdam.data.lidc.phantoms import build_phantoms
+
+    folder = tmp_path_factory.mktemp("phantoms")
+    build_phantoms(folder, n_scans=60, workers=2, progress=False)
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--config", "tiny-phantom-malignancy", "--data", str(folder), "--folds", "0",
+                 "--set", "epochs=3", "--out", str(out), "--no-progress"]) == 0
+    return folder, out / "fold0" / "best.pt"
+
+
+@pytest.mark.slow
+def test_a_phantom_model_flags_real_ct_and_noise_but_few_held_out_phantoms(phantom_model, tmp_path):
+    from lidc_cdam.ct.inputs import model_inputs
+    from lidc_cdam.data.lidc.datasets import checkpoint_dataset
+    from lidc_cdam.data.lidc.folds import read_folds, split
+    from lidc_cdam.models.loading import load_model, read_checkpoint
+    from lidc_cdam.models.trust import dataset_latents
+
+    folder, checkpoint = phantom_model
+    model = load_model(checkpoint)
+    stats, input_stats = model.meta["trust"], model.meta["input_stats"]  # stored by the training engine
+    assert stats["n_train"] > stats["dim"] / 2 and stats["cross_fit"] == 5
+
+    import pandas as pd
+
+    present = set(pd.read_csv(folder / "nodules.csv")["nodule_id"])
+    folds = read_folds()
+    test_ids = split(folds[folds["nodule_id"].isin(present)], 0)["test"]
+    held_out = trust_percentile(stats, dataset_latents(model, checkpoint_dataset(folder, test_ids, input_stats)))
+    flagged = float(is_unlike_training(held_out).float().mean())
+
+    size = int(input_stats["image_size"])
+    real = torch.cat([model_inputs(c, "axial", [16], input_stats, size) for c in real_ct_crops()])
+    noise = model_inputs(np.random.default_rng(0).uniform(-1000, 400, (32, 32, 32)), "axial", [16],
+                         input_stats, size)
+    p_real, p_noise = (trust_percentile(stats, model_latents(model, x)) for x in (real, noise))
+    print(f"trust: real CT {[round(float(p), 2) for p in p_real]}, noise {float(p_noise[0]):.2f}, held-out "
+          f"phantoms flagged {flagged:.3f} of {len(held_out)} (median percentile {float(held_out.median()):.1f}); "
+          f"n_train {stats['n_train']}, dim {stats['dim']}, shrinkage {stats['shrinkage']:.3f}")
+    assert is_unlike_training(p_real).all() and is_unlike_training(p_noise).all()
+    assert flagged <= 0.05
+
+    # the same statistics from the checkpoint and the data folder afterwards (fold 0, its training part)
+    again = add_trust_to_checkpoint(checkpoint, folder, 0, out=tmp_path / "again.pt")
+    assert again["n_train"] == stats["n_train"]
+    torch.testing.assert_close(again["mean"], stats["mean"], atol=1e-5, rtol=1e-5)
+    assert "trust" in read_checkpoint(tmp_path / "again.pt")["meta"]
+
+
+def test_shipped_weight_files_are_not_rewritten_in_place(tmp_path):
+    from pathlib import Path
+
+    import lidc_cdam.models.trust as trust
+
+    shipped = Path(trust.__file__).resolve().parent / "weights" / "phantom-malignancy.pt"
+    with pytest.raises(ValueError, match="shipped weight file"):
+        add_trust_to_checkpoint(shipped, tmp_path, 0)
