@@ -56,7 +56,7 @@ def demo_test_nodules(n_nodules: int, n_scans: int = DEMO_SCANS) -> tuple[list[s
     return test["nodule_id"].tolist(), test["patient_id"].drop_duplicates().tolist()
 
 
-def test_phantoms(patients: list[str], progress: bool) -> Path:
+def phantoms_of_patients(patients: list[str], progress: bool) -> Path:
     """Phantoms of just these patients' scans (a few seconds; cached by the patient list)."""
     import hashlib
 
@@ -121,7 +121,7 @@ def run_lidc_demo(out: Path, n_nodules: int, retrain: bool, progress: bool, n_sc
         phantoms = demo_phantoms(progress, n_scans)
         runs = trained_demo_models(phantoms, progress)
     else:
-        phantoms = test_phantoms(patients, progress)
+        phantoms = phantoms_of_patients(patients, progress)
         runs = shipped_demo_models()
     present = set(pd.read_csv(phantoms / "nodules.csv")["nodule_id"])
     nodule_ids = [n for n in nodule_ids if n in present]  # a nodule whose crop left its volume is skipped

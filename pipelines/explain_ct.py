@@ -151,9 +151,12 @@ def write_dicom_results(volume, results, out: Path) -> dict[str, list[str]]:
                 predictions[stem] = float(e.mean[target])
                 spread[stem] = float(e.sd[target]) if e.n > 1 else None
         series_number += 1
+        trusts = [e.trust for e in result.ensembles if e.trust]
+        worst = max(trusts, key=lambda t: t["percentile"]) if trusts else None
         sr_points.append({"point_id": pid, "position_mm": [float(v) for v in result.crop.point_world],
-                          "predictions": predictions, "spread": spread, "trust_percentile": None,
-                          "trust_flag": None})
+                          "predictions": predictions, "spread": spread,
+                          "trust_percentile": worst["percentile"] if worst else None,
+                          "trust_flag": worst["unlike_training"] if worst else None})
         written[pid] = [str(f.relative_to(out)) for f in files]
     sr = write_structured_report(source, sr_points, out / "dicom_sr.dcm", series_number=series_number)
     written["structured_report"] = [str(sr.relative_to(out))]
@@ -233,9 +236,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rows.append({"point_id": pid, "x": world[0], "y": world[1], "z": world[2],
                                  "i": pc.point_index[0], "j": pc.point_index[1], "k": pc.point_index[2],
                                  "padded_share": pc.padded_share, "task": e.task, "target": target,
-                                 "mean": e.mean[target], "sd": e.sd[target], "n_models": e.n})
+                                 "mean": e.mean[target], "sd": e.sd[target], "n_models": e.n,
+                                 "trust_percentile": e.trust["percentile"] if e.trust else None,
+                                 "unlike_training": e.trust["unlike_training"] if e.trust else None})
                 tasks.append({"task": e.task, "targets": e.targets, "checkpoints": e.checkpoints, "n_models": e.n,
-                              "mean": e.mean, "sd": e.sd, "per_checkpoint": e.per_model,
+                              "mean": e.mean, "sd": e.sd, "per_checkpoint": e.per_model, "trust": e.trust,
                               "maps": {t: s for t, s in zip(e.targets, stems, strict=True)}})
             write_npz(folder / "maps.npz", **arrays)
             entry = {"id": pid, "given": list(given), "given_as": "ijk" if args.ijk else "lps_mm",
@@ -243,6 +248,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "padded_share": pc.padded_share, "crop_size_mm": CROP, "method": args.method,
                      "view": ensembles[0].view, "tasks": tasks, "files": {"crop": "crop.npz", "maps": "maps.npz",
                                                                           "nifti": files}}
+            for e in ensembles:
+                if e.trust and e.trust["unlike_training"]:
+                    log.warning("%s: unlike the training data for the %s model(s) (percentile %.1f of the training "
+                                "crops' own distances): treat the predictions with caution", pid, e.task,
+                                e.trust["percentile"])
             if pc.padded_share > 0:
                 log.warning("%s: the crop crosses the volume's edge; %.1f%% of it is padding (-1000 HU)",
                             pid, 100 * pc.padded_share)

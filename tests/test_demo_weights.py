@@ -92,3 +92,31 @@ def test_committed_results_hold_under_another_kernel_set():
     assert " passed" in tail and " failed" not in tail
     report = {"kernel_set": "ATEN_CPU_CAPABILITY=default, 1 thread", "summary": tail.strip().splitlines()[-1]}
     print(json.dumps(report))
+
+
+@pytest.mark.slow
+def test_shipped_phantom_models_carry_the_trust_flag():
+    """Both shipped LIDC models carry their training crops' statistics (``meta["trust"]``): real CT slices and
+    noise are "unlike the training data", the demo's unseen phantom test nodules mostly are not."""
+    import numpy as np
+    from lidc_cdam.pipelines.demo_lidc import demo_test_nodules, phantoms_of_patients
+    from test_trust import real_ct_crops
+
+    from lidc_cdam.ct.inputs import model_inputs
+    from lidc_cdam.data.lidc.datasets import checkpoint_dataset
+    from lidc_cdam.models.trust import dataset_latents, is_unlike_training, model_latents, trust_percentile
+
+    nodules, patients = demo_test_nodules(8)
+    folder = phantoms_of_patients(patients, progress=False)
+    for name in ("phantom-malignancy", "phantom-biomarkers"):
+        model = load_shipped(name)
+        stats, input_stats = model.meta["trust"], model.meta["input_stats"]
+        assert stats["n_train"] == shipped_manifest()[name]["test_metrics"]["train_size"]
+        size = int(input_stats["image_size"])
+        real = torch.cat([model_inputs(c, "axial", [16], input_stats, size) for c in real_ct_crops()])
+        noise = model_inputs(np.random.default_rng(0).uniform(-1000, 400, (32, 32, 32)), "axial", [16],
+                             input_stats, size)
+        assert is_unlike_training(trust_percentile(stats, model_latents(model, real))).all()
+        assert is_unlike_training(trust_percentile(stats, model_latents(model, noise))).all()
+        held_out = trust_percentile(stats, dataset_latents(model, checkpoint_dataset(folder, nodules, input_stats)))
+        assert int(is_unlike_training(held_out).sum()) <= 1, held_out

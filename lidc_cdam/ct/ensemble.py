@@ -40,6 +40,8 @@ class EnsembleResult:
     mean_maps: np.ndarray  # [K, 32, 32, 32]
     agreement: np.ndarray  # [K, 32, 32, 32] share of models whose map has the mean map's sign
     signed: bool
+    #: the trust flag (SPEC): see :func:`crop_trust`; None when no model carries training statistics
+    trust: dict[str, Any] | None = None
 
     @property
     def n(self) -> int:
@@ -111,4 +113,33 @@ def explain_crop(models: Sequence[str | Path | LoadedModel], crop: dict[str, Any
         results.append(drain(crop_steps(m, crop, targets, method, view, slices, margin, options, batch, where), None))
         if progress:
             progress()
-    return combine(results, [str(m.path) for m in loaded], loaded[0].task)
+    result = combine(results, [str(m.path) for m in loaded], loaded[0].task)
+    result.trust = crop_trust(loaded, crop, view)
+    return result
+
+
+def crop_trust(models: Sequence[LoadedModel], crop: dict[str, Any], view: str) -> dict[str, Any] | None:
+    """The trust flag of a crop (SPEC "Trust flag"): for each model whose checkpoint carries training statistics
+    (``meta["trust"]``, :mod:`lidc_cdam.models.trust`), the percentile of the central slice's latent among the
+    training crops' own Mahalanobis distances. The ensemble reports the largest (the most cautious model) and is
+    ``unlike_training`` above the threshold (the 99th percentile). None when no model has the statistics."""
+    from lidc_cdam.ct.inputs import CENTRE, model_inputs
+    from lidc_cdam.models.trust import THRESHOLD, model_latents, trust_percentile
+
+    per_model: list[float | None] = []
+    threshold = THRESHOLD
+    for m in models:
+        stats = m.model.meta.get("trust")
+        if not stats:
+            per_model.append(None)
+            continue
+        x = model_inputs(crop["image"], view, [CENTRE], m.input_stats, m.image_size)
+        per_model.append(float(trust_percentile(stats, model_latents(m.model, x))[0]))
+        threshold = float(stats.get("threshold", THRESHOLD))
+    known = [p for p in per_model if p is not None]
+    if not known:
+        return None
+    worst = max(known)
+    return {"percentile": worst, "per_model": per_model, "threshold": threshold,
+            "unlike_training": bool(worst > threshold),
+            "note": "percentile of the input among the training crops' own Mahalanobis distances (latent CLS')"}
