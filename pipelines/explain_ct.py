@@ -13,6 +13,8 @@ target, and the sign agreement of the folds' maps. Written under --out:
   POINT/TARGET_agreement.nii.gz   share of the models whose map has the mean map's sign (ensembles of 2+)
   POINT/crop.npz, POINT/maps.npz  the crop (as the nodule crops' .npz, + `padded`) and the maps on its
                                   1 mm grid
+  POINT/report.png, report.pdf    a report page: the crop, each target's map over it, the predictions and
+                                  their spread, the trust flag, the models' SHA-256; research use only
 
 The NIfTI files carry the scan's geometry: they open aligned with the CT in 3D Slicer or ITK-SNAP.
 """
@@ -163,10 +165,14 @@ def write_dicom_results(volume, results, out: Path) -> dict[str, list[str]]:
     return written
 
 
-def write_report(summary: dict[str, Any], out: Path) -> None:
-    """HOOK for the report page (written later by others): called with ``summary.json``'s content after
-    every file is written; does nothing yet."""
-    return None
+def write_report(entry: dict[str, Any], crop: dict[str, Any], maps: dict[str, np.ndarray], folder: Path,
+                 hashes: dict[str, str], series: str) -> dict[str, str]:
+    """The point's report page (:func:`lidc_cdam.ct.report.write_point_report`): ``report.png`` and
+    ``report.pdf`` in its folder; returns their names as ``predictions.json`` lists them."""
+    from lidc_cdam.ct.report import write_point_report
+
+    png, pdf = write_point_report(entry, crop, maps, folder, checkpoint_hashes=hashes, series=series)
+    return {"png": png.name, "pdf": pdf.name}
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -190,6 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lidc_cdam.ct.read import read_ct
     from lidc_cdam.data.lidc.crops import ct_image, write_crop
     from lidc_cdam.io import atomic_write, write_json, write_npz
+    from lidc_cdam.models.demo_weights import sha256_of
 
     if args.n < 1 or args.margin < 0:
         raise CTError("--n must be >= 1 and --margin >= 0")
@@ -209,6 +216,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     entries: list[dict[str, Any]] = []
     results: list[tuple[str, PointResult]] = []
     n_models = sum(len(g) for g in groups.values())
+    hashes = {str(m.path): sha256_of(m.path) for models in groups.values() for m in models}
+    series_label = f"{volume.name} ({args.series})" if volume.name and volume.name != str(args.series) \
+        else str(args.series)
     with tqdm(total=len(points) * n_models, desc="explaining points", unit="model",
               disable=not sys.stderr.isatty()) as bar:
         for (pid, given), world in zip(points, worlds, strict=True):
@@ -256,6 +266,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if pc.padded_share > 0:
                 log.warning("%s: the crop crosses the volume's edge; %.1f%% of it is padding (-1000 HU)",
                             pid, 100 * pc.padded_share)
+            entry["files"]["report"] = write_report(entry, {**pc.crop, "padded": pc.padded}, arrays, folder, hashes,
+                                                    series_label)
             write_json(folder / "predictions.json", entry)
             entries.append(entry)
 
@@ -272,11 +284,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "options": options, "slices": args.slices, "margin": args.margin,
                "maps_note": "raw signed scores of each crop slice, resized to the 1 mm crop plane, placed on the "
                             "scan's grid (linear), zero outside the crop; ensembles: the mean over the models",
-               "points": entries}
+               "points": entries,
+               "reports": {e["id"]: {k: f"{e['id']}/{v}" for k, v in e["files"]["report"].items()} for e in entries}}
     if args.dicom:
         summary["dicom"] = write_dicom_results(volume, results, out)
     write_json(out / "summary.json", summary)
-    write_report(summary, out)
     print(f"explained {len(points)} point(s) with {n_models} checkpoint(s) ({len(groups)} task(s)); "
           f"results in {out}/")
     return summary

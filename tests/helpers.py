@@ -32,3 +32,14 @@ def images_for(model: ViTModel, batch: int = 2, size: tuple[int, int] | None = N
     h, w = size or model.default_image_size
     dtype = next(model.parameters()).dtype
     return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+def pdf_text(data: bytes) -> str:
+    """The text shown in an uncompressed PDF (matplotlib's with ``pdf.compression`` 0): the strings of every
+    ``TJ`` array (joined: matplotlib splits a line where it kerns) and ``Tj``, one line per text operation."""
+    import re
+
+    string = rb"\(((?:[^()\\]|\\.)*)\)"
+    found = [b"".join(re.findall(string, arr)) for arr in re.findall(rb"\[(.*?)\]\s*TJ", data, flags=re.S)]
+    found += re.findall(string + rb"\s*Tj", data)
+    return "\n".join(re.sub(rb"\\(.)", rb"\1", s).decode("latin-1") for s in found)

@@ -6,16 +6,19 @@ from __future__ import annotations
 import json
 import re
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+from helpers import pdf_text
 from lidc_cdam.pipelines.cli import main
 
 import lidc_cdam.ct as M
 from lidc_cdam.ct.point import explain_point
+from lidc_cdam.ct.report import trust_state
 from lidc_cdam.ct.testing import BIOMARKERS, synthetic, tiny_checkpoint
-from lidc_cdam.models.demo_weights import shipped_checkpoint
+from lidc_cdam.models.demo_weights import sha256_of, shipped_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,9 @@ def read_nifti(path):
 def test_two_points_with_the_shipped_models(tmp_path, scan, nodule_centre, phantom_models):
     edge = scan.index_to_world(np.array([0.0, 128.0, 128.0]))  # first slice: half the box is outside
     out = tmp_path / "out"
-    code = main(["explain-ct", str(synthetic()["dicom"]), "--point", *map(str, nodule_centre),
-                 "--point", *map(str, edge), "--checkpoint", *map(str, phantom_models), "--out", str(out)])
+    with matplotlib.rc_context({"pdf.compression": 0}):  # the report's PDF text readable below
+        code = main(["explain-ct", str(synthetic()["dicom"]), "--point", *map(str, nodule_centre),
+                     "--point", *map(str, edge), "--checkpoint", *map(str, phantom_models), "--out", str(out)])
     assert code == 0
     table = pd.read_csv(out / "predictions.csv")
     assert len(table) == 2 * 9 and list(table["point_id"].unique()) == ["p01", "p02"]
@@ -80,6 +84,22 @@ def test_two_points_with_the_shipped_models(tmp_path, scan, nodule_centre, phant
     assert padded[:14].all() and not padded[16:].any()  # the slices below the scan (2.5 mm slices, 1 mm crop)
     summary = json.loads((out / "summary.json").read_text())
     assert [p["id"] for p in summary["points"]] == ["p01", "p02"] and summary["method"] == "cdam"
+    # the report page per point: PNG and PDF, listed; the point, its trust state, the shipped models' SHA-256
+    assert summary["reports"] == {p: {"png": f"{p}/report.png", "pdf": f"{p}/report.pdf"} for p in ("p01", "p02")}
+    for pid in ("p01", "p02"):
+        entry = json.loads((out / pid / "predictions.json").read_text())
+        assert entry["files"]["report"] == {"png": "report.png", "pdf": "report.pdf"}
+        png, pdf = (out / pid / "report.png").read_bytes(), (out / pid / "report.pdf").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and pdf.startswith(b"%PDF")
+        assert f"point {pid} ({trust_state(entry)})".encode() in png  # the PNG's Title
+        text = pdf_text(pdf)
+        assert "research use, not for diagnostic use" in text.lower() and f"point {pid} (" in text
+        assert all(t["trust"] for t in entry["tasks"])  # the shipped models carry trust statistics
+        assert ("unlike the training data" in text) == any(t["trust"]["unlike_training"] for t in entry["tasks"])
+        for model in phantom_models:
+            assert f"{sha256_of(model)[:16]}  {model.name} (shipped {model.stem})" in text
+    text = pdf_text((out / "p02" / "report.pdf").read_bytes())
+    assert f"{100 * share['p02']:.1f}% of the crop lies outside the scan" in text
 
 
 def test_fold_ensemble_from_a_csv_of_voxel_indices_on_nifti(tmp_path, scan, nodule_centre, folds):
@@ -105,6 +125,8 @@ def test_fold_ensemble_from_a_csv_of_voxel_indices_on_nifti(tmp_path, scan, nodu
     np.testing.assert_allclose(saved["malignancy_agreement"], (np.sign(maps) == np.sign(maps.mean(0))).mean(0))
     _, agreement = read_nifti(out / "nodule_2" / "malignancy_agreement.nii.gz")
     assert agreement.shape == scan.shape and agreement.min() >= 0 and agreement.max() == pytest.approx(1.0)
+    assert info["files"]["report"] == {"png": "report.png", "pdf": "report.pdf"}
+    assert (out / "nodule_2" / "report.png").stat().st_size > 0 and (out / "nodule_2" / "report.pdf").is_file()
 
 
 @pytest.mark.parametrize("case", ["outside", "outside_ijk", "folder", "series", "checkpoint", "csv", "csv_values",
