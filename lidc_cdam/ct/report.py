@@ -88,7 +88,7 @@ def title_text(entry: Mapping[str, Any]) -> str:
 def _fmt_rating(value: Any) -> str:
     if value is None:
         return "-"
-    if isinstance(value, Sequence) and not isinstance(value, str):
+    if isinstance(value, Sequence | np.ndarray) and not isinstance(value, str):
         values = [float(v) for v in value]
         if not values:
             return "-"
@@ -252,17 +252,18 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
     y += 0.45
     world = ", ".join(f"{float(v):.1f}" for v in entry.get("world_lps_mm", []))
     index = ", ".join(f"{float(v):.1f}" for v in entry.get("index_ijk", []))
-    info = [f"Series: {series}" if series else None,
+    series_text = series if not series or len(series) <= 120 else "..." + series[-117:]
+    info = [f"Series: {series_text}" if series else None,
             f"Point {pid}: ({world}) mm, DICOM LPS; voxel index (i, j, k) = ({index})",
-            f"Crop: {entry.get('crop_size_mm', 32)} mm at 1 mm centred on the point (yellow ticks); explained with "
-            f"{method} along the {view} view; CT in the lung window W1500 / L-600"]
+            f"Crop: {entry.get('crop_size_mm', 32)} mm at 1 mm centred on the point (yellow ticks), lung window "
+            f"W1500 / L-600; maps: {method} along the {view} view"]
     for line in filter(None, info):
-        text(margin, y, line, fontsize=7.5)
-        y += 0.16
+        text(margin, y, line, fontsize=7)
+        y += 0.15
 
     # ---- CT planes (left) and the predictions (right)
     y += 0.1
-    ct_size, gap = 1.3, 0.1
+    ct_size, gap = 1.25, 0.1
     for c, plane_view in enumerate(("axial", "coronal", "sagittal")):
         ax = box(margin + c * (ct_size + gap), y + 0.2, ct_size, ct_size)
         _show_ct(ax, _plane(image, plane_view, centre), origin_of[plane_view])
@@ -274,11 +275,11 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
             ax.set_ylim(ylim)
         _mark_centre(ax, n)
         ax.set_title(plane_view, fontsize=7.5, pad=3)
-    x_table = margin + 3 * (ct_size + gap) + 0.15
+    x_table = margin + 3 * (ct_size + gap) + 0.12
     rows = prediction_rows(entry, ratings)
     text(x_table, y, "Predictions", fontsize=8.5, fontweight="bold")
     lines = table_lines(rows)
-    text(x_table, y + 0.22, "\n".join(lines), fontsize=6.5, **mono)
+    text(x_table, y + 0.22, "\n".join(lines), fontsize=6.3, **mono)
     y_note = y + 0.22 + line_h * len(lines) + 0.05
     table_note = textwrap.wrap("ensemble mean, sd over the folds (ddof 0); malignancy as a probability, "
                                "biomarkers in the radiologists' rating units", int((W - margin - x_table) / 0.05))
@@ -292,14 +293,14 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
     for task in entry.get("tasks", []):
         msg, flagged = trust_text(task.get("trust"))
         color = RED if flagged else (GREY if flagged is None else GREEN)
-        text(margin, y, f"{task['task']} model(s):", fontsize=7.5)
-        text(margin + 1.35, y, msg, fontsize=7.5, color=color, fontweight="bold" if flagged else "normal")
+        text(margin, y, f"{task['task']} model(s):", fontsize=7)
+        text(margin + 1.3, y, msg, fontsize=7, color=color, fontweight="bold" if flagged else "normal")
         y += 0.16
     share = float(entry.get("padded_share") or 0.0)
     if share > 0:
-        text(margin, y, "crop:", fontsize=7.5)
-        text(margin + 1.35, y, f"{100 * share:.1f}% of the crop lies outside the scan (padded with -1000 HU, dashed "
-                               "outline): the models see less anatomy", fontsize=7.5, color="#b35806")
+        text(margin, y, "crop:", fontsize=7)
+        text(margin + 1.3, y, f"{100 * share:.1f}% of the crop lies outside the scan (padded with -1000 HU; dashed "
+                              "outline)", fontsize=7, color="#b35806")
         y += 0.16
     text(margin, y, "trust: percentile of the crop's latent among the training crops' own Mahalanobis distances "
                     "(the largest over the folds)", fontsize=6, color=GREY)
@@ -319,7 +320,7 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
              "folds for an ensemble; orange = evidence for the target (a higher probability or rating), blue = "
              "counter-evidence; each panel scaled on its own to +-max|map| of the slice shown (colour bar), 0 "
              f"transparent. {RESEARCH_USE}: the maps show what the models used, not where disease is.")
-    note_lines = textwrap.wrap(notes, 160)
+    note_lines = textwrap.wrap(notes, 135)
     footer_h = 0.2 + line_h * per_column + 0.1 + 0.12 * len(note_lines) + 0.35
     yf = H - footer_h
     text(margin, yf, "Models (task, first 16 hex digits of the checkpoint's SHA-256, checkpoint)", fontsize=8,
