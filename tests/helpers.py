@@ -40,6 +40,7 @@ def pdf_text(data: bytes) -> str:
     import re
 
     string = rb"\(((?:[^()\\]|\\.)*)\)"
-    found = [b"".join(re.findall(string, arr)) for arr in re.findall(rb"\[(.*?)\]\s*TJ", data, flags=re.S)]
+    array = rb"\[((?:\((?:[^()\\]|\\.)*\)|[^\]()])*)\]\s*TJ"  # strings and numbers: linear in the data
+    found = [b"".join(re.findall(string, arr)) for arr in re.findall(array, data)]
     found += re.findall(string + rb"\s*Tj", data)
     return "\n".join(re.sub(rb"\\(.)", rb"\1", s).decode("latin-1") for s in found)

@@ -181,6 +181,14 @@ def _overlay(ax, ct: np.ndarray, signed: np.ndarray, origin: str, cmap, lim: flo
 # ------------------------------------------------------------------------------------------ page
 
 
+def _plain_text() -> dict[str, Any]:
+    """Text properties without ligatures (matplotlib >= 3.11 shapes text: "fi" would become one glyph, and the
+    PDF's text would no longer contain the words as typed)."""
+    from matplotlib.text import Text
+
+    return {"fontfeatures": ("-liga", "-clig")} if hasattr(Text, "set_fontfeatures") else {}
+
+
 def _save(fig, path: Path, fmt: str, metadata: dict[str, str]) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp.{fmt}")
     try:
@@ -229,6 +237,7 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
     W, H = PAGE
     fig = Figure(figsize=PAGE)
     fig.patch.set_facecolor("white")
+    plain = _plain_text()
     mono = {"family": "DejaVu Sans Mono", "linespacing": 1.3}
 
     def box(left_in: float, top_in: float, w_in: float, h_in: float):
@@ -239,7 +248,7 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
         """Text anchored (top left unless va / ha say otherwise) at inches from the page's top left corner."""
         kw.setdefault("va", "top")
         kw.setdefault("ha", "left")
-        return fig.text(x_in / W, 1 - y_in / H, s, **kw)
+        return fig.text(x_in / W, 1 - y_in / H, s, **plain, **kw)
 
     margin = 0.45
     line_h = 0.13  # inches per line of 6.5-7 pt text at linespacing 1.3
@@ -274,7 +283,7 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
             ax.set_xlim(xlim)
             ax.set_ylim(ylim)
         _mark_centre(ax, n)
-        ax.set_title(plane_view, fontsize=7.5, pad=3)
+        ax.set_title(plane_view, fontsize=7.5, pad=3, **plain)
     x_table = margin + 3 * (ct_size + gap) + 0.12
     rows = prediction_rows(entry, ratings)
     text(x_table, y, "Predictions", fontsize=8.5, fontweight="bold")
@@ -363,8 +372,8 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
             bar.ax.tick_params(labelsize=5.5, length=2, pad=1)
         else:
             _show_ct(ax, ct_plane, origin_of[view])
-            ax.text(0.5, 0.5, "no map", transform=ax.transAxes, ha="center", va="center", color="white")
-        ax.set_title(f"{stem}: {shown}", fontsize=7.5, pad=3)
+            ax.text(0.5, 0.5, "no map", transform=ax.transAxes, ha="center", va="center", color="white", **plain)
+        ax.set_title(f"{stem}: {shown}", fontsize=7.5, pad=3, **plain)
 
     title = title_text(entry)
     png = _save(fig, out_dir / f"{name}.png", "png",
