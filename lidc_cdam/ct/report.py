@@ -372,7 +372,8 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
             bar.ax.tick_params(labelsize=5.5, length=2, pad=1)
         else:
             _show_ct(ax, ct_plane, origin_of[view])
-            ax.text(0.5, 0.5, "no map", transform=ax.transAxes, ha="center", va="center", color="white", **plain)
+            ax.text(0.5, 0.5, "no map", transform=ax.transAxes, ha="center", va="center", color="white",
+                    fontsize=8, bbox={"facecolor": "black", "edgecolor": "none", "alpha": 0.7}, **plain)
         ax.set_title(f"{stem}: {shown}", fontsize=7.5, pad=3, **plain)
 
     title = title_text(entry)
