@@ -28,6 +28,14 @@ KNOWN_CYCLES: dict[tuple[str, ...], str] = {}
 GUI = ("napari", "npe2", "magicgui", "vispy", "qtpy", "superqt", "PyQt5", "PyQt6", "PySide2", "PySide6")
 
 
+
+def imported_module(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a ``from ... import`` names (relative imports resolved against ``package``)."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
 def library_modules(root: Path = ROOT) -> dict[str, tuple[Path, bool]]:
     """``{module name: (file, is package)}`` for every ``.py`` file under ``root``."""
     modules = {}
@@ -47,11 +55,7 @@ def import_graph(modules: dict[str, tuple[Path, bool]]) -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 graph[name].update(alias.name for alias in node.names if alias.name in modules)
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    source = ".".join([*base, *([node.module] if node.module else [])])
-                else:
-                    source = node.module or ""
+                source = imported_module(node, package)
                 for alias in node.names:
                     if f"{source}.{alias.name}" in modules:
                         graph[name].add(f"{source}.{alias.name}")
@@ -152,11 +156,7 @@ def imported_names(modules: dict[str, tuple[Path, bool]]) -> dict[str, set[str]]
             if isinstance(node, ast.Import):
                 names.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    source = ".".join([*base, *([node.module] if node.module else [])])
-                else:
-                    source = node.module or ""
+                source = imported_module(node, package)
                 names.add(source)
                 names.update(f"{source}.{alias.name}" for alias in node.names)
         out[name] = names
