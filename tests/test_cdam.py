@@ -98,8 +98,8 @@ def test_cls_row_fast_path_equals_full_block(variant, options, concept):
     else:
         targets = [0, 5, 6]
     spec = resolve_targets(model, targets, x.shape[0])
-    fast, _ = cdam_token_scores(model, x, spec, variant, implementation="cls_row", **options)
-    full, _ = cdam_token_scores(model, x, spec, variant, implementation="reference", **options)
+    fast, _, _ = cdam_token_scores(model, x, spec, variant, implementation="cls_row", **options)
+    full, _, _ = cdam_token_scores(model, x, spec, variant, implementation="reference", **options)
     torch.testing.assert_close(fast, full, rtol=1e-9, atol=1e-12)
 
 
@@ -145,7 +145,7 @@ def test_integrated_cdam_completeness_converges(dtype):
     spec = resolve_targets(model, [4], 2)
     errors = []
     for n in (4, 16, 64, 256):
-        scores, _ = cdam_token_scores(model, x, spec, "integrated", n=n, space="tokens")
+        scores, _, _ = cdam_token_scores(model, x, spec, "integrated", n=n, space="tokens")
         errors.append((scores[:, 0].sum(-1) - gap).abs().max().item())
     assert all(b < a for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 0.01 * gap.abs().max().item(), (errors, gap)
@@ -201,7 +201,7 @@ def test_zero_attention_gives_zero_score(implementation):
         attn = (logits * blk.attn.scale).softmax(-1)
     assert attn[ignored] == 0.0 and (attn > 1e-3).sum() > 10
     spec = resolve_targets(model, [0, 1, 2], 1)
-    scores, _ = cdam_token_scores(model, x, spec, implementation=implementation)
+    scores, _, _ = cdam_token_scores(model, x, spec, implementation=implementation)
     assert torch.all(scores[0, :, ignored] == 0.0)
     assert torch.all(scores[0, :, attn > 1e-3].abs().amin(-1) > 0)
 
@@ -288,3 +288,14 @@ def test_bare_timm_model_is_wrapped_and_left_in_its_mode():
     attr = explain(backbone, x, [2])
     assert backbone.training
     torch.testing.assert_close(attr.maps, explain(model, x, [2]).maps)
+
+
+@pytest.mark.parametrize("method", ["cdam", "smooth-cdam", "integrated-cdam"])
+def test_cdam_returns_the_latents_and_outputs_of_its_own_forward(method):
+    model = tiny_vit()
+    x = images_for(model, batch=3)
+    attr = explain(model, x, targets=[0, 1], method=method, **({"n": 4} if method != "cdam" else {}))
+    with torch.no_grad():
+        latents = model.latent(x)
+    torch.testing.assert_close(attr.latents, latents)
+    torch.testing.assert_close(model.head(attr.latents)[:, :2], attr.scores)

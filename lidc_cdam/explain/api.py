@@ -48,7 +48,7 @@ def register(
 
 def _cdam_method(variant: str) -> ExplainFn:
     def run(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **options: Any) -> Attribution:
-        scores, values = cdam_token_scores(model, images, spec, variant, **options)
+        scores, values, latents = cdam_token_scores(model, images, spec, variant, **options)
         layout = model.layout(tuple(images.shape[-2:]))
         return Attribution(
             maps=layout.patch_grid(scores),
@@ -58,6 +58,7 @@ def _cdam_method(variant: str) -> ExplainFn:
             target_names=spec.names,
             scores=values,
             options=options,
+            latents=latents,
         )
 
     return run

@@ -25,6 +25,8 @@ class Attribution:
     target_names: list[list[str]]
     scores: torch.Tensor | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    #: the images' latents ``l`` ``[B, D]`` (CLS' for token pooling) where the method computed them (CDAM)
+    latents: torch.Tensor | None = None
 
     @property
     def num_targets(self) -> int:

@@ -219,8 +219,9 @@ def cdam_token_scores(
     generator: torch.Generator | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     implementation: Implementation = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores over all tokens (prefix included) ``[B, K, N]`` and target values ``F`` ``[B, K]``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores over all tokens (prefix included) ``[B, K, N]``, target values ``F`` ``[B, K]`` and the
+    images' latents ``l`` ``[B, D]`` (what the head reads: outputs and the trust flag need no second pass).
 
     ``space`` defaults to ``"block_input"`` for Smooth CDAM and ``"tokens"`` for Integrated CDAM
     (SPEC). ``seed`` (or a ``generator``) makes Smooth CDAM reproducible.
@@ -244,7 +245,8 @@ def cdam_token_scores(
 
     with torch.no_grad():
         resid = model.trunk(images)
-        values = spec.objective(model, model.last(resid)[:, None].expand(-1, spec.num_targets, -1))
+        latents = model.last(resid)
+        values = spec.objective(model, latents[:, None].expand(-1, spec.num_targets, -1))
     B, N, D = resid.shape
     per_point = N * D * resid.element_size() * (4 if implementation == "cls_row" else 16 * spec.num_targets)
     max_points = max(1, chunk_bytes // per_point)
@@ -262,7 +264,7 @@ def cdam_token_scores(
             for chunk in chunks:
                 with torch.enable_grad():
                     total[sl] += scorer(model, chunk, sub).detach()
-    return total / num_points(variant, n, space), values
+    return total / num_points(variant, n, space), values, latents
 
 
 def normed_token_gradients(
