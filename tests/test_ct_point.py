@@ -149,3 +149,77 @@ def test_combine_and_agreement_by_hand():
     ens = combine([R(m, p) for m, p in zip(maps, (0.2, 0.4, 0.9), strict=True)], ["a", "b", "c"], "malignancy")
     assert ens.mean["malignancy"] == pytest.approx(0.5) and ens.sd["malignancy"] == pytest.approx(np.std([.2, .4, .9]))
     np.testing.assert_allclose(ens.mean_maps[0], maps.mean(0))
+
+
+def test_every_slice_has_predictions_from_the_maps_own_pass(scan, nodules, biomarker_folds):
+    """Per-slice predictions (the 2.5D stack) equal a plain forward of each slice's input; the central one is
+    the prediction; the ensemble's per-slice mean and sd are numpy's over the folds."""
+    import torch
+
+    from lidc_cdam.ct.inputs import CENTRE, model_inputs
+
+    crop = M.read_crop(nodules[1].crop_path)
+    models = [M.load_checked_model(p) for p in biomarker_folds]
+    singles = [drain(crop_steps(m, crop, m.targets, "cdam", "axial", "nodule"), None) for m in models]
+    for m, r in zip(models, singles, strict=True):
+        assert CENTRE in r.slices and len(r.slice_predictions) == len(r.slices) > 1
+        with torch.no_grad():
+            outputs = m.model(model_inputs(crop["image"], "axial", r.slices, m.input_stats, m.image_size)).numpy()
+        for k, s in enumerate(r.slices):
+            expected = M.predictions(m, outputs[k])
+            assert r.predictions_at(s) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert r.predictions_at(CENTRE) == pytest.approx(r.predictions, rel=1e-6)
+        assert r.predictions_at(max(r.slices) + 1) is None
+        assert len({round(p["subtlety"], 6) for p in r.slice_predictions}) > 1  # the slices differ
+    ens = explain_crop(models, crop, slices="nodule")
+    np.testing.assert_allclose(ens.model_maps, np.stack([r.maps for r in singles]), rtol=1e-5, atol=1e-7)
+    for s in ens.slices:
+        mean, sd = ens.predictions_at(s)
+        values = np.array([r.predictions_at(s)["texture"] for r in singles])
+        assert mean["texture"] == pytest.approx(values.mean()) and sd["texture"] == pytest.approx(values.std())
+
+
+def test_steps_report_progress_and_trust_needs_no_extra_pass():
+    """explain_crop_steps yields (done, total) over all models; the trust flag from the maps' own latents equals
+    the one from a separate forward pass (the shipped phantom model carries training statistics)."""
+    from lidc_cdam.ct.ensemble import crop_trust, explain_crop_steps
+    from lidc_cdam.models.demo_weights import shipped_checkpoint
+
+    model = M.load_checked_model(shipped_checkpoint("phantom-malignancy"))
+    crop = M.read_crop(M.list_nodules(synthetic()["crops_dir"], M.read_ct(synthetic()["dicom"]))[0].crop_path)
+    steps = explain_crop_steps([model, model], crop, slices="nodule", batch=4)
+    seen = []
+    while True:
+        try:
+            seen.append(next(steps))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    totals = {t for _, t in seen}
+    assert len(totals) == 1 and seen[-1][0] == totals.pop() and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert result.trust is not None
+    again = crop_trust([model, model], crop, result.view)  # latents from a separate forward
+    assert result.trust["per_model"] == pytest.approx(again["per_model"], abs=1e-6)
+
+
+def test_point_targets_and_cache(scan, nodules, folds, biomarker_folds, tmp_path):
+    """``targets`` keeps the tasks that explain them; a second run comes from the cache (memory, then disk) with the
+    same maps; another crop is a miss."""
+    from lidc_cdam.ct.cache import MapCache
+
+    centre = M.crop_centre_world(M.read_crop(nodules[0].crop_path))
+    cache = MapCache(tmp_path / "cache")
+    first = explain_point(scan, centre, [*folds[:2], biomarker_folds[0]], slices="nodule", targets=["spiculation"],
+                          cache=cache)
+    (ens,) = first.ensembles
+    assert ens.targets == ["spiculation"] and ens.n == 1 and ens.mean_maps.shape[0] == 1
+    both = explain_point(scan, centre, [*folds[:2], biomarker_folds[0]], slices="nodule",
+                         targets=["malignancy", "spiculation"], cache=cache)
+    assert [e.targets for e in both.ensembles] == [["malignancy"], ["spiculation"]]
+    again = explain_point(scan, centre, [biomarker_folds[0]], slices="nodule", targets=["spiculation"],
+                          cache=MapCache(tmp_path / "cache"))
+    assert not ens.cached and again.ensembles[0].cached and both.ensembles[1].cached
+    np.testing.assert_array_equal(again.ensembles[0].mean_maps, ens.mean_maps)
+    assert again.ensembles[0].slice_mean == ens.slice_mean
+    with pytest.raises(M.CTError, match="none of the checkpoints explains"):
+        explain_point(scan, centre, folds[:1], targets=["texture"])

@@ -50,7 +50,14 @@ from lidc_cdam.ct.inputs import CENTRE, VIEWS, model_inputs, slices_for
 from lidc_cdam.ct.maps import METHODS, SIGNED, MapRequest, MapResult, compute_maps, compute_steps
 from lidc_cdam.ct.nodules import NoduleRef, list_nodules, nodule_at
 from lidc_cdam.ct.placement import nodule_labels, place_on_scan
-from lidc_cdam.ct.point import PointCrop, PointOutside, PointResult, crop_at_point, explain_point
+from lidc_cdam.ct.point import (
+    PointCrop,
+    PointOutside,
+    PointResult,
+    crop_at_point,
+    explain_point,
+    explain_point_steps,
+)
 from lidc_cdam.ct.read import list_series, read_ct
 from lidc_cdam.ct.series import SeriesInfo
 from lidc_cdam.ct.volume import WINDOWS, CTVolume, read_dicom_folder, read_lidc_scan, window_limits
@@ -84,6 +91,7 @@ __all__ = [
     "crop_centre_world",
     "explain_crop",
     "explain_point",
+    "explain_point_steps",
     "export_nifti",
     "group_checkpoints",
     "list_nodules",

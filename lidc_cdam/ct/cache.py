@@ -14,13 +14,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from lidc_cdam.ct.checkpoint import file_fingerprint, load_checked_model
-from lidc_cdam.ct.maps import MapRequest, MapResult, compute_steps, drain
+from lidc_cdam.ct.checkpoint import LoadedModel, file_fingerprint, load_checked_model
+from lidc_cdam.ct.maps import MapRequest, MapResult, compute_steps, crop_steps, drain
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-slice predictions and the central latent
 
 
 class MapCache:
@@ -41,8 +42,18 @@ class MapCache:
             parts["n"] = None
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
-    def get(self, request: MapRequest) -> MapResult | None:
-        key = self.key(request)
+    @staticmethod
+    def crop_key(loaded: LoadedModel, crop: dict[str, Any], targets: tuple[str, ...], method: str, view: str,
+                 slices: str, margin: int, options: dict[str, Any] | None) -> str:
+        """The key of a crop in memory explained by a loaded model (its contents, not a file path)."""
+        parts = {"checkpoint": loaded.fingerprint, "crop": crop_digest(crop), "targets": list(targets),
+                 "method": method, "view": view, "slices": slices, "margin": margin,
+                 "options": dict(sorted((options or {}).items())), "version": CACHE_VERSION}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def get(self, request: MapRequest | str) -> MapResult | None:
+        """The cached result of a request (or of a key from :meth:`crop_key`), None on a miss."""
+        key = request if isinstance(request, str) else self.key(request)
         with self._lock:
             if key in self._mem:
                 self._mem.move_to_end(key)
@@ -51,22 +62,24 @@ class MapCache:
             try:
                 with np.load(self.folder / f"{key}.npz", allow_pickle=False) as data:
                     info = json.loads(str(data["info"]))
-                    result = MapResult(data["maps"], **info)
+                    latent = data["central_latent"] if "central_latent" in data.files else None
+                    result = MapResult(data["maps"], **info, central_latent=latent)
             except (OSError, ValueError, KeyError, TypeError):
                 return None
             self._remember(key, result)
             return result
         return None
 
-    def put(self, request: MapRequest, result: MapResult) -> None:
-        key = self.key(request)
+    def put(self, request: MapRequest | str, result: MapResult) -> None:
+        key = request if isinstance(request, str) else self.key(request)
         self._remember(key, result)
         if self.folder is not None:
             from lidc_cdam.io import write_npz
 
-            info = {k: v for k, v in result.__dict__.items() if k not in ("maps", "cached")}
+            info = {k: v for k, v in result.__dict__.items() if k not in ("maps", "cached", "central_latent")}
+            arrays = {} if result.central_latent is None else {"central_latent": result.central_latent}
             write_npz(self.folder / f"{key}.npz", maps=result.maps.astype(np.float32),
-                      info=np.array(json.dumps(info)))
+                      info=np.array(json.dumps(info)), **arrays)
 
     def _remember(self, key: str, result: MapResult) -> None:
         with self._lock:
@@ -86,6 +99,36 @@ def cached_steps(request: MapRequest, cache: MapCache | None) -> Generator[tuple
     result = yield from compute_steps(request)
     if cache is not None:
         cache.put(request, result)
+    return result
+
+
+def crop_digest(crop: dict[str, Any]) -> str:
+    """A content hash of a crop record: its HU, mask and placement (``crop_to_world``)."""
+    h = hashlib.sha256()
+    for name in ("image", "mask", "crop_to_world"):
+        value = crop.get(name)
+        if value is not None:
+            arr = np.ascontiguousarray(value)
+            h.update(f"{name}{arr.dtype}{arr.shape}".encode())
+            h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def cached_crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: tuple[str, ...], method: str = "cdam",
+                      view: str = "axial", slices: str = "nodule", margin: int = 3,
+                      options: dict[str, Any] | None = None, batch: int = 8, where: object = "crop",
+                      cache: MapCache | None = None) -> Generator[tuple[int, int], None, MapResult]:
+    """:func:`lidc_cdam.ct.maps.crop_steps` through ``cache`` (a hit is returned at once, ``cached=True``)."""
+    key = None
+    if cache is not None:
+        start = time.perf_counter()
+        key = cache.crop_key(loaded, crop, tuple(targets), method, view, slices, margin, options)
+        hit = cache.get(key)
+        if hit is not None:
+            return MapResult(**{**hit.__dict__, "cached": True, "seconds": time.perf_counter() - start})
+    result = yield from crop_steps(loaded, crop, targets, method, view, slices, margin, options, batch, where)
+    if cache is not None and key is not None:
+        cache.put(key, result)
     return result
 
 

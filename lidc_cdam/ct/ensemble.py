@@ -8,12 +8,13 @@ the agreement is 1).
 - :func:`group_checkpoints` - checkpoints grouped by task and output names (malignancy models form one
   ensemble, biomarker models another);
 - :func:`combine` - an :class:`EnsembleResult` from the models' :class:`~lidc_cdam.ct.maps.MapResult` (numpy only);
-- :func:`explain_crop` - every model of one group on a crop in memory, combined.
+- :func:`explain_crop_steps` / :func:`explain_crop` - every model of one group on a crop in memory, combined
+  (the steps yield after each batch of slices, so a viewer can report progress and cancel between them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 
 from lidc_cdam.ct.checkpoint import LoadedModel, load_checked_model
 from lidc_cdam.ct.errors import CTError
-from lidc_cdam.ct.maps import MapResult, crop_steps, drain
+from lidc_cdam.ct.maps import MapResult
 
 
 @dataclass
@@ -42,10 +43,24 @@ class EnsembleResult:
     signed: bool
     #: the trust flag (SPEC): see :func:`crop_trust`; None when no model carries training statistics
     trust: dict[str, Any] | None = None
+    #: every model's maps ``[M, K, 32, 32, 32]`` (for viewing one fold beside the ensemble)
+    model_maps: np.ndarray | None = None
+    #: explained slice indices along the view and, per slice, the mean prediction and its sd over the models
+    slices: list[int] | None = None
+    slice_mean: list[dict[str, float]] | None = None
+    slice_sd: list[dict[str, float]] | None = None
+    cached: bool = False  # every model's maps came from a cache
 
     @property
     def n(self) -> int:
         return len(self.checkpoints)
+
+    def predictions_at(self, index: int) -> tuple[dict[str, float], dict[str, float]] | None:
+        """``(mean, sd)`` of the predictions on crop slice ``index`` along the view; None if not explained."""
+        if self.slices is None or self.slice_mean is None or self.slice_sd is None or index not in self.slices:
+            return None
+        k = self.slices.index(index)
+        return self.slice_mean[k], self.slice_sd[k]
 
 
 def as_loaded(checkpoint: str | Path | LoadedModel) -> LoadedModel:
@@ -83,19 +98,31 @@ def combine(results: Sequence[MapResult], checkpoints: Sequence[str], task: str)
     stack = np.stack([r.maps for r in results]).astype(np.float64)  # [M, K, 32, 32, 32]
     mean_maps = stack.mean(0)
     values = {t: np.array([r.predictions[t] for r in results], dtype=float) for t in first.targets}
+    slice_mean = slice_sd = None
+    if all(getattr(r, "slice_predictions", None) is not None and r.slices == first.slices for r in results):
+        per_slice = [{t: np.array([r.slice_predictions[k][t] for r in results], dtype=float) for t in first.targets}
+                     for k in range(len(first.slices))]
+        slice_mean = [{t: float(v.mean()) for t, v in row.items()} for row in per_slice]
+        slice_sd = [{t: float(v.std()) for t, v in row.items()} for row in per_slice]
     return EnsembleResult(task, [str(c) for c in checkpoints], list(first.targets), first.method, first.view,
                           {t: float(v.mean()) for t, v in values.items()},
                           {t: float(v.std()) for t, v in values.items()},
                           [dict(r.predictions) for r in results], mean_maps.astype(np.float32),
-                          sign_agreement(stack, mean_maps), first.signed)
+                          sign_agreement(stack, mean_maps), first.signed, model_maps=stack.astype(np.float32),
+                          slices=list(getattr(first, "slices", []) or []), slice_mean=slice_mean, slice_sd=slice_sd,
+                          cached=all(getattr(r, "cached", False) for r in results))
 
 
-def explain_crop(models: Sequence[str | Path | LoadedModel], crop: dict[str, Any], targets: Sequence[str] | None = None,
-                 method: str = "cdam", view: str | None = None, slices: str = "all", margin: int = 3,
-                 options: dict[str, Any] | None = None, batch: int = 8, where: object = "crop",
-                 progress: Callable[[], None] | None = None) -> EnsembleResult:
+def explain_crop_steps(models: Sequence[str | Path | LoadedModel], crop: dict[str, Any],
+                       targets: Sequence[str] | None = None, method: str = "cdam", view: str | None = None,
+                       slices: str = "all", margin: int = 3, options: dict[str, Any] | None = None, batch: int = 8,
+                       where: object = "crop", cache: Any = None) -> Generator[tuple[int, int], None, EnsembleResult]:
     """Every model of one task on a crop in memory (:func:`lidc_cdam.ct.maps.crop_steps`), combined; all
-    targets by default; ``view`` defaults to the view the models were trained on (they must agree)."""
+    targets by default; ``view`` defaults to the view the models were trained on (they must agree). Yields
+    ``(batches done, batches in all)`` over all the models. With a :class:`~lidc_cdam.ct.cache.MapCache`, each
+    model's maps come from it when computed before."""
+    from lidc_cdam.ct.cache import cached_crop_steps
+
     loaded = [as_loaded(m) for m in models]
     if not loaded:
         raise CTError("no checkpoint given")
@@ -108,33 +135,64 @@ def explain_crop(models: Sequence[str | Path | LoadedModel], crop: dict[str, Any
             raise CTError(f"the models were trained on different views {sorted(views)}: choose one view")
         view = views.pop()
     targets = tuple(targets or loaded[0].targets)
-    results = []
-    for m in loaded:
-        results.append(drain(crop_steps(m, crop, targets, method, view, slices, margin, options, batch, where), None))
-        if progress:
-            progress()
+    results: list[MapResult] = []
+    for n, m in enumerate(loaded):
+        steps = cached_crop_steps(m, crop, targets, method, view, slices, margin, options, batch, where, cache)
+        while True:
+            try:
+                done, total = next(steps)
+            except StopIteration as stop:
+                results.append(stop.value)
+                break
+            yield n * max(total, 1) + done, len(loaded) * max(total, 1)
     result = combine(results, [str(m.path) for m in loaded], loaded[0].task)
-    result.trust = crop_trust(loaded, crop, view)
+    result.trust = crop_trust(loaded, crop, view, [r.central_latent for r in results])
     return result
 
 
-def crop_trust(models: Sequence[LoadedModel], crop: dict[str, Any], view: str) -> dict[str, Any] | None:
+def explain_crop(models: Sequence[str | Path | LoadedModel], crop: dict[str, Any], targets: Sequence[str] | None = None,
+                 method: str = "cdam", view: str | None = None, slices: str = "all", margin: int = 3,
+                 options: dict[str, Any] | None = None, batch: int = 8, where: object = "crop",
+                 progress: Callable[[], None] | None = None) -> EnsembleResult:
+    """:func:`explain_crop_steps` run to its result; ``progress()`` is called after each model."""
+    steps = explain_crop_steps(models, crop, targets, method, view, slices, margin, options, batch, where)
+    count, reported = max(len(models), 1), 0
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        finished = done * count // max(total, 1)  # models done
+        while progress and reported < finished:
+            reported += 1
+            progress()
+
+
+def crop_trust(models: Sequence[LoadedModel], crop: dict[str, Any], view: str,
+               latents: Sequence[np.ndarray | None] | None = None) -> dict[str, Any] | None:
     """The trust flag of a crop (SPEC "Trust flag"): for each model whose checkpoint carries training statistics
     (``meta["trust"]``, :mod:`lidc_cdam.models.trust`), the percentile of the central slice's latent among the
     training crops' own Mahalanobis distances. The ensemble reports the largest (the most cautious model) and is
-    ``unlike_training`` above the threshold (the 99th percentile). None when no model has the statistics."""
+    ``unlike_training`` above the threshold (the 99th percentile). None when no model has the statistics.
+    ``latents`` (per model, the central slice's latent from the maps' own pass) spare a forward pass."""
     from lidc_cdam.ct.inputs import CENTRE, model_inputs
     from lidc_cdam.models.trust import THRESHOLD, model_latents, trust_percentile
 
     per_model: list[float | None] = []
     threshold = THRESHOLD
-    for m in models:
+    for k, m in enumerate(models):
         stats = m.model.meta.get("trust")
         if not stats:
             per_model.append(None)
             continue
-        x = model_inputs(crop["image"], view, [CENTRE], m.input_stats, m.image_size)
-        per_model.append(float(trust_percentile(stats, model_latents(m.model, x))[0]))
+        known_latent = latents[k] if latents is not None else None
+        if known_latent is not None:
+            import torch
+
+            latent = torch.as_tensor(np.asarray(known_latent, dtype=np.float32))[None]
+        else:
+            latent = model_latents(m.model, model_inputs(crop["image"], view, [CENTRE], m.input_stats, m.image_size))
+        per_model.append(float(trust_percentile(stats, latent)[0]))
         threshold = float(stats.get("threshold", THRESHOLD))
     known = [p for p in per_model if p is not None]
     if not known:

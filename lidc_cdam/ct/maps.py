@@ -12,6 +12,9 @@ For a nodule's 32 mm crop (:mod:`lidc_cdam.data.lidc.crops`) and a model trained
 
 The predictions returned with the maps are the model's outputs on the central slice (index 16, what it
 was trained and evaluated on): malignancy as a probability, biomarkers in rating units (``target_stats``).
+The outputs of every explained slice come with them (``slice_predictions``), read from the explainer's own
+forward pass (:attr:`lidc_cdam.explain.Attribution.latents`): CDAM needs no second pass for predictions, nor
+for the trust flag (the central slice's latent, ``central_latent``).
 :mod:`lidc_cdam.ct.cache` keeps computed maps in memory and on disk.
 """
 
@@ -67,6 +70,16 @@ class MapResult:
     nodule_id: str
     seconds: float
     cached: bool = False
+    #: the predictions on each explained slice, in the order of ``slices``
+    slice_predictions: list[dict[str, float]] | None = None
+    #: the central slice's latent ``l`` (for the trust flag), float32 ``[D]``
+    central_latent: np.ndarray | None = None
+
+    def predictions_at(self, index: int) -> dict[str, float] | None:
+        """The predictions on crop slice ``index`` along the view, None where it was not explained."""
+        if self.slice_predictions is None or index not in self.slices:
+            return None
+        return self.slice_predictions[self.slices.index(index)]
 
     def limit(self, k: int) -> float:
         """Symmetric colour limit of map ``k`` (max |value|, 1 when all zero)."""
@@ -136,14 +149,22 @@ def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[str]
     axis = VIEWS[view]
     size = loaded.image_size
     model = loaded.model
+    outputs: dict[int, np.ndarray] = {}  # slice -> all model outputs
+    latents: dict[int, np.ndarray] = {}
     yield 0, len(indices)
-    with torch.no_grad():
-        central = model(model_inputs(crop["image"], view, [CENTRE], loaded.input_stats, size))[0].numpy()
     done = 0
     for b in range(0, len(indices), batch):
         chunk = indices[b : b + batch]
         x = model_inputs(crop["image"], view, chunk, loaded.input_stats, size)
         attr = explain(model, x, targets=target_names, method=method, **(options or {}))
+        lat = attr.latents
+        if lat is None:  # methods without the latents of their own pass (the attention map)
+            with torch.no_grad():
+                lat = model.latent(x)
+        with torch.no_grad():
+            out = model.head(lat)
+        for j, s in enumerate(chunk):
+            outputs[s], latents[s] = out[j].float().numpy(), lat[j].float().numpy()
         planes = F.interpolate(attr.maps.detach().float(), size=(CROP, CROP), mode="bilinear",
                                align_corners=False).numpy()  # [B, K, 32, 32]
         for j, s in enumerate(chunk):
@@ -152,8 +173,14 @@ def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[str]
             maps[(slice(None), *index)] = planes[j]
         done += len(chunk)
         yield done, len(indices)
-    return MapResult(maps, list(targets), method, view, indices, predictions(loaded, central), SIGNED[method],
-                     str(crop.get("nodule_id", "")), time.perf_counter() - start)
+    if CENTRE not in outputs:  # the central slice was not explained: one forward for its predictions
+        with torch.no_grad():
+            lat = model.latent(model_inputs(crop["image"], view, [CENTRE], loaded.input_stats, size))
+            outputs[CENTRE], latents[CENTRE] = model.head(lat)[0].float().numpy(), lat[0].float().numpy()
+    return MapResult(maps, list(targets), method, view, indices, predictions(loaded, outputs[CENTRE]),
+                     SIGNED[method], str(crop.get("nodule_id", "")), time.perf_counter() - start,
+                     slice_predictions=[predictions(loaded, outputs[s]) for s in indices],
+                     central_latent=latents[CENTRE])
 
 
 def compute_maps(request: MapRequest, progress: Callable[[int, int], None] | None = None) -> MapResult:

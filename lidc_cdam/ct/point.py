@@ -14,12 +14,13 @@ is reported; a point outside the volume is refused (:class:`PointOutside`, namin
 - :func:`crop_at_point` - a :class:`PointCrop`: the crop record (as the nodule crops' ``.npz``, with an empty
   mask) and the padded voxels;
 - :func:`explain_point` - predictions and maps of one or several checkpoints at a point
-  (:func:`lidc_cdam.ct.ensemble.explain_crop` per task), each map placed on the scan's grid on demand.
+  (:func:`lidc_cdam.ct.ensemble.explain_crop` per task), each map placed on the scan's grid on demand;
+  :func:`explain_point_steps` the same as a generator of progress steps (for a viewer: progress, cancel).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,20 +141,51 @@ class PointResult:
         return place_on_scan(crop_map, self.crop.crop, volume)
 
 
+def explain_point_steps(volume: CTVolume, point: Sequence[float], checkpoints: Sequence[Any], ijk: bool = False,
+                        method: str = "cdam", view: str | None = None, slices: str = "all", margin: int = 3,
+                        options: dict[str, Any] | None = None, image: Any = None, point_id: str = "point",
+                        batch: int = 8, targets: Sequence[str] | None = None,
+                        cache: Any = None) -> Generator[tuple[int, int], None, PointResult]:
+    """:func:`explain_point` as a generator: yields ``(steps done, steps in all)`` after each batch of slices of
+    each checkpoint (a viewer's worker reports them and can stop between them); returns the result.
+    ``targets`` limits each task to those of its outputs (a task with none of them is skipped); ``cache``
+    (a :class:`~lidc_cdam.ct.cache.MapCache`) keeps the maps of each checkpoint and crop."""
+    from lidc_cdam.ct.ensemble import explain_crop_steps, group_checkpoints
+
+    crop = crop_at_point(volume, point, ijk, image, point_id)
+    groups = list(group_checkpoints(checkpoints).values())
+    if targets is not None:
+        wanted = set(targets)
+        groups = [g for g in groups if wanted & set(g[0].targets)]
+        if not groups:
+            raise CTError(f"none of the checkpoints explains {sorted(wanted)}")
+    ensembles = []
+    for g, models in enumerate(groups):
+        chosen = None if targets is None else [t for t in models[0].targets if t in set(targets)]
+        steps = explain_crop_steps(models, crop.crop, chosen, method=method, view=view, slices=slices, margin=margin,
+                                   options=options, batch=batch, where=point_id, cache=cache)
+        while True:
+            try:
+                done, total = next(steps)
+            except StopIteration as stop:
+                ensembles.append(stop.value)
+                break
+            yield g * total + done, len(groups) * total
+    return PointResult(crop, ensembles)
+
+
 def explain_point(volume: CTVolume, point: Sequence[float], checkpoints: Sequence[Any], ijk: bool = False,
                   method: str = "cdam", view: str | None = None, slices: str = "all", margin: int = 3,
                   options: dict[str, Any] | None = None, image: Any = None, point_id: str = "point",
-                  progress=None) -> PointResult:
+                  progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> PointResult:
     """Predictions and maps at a point: the crop (:func:`crop_at_point`), then for each task's checkpoints
     (paths or :class:`~lidc_cdam.ct.checkpoint.LoadedModel`, grouped by
     :func:`~lidc_cdam.ct.ensemble.group_checkpoints`) the ensemble of their predictions and maps of every
-    target (:func:`~lidc_cdam.ct.ensemble.explain_crop`).
+    target (:func:`~lidc_cdam.ct.ensemble.explain_crop_steps`).
     ``slices`` is ``"all"`` (the 32 slices along the view) or ``"nodule"`` (the centre slice +- ``margin``:
-    the crop has no mask); ``progress()`` is called after each checkpoint."""
-    from lidc_cdam.ct.ensemble import explain_crop, group_checkpoints
+    the crop has no mask); ``progress(done, total)`` is called after each batch of slices; ``kwargs`` go to
+    :func:`explain_point_steps` (``batch``, ``targets``, ``cache``)."""
+    from lidc_cdam.ct.maps import drain
 
-    crop = crop_at_point(volume, point, ijk, image, point_id)
-    groups = group_checkpoints(checkpoints)
-    ensembles = [explain_crop(models, crop.crop, method=method, view=view, slices=slices, margin=margin,
-                              options=options, progress=progress, where=point_id) for models in groups.values()]
-    return PointResult(crop, ensembles)
+    return drain(explain_point_steps(volume, point, checkpoints, ijk, method, view, slices, margin, options, image,
+                                     point_id, **kwargs), progress)
