@@ -107,21 +107,25 @@ def test_widget_computes_an_overlay_on_the_nodule(viewer, qtbot, checkpoint):
     qtbot.waitUntil(lambda: bool(widget.overlays), timeout=WAIT_MS)
     qtbot.waitUntil(lambda: widget.compute_button.enabled, timeout=WAIT_MS)
     overlay = widget.overlays["malignancy"]
-    assert overlay.data.shape == ct.data.shape
-    np.testing.assert_allclose(overlay.scale, ct.scale)
-    np.testing.assert_allclose(overlay.translate, ct.translate)
+    # on the crop's 1 mm grid, placed in the scan's world (patient mm) by the crop's own affine
+    crop = read_crop(widget.nodule.value.crop_path)
+    assert overlay.data.shape == (32, 32, 32)
+    for index in ([0, 0, 0], [31, 5, 17], [16, 16, 16]):
+        world_xyz = (np.asarray(crop["crop_to_world"]) @ np.array([*index, 1.0]))[:3]
+        np.testing.assert_allclose(overlay.data_to_world(index), world_xyz[::-1], atol=1e-9)
     lim = overlay.contrast_limits
     assert tuple(lim) == (-1.0, 1.0)  # symmetric around zero; by default each slice's map scaled on its own
     assert 0.9 < np.abs(overlay.data).max() <= 1.0 + 1e-6
     assert overlay.colormap.map(np.array([0.5]))[0, 3] == 0  # transparent centre
     assert overlay.colorbar.visible
-    # the non-zero voxels sit on the nodule: inside its crop, covering its consensus mask
+    # on the scan's grid, the non-zero voxels sit on the nodule: inside its crop, covering its consensus mask
     labels = viewer.layers["nodule contours"].data
-    nz = np.argwhere(overlay.data != 0)
+    on_scan = place_on_scan(overlay.data, crop, widget.volume)
+    nz = np.argwhere(on_scan != 0)
     centre = np.argwhere(labels == 2).mean(0)
     half = 16.5 / np.asarray(ct.scale)
     assert (np.abs(nz - centre) <= half + 1).all()
-    assert (overlay.data[labels == 2] != 0).mean() > 0.5
+    assert (on_scan[labels == 2] != 0).mean() > 0.5
     # the slider is on the nodule and the predictions are shown
     assert abs(viewer.dims.point[0] - (ORIGIN[2] + SPACING[2] * centre[0])) < 2 * SPACING[2]
     assert "malignancy: p = " in widget.predictions.value
@@ -158,7 +162,7 @@ def test_several_targets_views_and_export(viewer, qtbot, biomarker_checkpoint, t
     assert img.GetSize() == SHAPE[::-1]
     np.testing.assert_allclose(img.GetSpacing(), SPACING)
     np.testing.assert_allclose(img.GetOrigin(), ORIGIN)
-    raw = place_on_scan(widget.results[0].maps[1], read_crop(widget.nodules[0].crop_path), widget.volume)
+    raw = place_on_scan(widget.results[0].mean_maps[1], read_crop(widget.nodules[0].crop_path), widget.volume)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), raw)  # raw scores, not the display scaling
     png = widget.save_png(tmp_path / "view.png")
     assert png.stat().st_size > 1000

@@ -43,7 +43,7 @@ Qt. From reading a scan to a map on its grid:
 from lidc_cdam.ct.cache import MapCache, cached_compute, cached_steps
 from lidc_cdam.ct.checkpoint import MALIGNANCY, LoadedModel, load_checked_model, predictions
 from lidc_cdam.ct.crop import CROP, crop_centre_world, read_crop
-from lidc_cdam.ct.ensemble import EnsembleResult, explain_crop, group_checkpoints
+from lidc_cdam.ct.ensemble import EnsembleResult, explain_crop, explain_tasks_steps, group_checkpoints
 from lidc_cdam.ct.errors import CTError, SeriesRefused
 from lidc_cdam.ct.export import export_nifti
 from lidc_cdam.ct.inputs import CENTRE, VIEWS, model_inputs, slices_for
@@ -92,6 +92,7 @@ __all__ = [
     "explain_crop",
     "explain_point",
     "explain_point_steps",
+    "explain_tasks_steps",
     "export_nifti",
     "group_checkpoints",
     "list_nodules",

@@ -150,6 +150,32 @@ def explain_crop_steps(models: Sequence[str | Path | LoadedModel], crop: dict[st
     return result
 
 
+def explain_tasks_steps(checkpoints: Sequence[str | Path | LoadedModel], crop: dict[str, Any],
+                        targets: Sequence[str] | None = None, **kwargs: Any
+                        ) -> Generator[tuple[int, int], None, list[EnsembleResult]]:
+    """Every task's checkpoints (grouped by :func:`group_checkpoints`) on one crop: one :class:`EnsembleResult`
+    per task. ``targets`` limits each task to those of its outputs (a task with none of them is skipped);
+    ``kwargs`` go to :func:`explain_crop_steps`. Yields ``(steps done, steps in all)`` over all tasks."""
+    groups = list(group_checkpoints(checkpoints).values())
+    if targets is not None:
+        wanted = set(targets)
+        groups = [g for g in groups if wanted & set(g[0].targets)]
+        if not groups:
+            raise CTError(f"none of the checkpoints explains {sorted(wanted)}")
+    ensembles = []
+    for g, models in enumerate(groups):
+        chosen = None if targets is None else [t for t in models[0].targets if t in set(targets)]
+        steps = explain_crop_steps(models, crop, chosen, **kwargs)
+        while True:
+            try:
+                done, total = next(steps)
+            except StopIteration as stop:
+                ensembles.append(stop.value)
+                break
+            yield g * total + done, len(groups) * total
+    return ensembles
+
+
 def explain_crop(models: Sequence[str | Path | LoadedModel], crop: dict[str, Any], targets: Sequence[str] | None = None,
                  method: str = "cdam", view: str | None = None, slices: str = "all", margin: int = 3,
                  options: dict[str, Any] | None = None, batch: int = 8, where: object = "crop",

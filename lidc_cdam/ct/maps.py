@@ -87,19 +87,22 @@ class MapResult:
         return m if m > 0 else 1.0
 
     def scaled(self, k: int, scale: str = "slice") -> tuple[np.ndarray, float]:
-        """Map ``k`` for display and its symmetric limit: ``"nodule"`` the raw scores (one limit for all
-        slices), ``"slice"`` each slice's map divided by its own max |value| (as the paper scales each
-        map on its own; limit 1)."""
-        if scale == "nodule":
-            return self.maps[k], self.limit(k)
-        if scale != "slice":
-            raise ValueError(f"scale must be 'slice' or 'nodule', got {scale!r}")
-        axis = VIEWS[self.view]
-        others = tuple(a for a in range(3) if a != axis)
-        peak = np.abs(self.maps[k]).max(axis=others, keepdims=True)
-        return np.divide(self.maps[k], peak, out=np.zeros_like(self.maps[k]), where=peak > 0), 1.0
+        """Map ``k`` for display and its symmetric limit (:func:`display_scaled`)."""
+        return display_scaled(self.maps[k], self.view, scale)
 
 
+def display_scaled(crop_map: np.ndarray, view: str, scale: str = "slice") -> tuple[np.ndarray, float]:
+    """A ``[32, 32, 32]`` crop map for display and its symmetric colour limit: ``"nodule"`` the raw scores (one
+    limit, max |value|, for all slices; 1 when all zero), ``"slice"`` each slice along ``view`` divided by its own
+    max |value| (as the paper scales each map on its own; limit 1)."""
+    if scale == "nodule":
+        peak = float(np.abs(crop_map).max()) if crop_map.size else 0.0
+        return crop_map, peak if peak > 0 else 1.0
+    if scale != "slice":
+        raise ValueError(f"scale must be 'slice' or 'nodule', got {scale!r}")
+    others = tuple(a for a in range(3) if a != VIEWS[view])
+    peak = np.abs(crop_map).max(axis=others, keepdims=True)
+    return np.divide(crop_map, peak, out=np.zeros_like(crop_map), where=peak > 0), 1.0
 
 
 def compute_steps(request: MapRequest) -> Generator[tuple[int, int], None, MapResult]:

@@ -150,27 +150,12 @@ def explain_point_steps(volume: CTVolume, point: Sequence[float], checkpoints: S
     each checkpoint (a viewer's worker reports them and can stop between them); returns the result.
     ``targets`` limits each task to those of its outputs (a task with none of them is skipped); ``cache``
     (a :class:`~lidc_cdam.ct.cache.MapCache`) keeps the maps of each checkpoint and crop."""
-    from lidc_cdam.ct.ensemble import explain_crop_steps, group_checkpoints
+    from lidc_cdam.ct.ensemble import explain_tasks_steps
 
     crop = crop_at_point(volume, point, ijk, image, point_id)
-    groups = list(group_checkpoints(checkpoints).values())
-    if targets is not None:
-        wanted = set(targets)
-        groups = [g for g in groups if wanted & set(g[0].targets)]
-        if not groups:
-            raise CTError(f"none of the checkpoints explains {sorted(wanted)}")
-    ensembles = []
-    for g, models in enumerate(groups):
-        chosen = None if targets is None else [t for t in models[0].targets if t in set(targets)]
-        steps = explain_crop_steps(models, crop.crop, chosen, method=method, view=view, slices=slices, margin=margin,
-                                   options=options, batch=batch, where=point_id, cache=cache)
-        while True:
-            try:
-                done, total = next(steps)
-            except StopIteration as stop:
-                ensembles.append(stop.value)
-                break
-            yield g * total + done, len(groups) * total
+    ensembles = yield from explain_tasks_steps(checkpoints, crop.crop, targets, method=method, view=view,
+                                               slices=slices, margin=margin, options=options, batch=batch,
+                                               where=point_id, cache=cache)
     return PointResult(crop, ensembles)
 
 
