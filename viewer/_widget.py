@@ -249,7 +249,7 @@ class CdamWidget(Container):
         if self.ct_layer.value is not self._current_ct:
             self._on_ct_changed()
         self.overlay_layers.forget_removed()
-        self.point.reset_choices()
+        self._refresh_points()
 
     def say(self, text: str, error: bool = False) -> None:
         self.status.value = ("Error: " if error else "") + text
@@ -355,6 +355,11 @@ class CdamWidget(Container):
             self.say("click on the scan to add a point (the 'CDAM points' layer is in add mode)")
         return layer
 
+    def _refresh_points(self) -> None:
+        """The point list from the layer; a programmatic change of the choice explains nothing."""
+        with self.point.changed.blocked():
+            self.point.reset_choices()
+
     def _point_choices(self) -> list[tuple[str, int]]:
         layer = find_points_layer(self.viewer)
         if layer is None:
@@ -365,7 +370,7 @@ class CdamWidget(Container):
         action = str(getattr(event, "action", "added"))
         if action not in ("added", "removed", "changed"):
             return
-        self.point.reset_choices()
+        self._refresh_points()
         layer = find_points_layer(self.viewer)
         if action == "added" and layer is not None and len(layer.data):
             self.mode.value = POINT_MODE
@@ -375,12 +380,12 @@ class CdamWidget(Container):
                 self.compute()
 
     def add_point(self, world_zyx: Any, compute: bool = True, block: bool = False) -> Any:
-        """Add a point (napari world z, y, x mm) as a click would, and explain it (for scripts and tests)."""
+        """Add a point (napari world z, y, x mm) as a click would, choose it, and explain it unless not
+        ``compute`` (``block``: in this thread; for scripts and tests)."""
         layer = self.points_layer()
-        with layer.events.data.blocked():
+        with layer.events.data.blocker():
             layer.add(np.asarray(world_zyx, dtype=float)[None])
-        self.point.reset_choices()
-        self.point.value = len(layer.data) - 1 if not compute else self.point.value
+        self._refresh_points()
         with self.point.changed.blocked():
             self.point.value = len(layer.data) - 1
         return self.compute(block=block) if compute else None
@@ -688,9 +693,11 @@ class CdamWidget(Container):
                 self.warn(w)
 
     def _focus(self, crop: dict[str, Any], view: str) -> None:
-        """Slider and camera on the crop's centre, the view's plane displayed."""
-        centre_xyz = ct.crop_centre_world(crop)
-        centre = np.asarray(centre_xyz[::-1], dtype=float)  # world z, y, x
+        """Slider on the crop's central slice along the view (the one predicted), camera on the crop's centre,
+        the view's plane displayed."""
+        index = np.full(3, (ct.CROP - 1) / 2.0)
+        index[ct.VIEWS[view]] = ct.CENTRE
+        centre = (crop_affine(crop) @ np.append(index, 1.0))[:3]  # world z, y, x
         ndim = self.viewer.dims.ndim
         if ndim >= 3:
             self.viewer.dims.order = tuple(range(ndim - 3)) + tuple(ndim - 3 + a for a in DIMS_ORDER[view])

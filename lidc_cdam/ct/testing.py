@@ -50,3 +50,34 @@ def digits_checkpoint(path: Path) -> Path:
     model = ViTModel.from_config(TINY, head_outputs=10, task="classification",
                                  output_names=[str(i) for i in range(10)])
     return save_checkpoint(model, path)
+
+
+def phantom_inputs(image_size: int = 32):
+    """Model inputs of every slice, in all three views, of the synthetic scan's nodule crops (a phantom
+    "training set" for the trust statistics of tiny test models)."""
+    from lidc_cdam.ct.crop import read_crop
+    from lidc_cdam.ct.inputs import VIEWS, model_inputs
+
+    crops = sorted((synthetic()["crops_dir"] / "crops").glob("*.npz"))
+    parts = [model_inputs(read_crop(c)["image"], view, list(range(32)), {**STATS, "image_size": image_size},
+                          image_size) for c in crops for view in VIEWS]
+    if not parts:
+        raise FileNotFoundError(f"no crops in {synthetic()['crops_dir'] / 'crops'}")
+    return torch.cat(parts)
+
+
+def fold_checkpoints(folder: Path, n: int = 5, task: str = "malignancy", trust: bool = True) -> list[Path]:
+    """``n`` tiny random "folds" of one task (seeds 0..n-1); with ``trust``, each carries trust statistics fitted on
+    the latents of the synthetic phantom crops (:func:`phantom_inputs`), as training stores them."""
+    from lidc_cdam.models.loading import load_model
+    from lidc_cdam.models.trust import fit_trust, model_latents
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [tiny_checkpoint(folder / f"{task}-fold{k}.pt", task=task, seed=k + (0 if task == "malignancy" else 10))
+             for k in range(n)]
+    if trust:
+        x = phantom_inputs()
+        for p in paths:
+            model = load_model(p)
+            save_checkpoint(model, p, meta={"trust": fit_trust(model_latents(model, x))})
+    return paths
