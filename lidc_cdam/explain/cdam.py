@@ -210,8 +210,11 @@ def _scores_rows(model: ViTModel, chunk: PointChunk, spec: TargetSpec, grid: tup
                       + [j read] sum_l dF/ds_jl scale R_j q_c,j . k'_l  (query of j)
                       + sum_i a_ij v_c,j . dF/do_i                     (value of j)
 
-    ``dF/ds`` and ``dF/do`` come from one backward pass through softmax and the rest of the block on the read
-    rows (:meth:`ViTModel.finish_rows`), all targets and points in one batch.
+    ``dF/ds`` and ``dF/do`` come from softmax and the rest of the block on the read rows only
+    (:meth:`ViTModel.finish_rows`): one forward for all points and targets, one vmapped backward per target.
+    With average or attention pooling every patch row goes through the MLP, so the saving over the reference
+    path is the ``qkv`` projection, ``norm1`` and the repeated forward (measured 1.0x for one target, 1.1-2.2x
+    for 9, ``bench_cdam.py --families``); with CLS pooling (and RoPE) only one row does (1.1-6.9x).
     """
     qkv = model.qkv_attention(grid)
     H, e = qkv.num_heads, qkv.head_dim
@@ -220,7 +223,6 @@ def _scores_rows(model: ViTModel, chunk: PointChunk, spec: TargetSpec, grid: tup
     B, m0, N, _ = tokens.shape
     m, K = chunk.num_points, spec.num_targets
     rows = model.pooled_rows(N)
-    Q = len(range(N)[rows])
     rotate = qkv.rotate if qkv.rotate is not None else (lambda x: x)
     alpha = (chunk.alpha if chunk.alpha is not None else tokens.new_ones(m)).view(1, m, 1, 1, 1)
 
@@ -234,14 +236,14 @@ def _scores_rows(model: ViTModel, chunk: PointChunk, spec: TargetSpec, grid: tup
     q_rows = q[..., rows, :]  # [B, m, H, Q, e]
     logits = qkv.scale * (q_rows @ k.transpose(-2, -1))  # [B, m, H, Q, N]
 
-    leaf = logits.detach()[:, None].expand(B, K, m, H, Q, N).clone().requires_grad_(True)
+    # one forward for all targets; one backward per target, batched (vmap) where autograd can
+    leaf = logits.detach().requires_grad_(True)
     probs = leaf.softmax(-1)
-    # o = a @ v as [B, m, H, K Q, N] @ [B, m, H, N, e]: the values are not copied per target
-    heads = probs.permute(0, 2, 3, 1, 4, 5).reshape(B, m, H, K * Q, N) @ v
-    heads = heads.reshape(B, m, H, K, Q, e).permute(0, 3, 1, 2, 4, 5)  # [B, K, m, H, Q, e]
-    latent = model.finish_rows(chunk.resid[:, None, :, rows], merge_heads(heads))  # [B, K, m, D']
-    objective = spec.objective(model, latent)  # [B, K, m]
-    d_logits, d_heads = torch.autograd.grad(objective.sum(), (leaf, heads))
+    heads = probs @ v  # o_i = sum_j a_ij v_j: [B, m, H, Q, e]
+    latent = model.finish_rows(chunk.resid[:, :, rows], merge_heads(heads))  # [B, m, D']
+    objective = spec.objective(model, latent[:, None].expand(B, K, *latent.shape[1:]))  # [B, K, m]
+    d_logits, d_heads = _grads_per_target(objective, (leaf, heads))  # [B, K, m, H, Q, N], [B, K, m, H, Q, e]
+    probs = probs[:, None]
 
     key_weights = qkv.scale * (q_rows @ rk_c.transpose(-2, -1))  # scale q'_i . R_j k_c,j: [B, m, H, Q, N]
     scores = torch.einsum("bkmhqn,bmhqn->bkn", d_logits, key_weights)
@@ -253,6 +255,20 @@ def _scores_rows(model: ViTModel, chunk: PointChunk, spec: TargetSpec, grid: tup
     else:
         scores += torch.einsum("bkmhne,bmhne->bkn", d_values, v_c)
     return scores
+
+
+def _grads_per_target(objective: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``d objective[:, k].sum() / d input`` for every target ``k``, stacked as ``[B, K, ...]``: one vmapped
+    backward (``is_grads_batched``), or one backward per target where an op has no batching rule."""
+    K = objective.shape[1]
+    onehot = torch.zeros(K, *objective.shape, dtype=objective.dtype, device=objective.device)
+    onehot[torch.arange(K), :, torch.arange(K)] = 1
+    try:
+        grads = torch.autograd.grad(objective, inputs, onehot, retain_graph=True, is_grads_batched=True)
+    except RuntimeError:
+        per_target = [torch.autograd.grad(objective[:, k].sum(), inputs, retain_graph=True) for k in range(K)]
+        grads = tuple(torch.stack(g) for g in zip(*per_target, strict=True))
+    return tuple(g.movedim(0, 1) for g in grads)
 
 
 # ---------------------------------------------------------------------- reference path
