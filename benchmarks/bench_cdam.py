@@ -7,6 +7,12 @@ and per noise draw / path point). Naive Smooth / Integrated runs ``--naive-point
 is scaled to ``n`` and K targets to K x one target (each is an identical, independent full
 pass): such figures are marked ``*``.
 
+``--families dinov3 eva02 pe swag ...`` (or ``all``) adds one row per backbone family and method (random
+weights at ``--image-size``): lidc-cdam's ratio to one forward of the same model, for the implementation
+``explain`` picks (``cls_row`` or the closed form over the pooled ``rows``) and for the ``reference`` path
+(autograd through the real last block), with Smooth and Integrated CDAM at ``--n`` points. ``--models``
+with no names skips the default rows.
+
 ``--device cuda`` times on a GPU (the clocks are read after ``torch.cuda.synchronize()``);
 ``--amp bf16`` runs both implementations and the forward pass under bf16 autocast. The sanity
 check against the naive map always runs in float32 (exact on the CPU; on CUDA its relative error
@@ -15,6 +21,7 @@ is reported, as TF32 convolutions and other kernels differ slightly).
 
     python benchmarks/bench_cdam.py [--models vit_small_patch16_224] [--repeats 3] [--out FILE]
     python benchmarks/bench_cdam.py --device cuda --amp bf16 --out cdam_bf16.json
+    python benchmarks/bench_cdam.py --models --families all --image-size 224 --out families.json
 """
 
 from __future__ import annotations
@@ -29,6 +36,25 @@ import torch
 from _timing import AMP_CHOICES, autocast, environment, resolve_device, timed
 
 from lidc_cdam import ViTModel, explain
+from lidc_cdam.explain.cdam import cls_row_applies, fast_path_applies
+
+#: one model per backbone family: (how to build it at an image size, what it stands for)
+FAMILIES = {
+    "timm-vit": (lambda s: ViTModel.from_timm("vit_small_patch16_224", img_size=s, num_classes=1000),
+                 "timm VisionTransformer ViT-S/16, CLS"),
+    "timm-vit-avg": (lambda s: ViTModel.from_timm("vit_small_patch16_224", img_size=s, num_classes=1000,
+                                                  global_pool="avg", class_token=False, fc_norm=True),
+                     "timm VisionTransformer ViT-S/16, average pooling"),
+    "dinov3": (lambda s: ViTModel.from_timm("vit_small_patch16_dinov3", img_size=s, num_classes=1000,
+                                            global_pool="token"), "timm Eva DINOv3 S/16, CLS + 4 registers, RoPE"),
+    "dinov3-avg": (lambda s: ViTModel.from_timm("vit_small_patch16_dinov3", img_size=s, num_classes=1000),
+                   "timm Eva DINOv3 S/16, average pooling (timm's default)"),
+    "eva02": (lambda s: ViTModel.from_timm("eva02_small_patch14_224", img_size=s, num_classes=1000),
+              "timm Eva EVA-02 S/14, RoPE, SwiGLU, average pooling"),
+    "pe": (lambda s: ViTModel.from_timm("vit_pe_core_small_patch16_384", img_size=s, num_classes=1000),
+           "timm Eva PE core S/16, RoPE, attention pooling"),
+    "swag": (lambda s: ViTModel.from_torchvision("vit_b_16", image_size=s), "torchvision ViT-B/16 (SWAG's class)"),
+}
 
 
 def methods(n: int = 50) -> list[tuple[str, dict]]:
@@ -83,7 +109,9 @@ def naive_cdam(model: ViTModel, x: torch.Tensor, target: int, method: str, optio
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_small_patch8_224"])
+    parser.add_argument("--models", nargs="*", default=["vit_small_patch16_224", "vit_small_patch8_224"])
+    parser.add_argument("--families", nargs="+", default=[], choices=[*FAMILIES, "all"],
+                        help="also time one model per backbone family (ours and the reference path)")
     parser.add_argument("--targets", nargs="+", type=int, default=[1, 9])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-points", type=int, default=3)
@@ -136,10 +164,53 @@ def main() -> None:
                 print(f"{name:24s} {label:34s} {n_targets:2d} {ours / forward:9.2f} {naive / forward:9.1f}{mark} "
                       f"{naive / ours:8.1f}x", flush=True)
         print(f"{name}: one forward = {forward * 1000:.0f} ms")
+    family_rows = time_families(args, device) if args.families else []
     if args.out:
         result = {"environment": environment(device), "device": str(device), "amp": args.amp, "image_size": size,
                   "check_rel_error": checks, "rows": rows}
+        if family_rows:
+            result["family_rows"] = family_rows
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def time_families(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """One row per family, method and target count: ``time / time(model(x))`` for the implementation ``explain``
+    picks and for the reference path, same run."""
+    size, rows = args.image_size, []
+    names = list(FAMILIES) if "all" in args.families else args.families
+    print(f"\n{'family':14s} {'method':34s} {'K':>2s} {'path':>9s} {'ours/fwd':>9s} {'ref/fwd':>8s} {'speed-up':>9s}")
+    for name in names:
+        build, what = FAMILIES[name]
+        model = build(size).to(device).eval()
+        with torch.no_grad():  # torchvision starts from a zero head (every map 0): random logits instead
+            for layer in model.head.modules():
+                if isinstance(layer, torch.nn.Linear) and not layer.weight.any():
+                    torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+        x = torch.randn(1, 3, size, size, device=device)
+        path = "cls_row" if cls_row_applies(model) else "rows" if fast_path_applies(model) else "reference"
+        # sanity (float32): the closed form computes the reference path's map
+        ours_map = explain(model, x, [3]).maps
+        ref_map = explain(model, x, [3], implementation="reference").maps
+        rel = ((ours_map - ref_map).abs().max() / ref_map.abs().max().clamp(min=1e-12)).item()
+        print(f"{name}: {what}; {path} vs reference, max |difference| / max |reference| = {rel:.1e} (float32)")
+        with torch.no_grad(), autocast(device, args.amp):
+            forward = timed(partial(model, x), args.repeats, device)
+        for method, options in methods(args.n)[:3]:
+            label = method + "".join(f" {k}={v}" for k, v in options.items() if k in ("space",))
+            for n_targets in args.targets:
+                call = partial(explain, model, x, list(range(n_targets)), method=method, **options)
+                with autocast(device, args.amp):
+                    ours = timed(call, args.repeats, device)
+                    ref = ours if path == "reference" else timed(partial(call, implementation="reference"),
+                                                                 args.repeats, device)
+                rows.append({"family": name, "model": what, "method": label, "targets": n_targets, "path": path,
+                             "device": str(device), "amp": args.amp, "image_size": size, "forward_s": forward,
+                             "ours_s": ours, "ours_ratio": ours / forward, "reference_ratio": ref / forward,
+                             "check_rel_error": rel})
+                print(f"{name:14s} {label:34s} {n_targets:2d} {path:>9s} {ours / forward:9.2f} {ref / forward:8.2f} "
+                      f"{ref / ours:8.1f}x", flush=True)
+        print(f"{name}: one forward = {forward * 1000:.1f} ms")
+    return rows
 
 
 def num_points(method: str, options: dict) -> int:

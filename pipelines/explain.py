@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images = torch.stack(tensors)
     if targets is None:  # the predicted class, fixed once for every method
         targets = default_targets(model, images)
-    show_attention = model.backbone.has_class_token and "attention" not in methods
+    show_attention = model.has_class_token and "attention" not in methods
     panels = (["attention"] if show_attention else []) + methods
     maps: dict[str, list[torch.Tensor]] = {m: [] for m in panels}
     kinds: dict[str, str] = {}

@@ -113,7 +113,7 @@ def resolve_manifest(manifest: str) -> Path:
 
 def open_image_set(spec: ImageSetConfig, model: ViTModel, data_kwargs: dict | None = None) -> ImageSet:
     """The image set a config entry describes, preprocessed for ``model``."""
-    size = tuple(model.backbone.patch_embed.img_size)
+    size = tuple(model.default_image_size)
     if spec.source == "multi-digits":
         return MultiDigitImages(spec.name, int(spec.n or 0), spec.seed, spec.split, data_kwargs or {})
     mean, std = model_normalization(model)

@@ -90,7 +90,7 @@ def load_benchmark_model(config: BenchmarkConfig, progress: bool = False) -> tup
     from lidc_cdam.models.loading import load_model
 
     model = load_model(config.model.checkpoint or "", arch=config.model.arch, **config.model.timm_kwargs)
-    return model, {"size": int(model.backbone.patch_embed.img_size[0])}
+    return model, {"size": int(model.default_image_size[0])}
 
 
 def _score_fn(model: ViTModel, device: torch.device):

@@ -4,16 +4,21 @@ The score of token ``i`` for target ``F`` is ``S_i = sum_j T_ij dF/dT_ij`` with 
 the tokens entering the final attention and the residual ``X`` held fixed. Smooth and Integrated
 CDAM average such maps over ``n`` noisy or interpolated token sets ("points").
 
-Two exact implementations share the point generators below:
+Three exact implementations share the point generators below. The first two rest on one identity:
+``T`` enters the last block only through the affine ``qkv`` projection (rotary position embeddings act
+after it), so ``T_i . dF/dT_i = qkv_c_i . dF/dqkv_i`` with ``qkv_c = T W_qkv^T`` (bias removed): no
+projection back to ``T`` is needed (SPEC "Backbone families and 3D").
 
-* :func:`_scores_cls_row` (fast path, models whose head reads CLS' only). ``T`` enters the last
-  block only through the affine ``qkv`` projection, so ``T_i . dF/dT_i = qkv_c_i . dF/dqkv_i``
-  with ``qkv_c = T W_qkv^T`` (bias removed): no projection back to ``T`` is needed. Only the CLS
-  query row matters, so per point we need one attention row and the MLP on one token; the
-  gradients of the row follow in closed form from ``dF/dlogits`` and ``dF/d(head outputs)``.
-  All targets and points are one batch and one backward pass.
-* :func:`_scores_reference`: autograd through timm's own last block (any pooling), the
-  definition written out; used for average-pooling models and as the tests' oracle.
+* :func:`_scores_cls_row` (models whose head reads CLS' only, no RoPE). Only the CLS query row
+  matters, so per point we need one attention row and the MLP on one token; the gradients of the
+  row follow in closed form from ``dF/dlogits`` and ``dF/d(head outputs)``. All targets and points
+  are one batch and one backward pass.
+* :func:`_scores_rows` (any pooling, RoPE): the same closed form for every query row the pooling
+  reads (the CLS row, the patch rows of average pooling, all rows of attention pooling), with q and k
+  rotated per position. Keys are formed; the rest of the block runs on the pooled rows only.
+* :func:`_scores_reference`: autograd through the family's own last block (any attention), the
+  definition written out; used where the attention is not one affine ``qkv`` map then softmax
+  (q/k norms, gates) and as the tests' oracle.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Literal
 import torch
 
 from lidc_cdam.explain.targets import TargetSpec
+from lidc_cdam.models.backbones.base import merge_heads, split_heads
 from lidc_cdam.models.vit import ViTModel
 
 Space = Literal["block_input", "tokens"]
@@ -54,10 +60,15 @@ class PointChunk:
 
 
 def fast_path_applies(model: ViTModel) -> bool:
-    """Whether the CLS-row implementation is exact for this model."""
-    attn = model.last_block.attn
-    plain_qk = isinstance(attn.q_norm, torch.nn.Identity) and isinstance(attn.k_norm, torch.nn.Identity)
-    return model.reads_cls_only and plain_qk and getattr(attn, "gate", None) is None
+    """Whether a closed-form implementation (:func:`_scores_cls_row` or :func:`_scores_rows`) is exact for this
+    model: its last attention is one affine ``qkv`` map (+ RoPE) then softmax."""
+    return model.qkv_attention() is not None
+
+
+def cls_row_applies(model: ViTModel) -> bool:
+    """Whether :func:`_scores_cls_row` is exact: closed form, the head reads CLS' only, no RoPE."""
+    qkv = model.qkv_attention()
+    return qkv is not None and qkv.rotate is None and model.reads_cls_only
 
 
 def point_chunks(
@@ -74,7 +85,7 @@ def point_chunks(
     """Yield the points of one explainer for images ``resid`` ``[B, N, D]`` in chunks of at most
     ``max_points`` (SPEC "Smooth CDAM", "Integrated CDAM"). Noise is drawn per image, all ``n``
     draws at once, so results do not depend on the chunking."""
-    norm1 = model.last_block.norm1
+    norm1 = model.normed_tokens
     B, N, D = resid.shape
     if variant == "vanilla":
         yield PointChunk(resid[:, None], norm1(resid)[:, None])
@@ -119,7 +130,7 @@ def num_points(variant: Variant, n: int, space: Space) -> int:
 
 
 # --------------------------------------------------------------------------- fast path
-def _scores_cls_row(model: ViTModel, chunk: PointChunk, spec: TargetSpec) -> torch.Tensor:
+def _scores_cls_row(model: ViTModel, chunk: PointChunk, spec: TargetSpec, grid: tuple[int, ...]) -> torch.Tensor:
     """Sum over the chunk's points of ``T_i . dF/dT_i`` for each target: ``[B, K, N]``.
 
     With ``qkv_c = T W^T`` (the map's tokens, bias removed) and, per head, logits
@@ -127,11 +138,10 @@ def _scores_cls_row(model: ViTModel, chunk: PointChunk, spec: TargetSpec) -> tor
     ``T_i . dF/dT_i = dF/ds_i (scale q_0 . K_c,i) + a_i (V_c,i . dF/do) + [i = 0] q_c,0 . dF/dq_0``,
     summed over heads, where ``dF/dq_0 = scale * sum_i dF/ds_i K_i``.
     """
-    attn = model.last_block.attn
+    attn = model.qkv_attention(grid)
     H, e = attn.num_heads, attn.head_dim
     A = H * e
-    weight = attn.qkv.weight
-    bias = attn.qkv.bias if attn.qkv.bias is not None else weight.new_zeros(3 * A)
+    weight, bias = attn.weight, attn.bias
     bq, bk, bv = (b.view(H, e) for b in bias.split(A))
 
     w_q, w_k, w_v = (w.view(H, e, -1) for w in weight.split(A))  # per-head [H, e, D]
@@ -187,15 +197,89 @@ def _attend(probs: torch.Tensor, v_c: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 1, 2, 4)
 
 
+# ------------------------------------------------------------------- all pooled rows
+def _scores_rows(model: ViTModel, chunk: PointChunk, spec: TargetSpec, grid: tuple[int, ...]) -> torch.Tensor:
+    """Sum over the chunk's points of ``T_j . dF/dT_j`` for each target, ``[B, K, N]``, in closed form over the
+    query rows ``i`` that the pooling reads (CLS; the patches for average pooling; all for attention pooling).
+
+    Per head, with ``R_j`` the rotation of position ``j`` (identity without RoPE or for prefix tokens),
+    ``q'_i = R_i q_i``, ``k'_j = R_j k_j``, logits ``s_ij = scale q'_i . k'_j``, ``o_i = sum_j a_ij v_j``, and
+    centred ``q_c = T W_q^T`` (likewise ``k_c``, ``v_c``; the map's tokens, bias removed)::
+
+        T_j . dF/dT_j = sum_i dF/ds_ij scale q'_i . R_j k_c,j          (key of j)
+                      + [j read] sum_l dF/ds_jl scale R_j q_c,j . k'_l  (query of j)
+                      + sum_i a_ij v_c,j . dF/do_i                     (value of j)
+
+    ``dF/ds`` and ``dF/do`` come from softmax and the rest of the block on the read rows only
+    (:meth:`ViTModel.finish_rows`): one forward for all points and targets, one vmapped backward per target.
+    With average or attention pooling every patch row goes through the MLP, so the saving over the reference
+    path is the ``qkv`` projection, ``norm1`` and the repeated forward (measured 1.0x for one target, 1.1-2.2x
+    for 9, ``bench_cdam.py --families``); with CLS pooling (and RoPE) only one row does (1.1-6.9x).
+    """
+    qkv = model.qkv_attention(grid)
+    H, e = qkv.num_heads, qkv.head_dim
+    A = H * e
+    tokens = chunk.tokens  # [B, m0, N, D]
+    B, m0, N, _ = tokens.shape
+    m, K = chunk.num_points, spec.num_targets
+    rows = model.pooled_rows(N)
+    rotate = qkv.rotate if qkv.rotate is not None else (lambda x: x)
+    alpha = (chunk.alpha if chunk.alpha is not None else tokens.new_ones(m)).view(1, m, 1, 1, 1)
+
+    q_c, k_c, v_c = (split_heads(p, H) for p in (tokens @ qkv.weight.T).split(A, dim=-1))  # [B, m0, H, N, e]
+    rq_c, rk_c = rotate(q_c), rotate(k_c)
+    b_q, b_k, b_v = (b.view(H, 1, e).expand(H, N, e) for b in qkv.bias.split(A))
+    # at each point (alpha T on an integration path): q' = R (alpha q_c + b_q) = alpha R q_c + R b_q
+    q = alpha * rq_c + rotate(b_q)  # [B, m, H, N, e]
+    k = alpha * rk_c + rotate(b_k)
+    v = alpha * v_c + b_v
+    q_rows = q[..., rows, :]  # [B, m, H, Q, e]
+    logits = qkv.scale * (q_rows @ k.transpose(-2, -1))  # [B, m, H, Q, N]
+
+    # one forward for all targets; one backward per target, batched (vmap) where autograd can
+    leaf = logits.detach().requires_grad_(True)
+    probs = leaf.softmax(-1)
+    heads = probs @ v  # o_i = sum_j a_ij v_j: [B, m, H, Q, e]
+    latent = model.finish_rows(chunk.resid[:, :, rows], merge_heads(heads))  # [B, m, D']
+    objective = spec.objective(model, latent[:, None].expand(B, K, *latent.shape[1:]))  # [B, K, m]
+    d_logits, d_heads = _grads_per_target(objective, (leaf, heads))  # [B, K, m, H, Q, N], [B, K, m, H, Q, e]
+    probs = probs[:, None]
+
+    key_weights = qkv.scale * (q_rows @ rk_c.transpose(-2, -1))  # scale q'_i . R_j k_c,j: [B, m, H, Q, N]
+    scores = torch.einsum("bkmhqn,bmhqn->bkn", d_logits, key_weights)
+    query_weights = qkv.scale * (rq_c[..., rows, :] @ k.transpose(-2, -1))  # scale R_i q_c,i . k'_l
+    scores[..., rows] += torch.einsum("bkmhqn,bmhqn->bkq", d_logits, query_weights)
+    d_values = probs.detach().transpose(-2, -1) @ d_heads  # dF/dv_j: [B, K, m, H, N, e]
+    if m0 == 1:
+        scores += torch.einsum("bkhne,bhne->bkn", d_values.sum(2), v_c[:, 0])
+    else:
+        scores += torch.einsum("bkmhne,bmhne->bkn", d_values, v_c)
+    return scores
+
+
+def _grads_per_target(objective: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``d objective[:, k].sum() / d input`` for every target ``k``, stacked as ``[B, K, ...]``: one vmapped
+    backward (``is_grads_batched``), or one backward per target where an op has no batching rule."""
+    K = objective.shape[1]
+    onehot = torch.zeros(K, *objective.shape, dtype=objective.dtype, device=objective.device)
+    onehot[torch.arange(K), :, torch.arange(K)] = 1
+    try:
+        grads = torch.autograd.grad(objective, inputs, onehot, retain_graph=True, is_grads_batched=True)
+    except RuntimeError:
+        per_target = [torch.autograd.grad(objective[:, k].sum(), inputs, retain_graph=True) for k in range(K)]
+        grads = tuple(torch.stack(g) for g in zip(*per_target, strict=True))
+    return tuple(g.movedim(0, 1) for g in grads)
+
+
 # ---------------------------------------------------------------------- reference path
-def _scores_reference(model: ViTModel, chunk: PointChunk, spec: TargetSpec) -> torch.Tensor:
-    """Sum over the chunk's points of ``T_i . dF/dT_i`` by autograd through timm's last block."""
+def _scores_reference(model: ViTModel, chunk: PointChunk, spec: TargetSpec, grid: tuple[int, ...]) -> torch.Tensor:
+    """Sum over the chunk's points of ``T_i . dF/dT_i`` by autograd through the family's own last block."""
     B, m, N, D = chunk.resid.shape
     n_targets = spec.num_targets
     points = chunk.tokens if chunk.alpha is None else chunk.alpha.view(1, m, 1, 1) * chunk.tokens
     leaf = points[:, None].expand(B, n_targets, m, N, D).reshape(-1, N, D).detach().requires_grad_(True)
     resid = chunk.resid[:, None].expand(B, n_targets, m, N, D).reshape(-1, N, D)
-    latent = model.last(resid, leaf)
+    latent = model.last(resid, leaf, grid=grid)
     objective = spec.objective(model, latent.reshape(B, n_targets, m, -1))
     (grad,) = torch.autograd.grad(objective.sum(), leaf)
     grad = grad.reshape(B, n_targets, m, N, D)
@@ -203,7 +287,8 @@ def _scores_reference(model: ViTModel, chunk: PointChunk, spec: TargetSpec) -> t
 
 
 # ----------------------------------------------------------------------------- driver
-Implementation = Literal["auto", "cls_row", "reference"]
+Implementation = Literal["auto", "cls_row", "rows", "reference"]
+SCORERS = {"cls_row": _scores_cls_row, "rows": _scores_rows, "reference": _scores_reference}
 
 
 def cdam_token_scores(
@@ -236,19 +321,26 @@ def cdam_token_scores(
     if variant == "smooth" and not sigma >= 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     if implementation == "auto":
-        implementation = "cls_row" if fast_path_applies(model) else "reference"
-    elif implementation == "cls_row" and not fast_path_applies(model):
-        raise ValueError("the CLS-row implementation needs a model whose head reads CLS' only")
-    scorer = _scores_cls_row if implementation == "cls_row" else _scores_reference
+        implementation = "cls_row" if cls_row_applies(model) else "rows" if fast_path_applies(model) else "reference"
+    elif implementation == "cls_row" and not cls_row_applies(model):
+        raise ValueError("the CLS-row implementation needs a model whose head reads CLS' only, whose last attention "
+                         "is one affine qkv map then softmax and has no rotary embedding")
+    elif implementation == "rows" and not fast_path_applies(model):
+        raise ValueError(f"the closed-form implementation needs a last attention that is one affine qkv map then "
+                         f"softmax; this {model.family} model's is not (q/k norms, gate): use 'reference'")
+    elif implementation not in SCORERS:
+        raise ValueError(f"unknown implementation {implementation!r}; choose from auto, {', '.join(SCORERS)}")
+    scorer = SCORERS[implementation]
+    grid = model.layout(tuple(images.shape[2:])).grid
     if generator is None and seed is not None:
         generator = torch.Generator(device=images.device).manual_seed(seed)
 
     with torch.no_grad():
         resid = model.trunk(images)
-        latents = model.last(resid)
+        latents = model.last(resid, grid=grid)
         values = spec.objective(model, latents[:, None].expand(-1, spec.num_targets, -1))
-    B, N, D = resid.shape
-    per_point = N * D * resid.element_size() * (4 if implementation == "cls_row" else 16 * spec.num_targets)
+    B, N = resid.shape[:2]
+    per_point = _bytes_per_point(model, implementation, resid, spec.num_targets)
     max_points = max(1, chunk_bytes // per_point)
     # the points of one image form the batch; images are batched together when they fit
     group = B if variant == "vanilla" else max(1, min(B, max_points // max(n, 1)))
@@ -263,8 +355,20 @@ def cdam_token_scores(
             )
             for chunk in chunks:
                 with torch.enable_grad():
-                    total[sl] += scorer(model, chunk, sub).detach()
+                    total[sl] += scorer(model, chunk, sub, grid).detach()
     return total / num_points(variant, n, space), values, latents
+
+
+def _bytes_per_point(model: ViTModel, implementation: str, resid: torch.Tensor, num_targets: int) -> int:
+    """Rough size of the tensors one point (one noisy or interpolated token set) needs, all targets."""
+    _, N, D = resid.shape
+    size = resid.element_size()
+    if implementation == "cls_row":
+        return N * D * size * 4
+    if implementation == "reference":
+        return N * D * size * 16 * num_targets
+    Q = len(range(N)[model.pooled_rows(N)])
+    return size * (8 * N * D + num_targets * (4 * model.num_heads * Q * N + 16 * Q * D))
 
 
 def normed_token_gradients(
@@ -272,6 +376,7 @@ def normed_token_gradients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The normed tokens ``T`` ``[B, N, D]`` and ``dF_k/dT`` ``[B, K, N, D]`` (residual fixed), by
     autograd through the last block: one forward of the trunk, one batched backward."""
+    grid = model.layout(tuple(images.shape[2:])).grid
     with torch.no_grad():
         resid = model.trunk(images)
         tokens = model.normed_tokens(resid)
@@ -279,7 +384,7 @@ def normed_token_gradients(
     n_targets = spec.num_targets
     with torch.enable_grad():
         leaf = tokens[:, None].expand(B, n_targets, N, D).reshape(-1, N, D).clone().requires_grad_(True)
-        latent = model.last(resid[:, None].expand(B, n_targets, N, D).reshape(-1, N, D), leaf)
+        latent = model.last(resid[:, None].expand(B, n_targets, N, D).reshape(-1, N, D), leaf, grid=grid)
         objective = spec.objective(model, latent.reshape(B, n_targets, -1))
         (grad,) = torch.autograd.grad(objective.sum(), leaf)
     return tokens, grad.reshape(B, n_targets, N, D)

@@ -24,9 +24,8 @@ def activation_bytes_per_image(model: ViTModel, image_hw: tuple[int, int], dtype
     """Rough size of what one image's forward pass keeps for backward (tokens and attention)."""
     layout = model.layout(image_hw)
     n, d = layout.num_tokens, model.embed_dim
-    heads = model.last_block.attn.num_heads
-    per_block = n * d * 12 + 2 * heads * n * n
-    return len(model.backbone.blocks) * per_block * torch.finfo(dtype).bits // 8
+    per_block = n * d * 12 + 2 * model.num_heads * n * n
+    return model.depth * per_block * torch.finfo(dtype).bits // 8
 
 
 def input_gradients(model: ViTModel, inputs: torch.Tensor, spec: TargetSpec) -> torch.Tensor:

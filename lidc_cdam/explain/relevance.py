@@ -69,6 +69,7 @@ from torch import nn
 from lidc_cdam.explain.api import register
 from lidc_cdam.explain.attribution import Attribution
 from lidc_cdam.explain.targets import TargetSpec
+from lidc_cdam.models.backbones.timm_vit import TimmViTAdapter, attention_parts
 from lidc_cdam.models.vit import ViTModel
 
 NormActRule = Literal["identity", "gradient"]
@@ -85,6 +86,11 @@ class RelevanceModelError(TypeError):
 
 # --------------------------------------------------------------------------- model checks
 def _check_model(model: ViTModel, method: str, *, cls_pooling: bool) -> None:
+    if model.family != TimmViTAdapter.family:
+        raise RelevanceModelError(
+            f"{method} has rules for timm VisionTransformer blocks only; this model is a {model.family}. "
+            "Use 'cdam', 'attention', 'gradcam' or a pixel method instead."
+        )
     bb = model.backbone
     if not bb.has_class_token:
         raise RelevanceModelError(
@@ -109,21 +115,6 @@ def embed(model: ViTModel, images: torch.Tensor) -> torch.Tensor:
     """Patch embedding, position embedding and prefix tokens: the stream entering ``blocks[0]``."""
     bb = model.backbone
     return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
-
-
-def attention_parts(attn: Attention, tokens: torch.Tensor, query: slice | None = None):
-    """Attention probabilities ``[B, H, n_q, N]`` and values ``[B, H, N, e]`` of a timm ``Attention``
-    on normed tokens ``[B, N, D]``, as timm's unfused path computes them; ``query`` restricts the
-    query rows (e.g. ``slice(0, 1)`` for CLS)."""
-    B, N, _ = tokens.shape
-    H, e = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(tokens).reshape(B, N, 3, H, e).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    if query is not None:
-        q = q[:, :, query]
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    return attn.attn_drop(probs), v
 
 
 def attention_output(attn: Attention, tokens: torch.Tensor, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

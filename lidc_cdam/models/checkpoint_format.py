@@ -21,9 +21,10 @@ from typing import Any, TypeVar
 
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from lidc_cdam.models.backbones import adapter_type
 from lidc_cdam.models.heads import LinearHead, build_head
 
 M = TypeVar("M", bound=nn.Module)
@@ -32,7 +33,7 @@ CHECKPOINT_FORMAT = "lidc-cdam-checkpoint"
 CHECKPOINT_VERSION = 1
 
 #: ``num_heads`` of the standard ViT widths (Ti, S, B, L, g); other widths need ``num_heads=``.
-NUM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1536: 24}
+NUM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1536: 24}
 
 #: Plain-data classes allowed when unpickling: DINO training checkpoints store their ``args``.
 _SAFE_GLOBALS = [argparse.Namespace]
@@ -42,8 +43,9 @@ _WRAPPER_KEYS = ("teacher", "student", "model", "state_dict", "model_state_dict"
 
 _UNDERSTOOD = (
     "understood formats: lidc-cdam checkpoints (ViTModel.save), official DINO backbones and DINO "
-    "training checkpoints ('teacher'/'student'), official DINOv2 backbones, and timm "
-    "VisionTransformer state dicts (optionally under 'model' or 'state_dict')"
+    "training checkpoints ('teacher'/'student'), official DINOv2 backbones, timm "
+    "VisionTransformer state dicts (optionally under 'model' or 'state_dict') and torchvision "
+    "VisionTransformer state dicts (e.g. the SWAG weights)"
 )
 
 
@@ -108,8 +110,18 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         ) from None
 
 
-def build_backbone(build: dict[str, Any]) -> VisionTransformer:
-    """A randomly initialised backbone from ``{"timm_name": name | None, "timm_kwargs": {...}}``."""
+def build_backbone(build: dict[str, Any]) -> nn.Module:
+    """A randomly initialised backbone from ``{"timm_name": name | None, "timm_kwargs": {...}}`` (timm; without
+    a name a ``VisionTransformer``) or ``{"family": "torchvision", "torchvision_name": name | None,
+    "torchvision_kwargs": {...}}`` (a torchvision builder such as ``vit_b_16``; without a name the class)."""
+    if build.get("family") == "torchvision":
+        import torchvision
+
+        kwargs = dict(build.get("torchvision_kwargs") or {})
+        name = build.get("torchvision_name")
+        if name:
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+        return torchvision.models.VisionTransformer(**kwargs)
     kwargs = dict(build.get("timm_kwargs") or {})
     name = build.get("timm_name")
     if name:
@@ -222,10 +234,11 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> tuple[dict[str, 
     return sd, fmt
 
 
-def _load_into(backbone: VisionTransformer, state_dict: dict[str, Any], source: str) -> None:
-    """timm's ``checkpoint_filter_fn`` (DINOv2 conversion, pos-embed resampling), strict load."""
+def _load_into(backbone: nn.Module, state_dict: dict[str, Any], source: str) -> None:
+    """The family's state-dict filter (timm's ``checkpoint_filter_fn``: DINOv2 conversion, pos-embed
+    resampling; unchanged for torchvision), then a strict load."""
     try:
-        filtered = checkpoint_filter_fn(dict(state_dict), backbone)
+        filtered = adapter_type(backbone).filter_state_dict(dict(state_dict), backbone)
     except Exception as err:
         raise CheckpointError(
             f"{source}: the weights cannot be converted for this model "
@@ -329,16 +342,87 @@ def infer_vit_kwargs(
     return None, kwargs
 
 
+def is_torchvision_vit(state_dict: dict[str, Any]) -> bool:
+    """Keys of a torchvision ``VisionTransformer`` (``conv_proj``, ``encoder.pos_embedding``, ``class_token``)."""
+    return "encoder.pos_embedding" in state_dict and "class_token" in state_dict
+
+
+def infer_torchvision_kwargs(
+    state_dict: dict[str, Any], num_heads: int | None = None, source: str = "checkpoint"
+) -> dict[str, Any]:
+    """``torchvision.models.VisionTransformer`` keyword arguments that fit a state dict, from its shapes."""
+    sd = state_dict
+    proj = sd.get("conv_proj.weight")
+    if not isinstance(proj, torch.Tensor) or proj.ndim != 4:
+        raise CheckpointError(f"{source}: torchvision ViT without a conv patch embedding 'conv_proj.weight' "
+                              "(conv-stem models): pass arch='<torchvision builder name>'")
+    hidden, _, patch, _ = (int(d) for d in proj.shape)
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layers\.encoder_layer_(\d+)\.", k))}
+    if not layers or layers != set(range(max(layers) + 1)):
+        raise CheckpointError(f"{source}: encoder layers 'encoder.layers.encoder_layer_<i>.*' missing or not "
+                              f"numbered 0..depth-1 (found {sorted(layers)[:8]})")
+    if num_heads is None:
+        if hidden not in NUM_HEADS:
+            raise CheckpointError(f"{source}: cannot infer the number of attention heads for width {hidden}; "
+                                  "pass num_heads=...")
+        num_heads = NUM_HEADS[hidden]
+    side = _square_side(int(sd["encoder.pos_embedding"].shape[1]) - 1)
+    if side is None:
+        raise CheckpointError(f"{source}: cannot infer the image size from encoder.pos_embedding; pass image_size=")
+    first = "encoder.layers.encoder_layer_0.mlp."
+    mlp = sd.get(first + "0.weight", sd.get(first + "linear_1.weight"))  # torchvision's MLP keys, new and legacy
+    kwargs: dict[str, Any] = {
+        "image_size": side * patch,
+        "patch_size": patch,
+        "num_layers": len(layers),
+        "num_heads": num_heads,
+        "hidden_dim": hidden,
+        "mlp_dim": int(mlp.shape[0]),
+        "num_classes": int(sd["heads.head.weight"].shape[0]) if "heads.head.weight" in sd else 1000,
+    }
+    if "heads.pre_logits.weight" in sd:
+        kwargs["representation_size"] = int(sd["heads.pre_logits.weight"].shape[0])
+    return kwargs
+
+
+def _load_torchvision_file(model_cls: type[M], state_dict: dict[str, Any], source: str, arch: str | None,
+                           kwargs: dict[str, Any]) -> M:
+    inferred = infer_torchvision_kwargs(state_dict, kwargs.get("num_heads"), source)
+    if arch is not None:  # a builder (vit_b_16...) fixes the architecture; size and classes come from the file
+        inferred = {k: inferred[k] for k in ("image_size", "num_classes")}
+    build = {"family": "torchvision", "torchvision_name": arch, "torchvision_kwargs": {**inferred, **kwargs}}
+    backbone = build_backbone(build)
+    model = model_cls(backbone, build=build, meta={"loaded_from": source, "source_format": "torchvision"})
+    _load_into(model.backbone, state_dict, source)
+    return model.eval()
+
+
+def model_from_torchvision(model_cls: type[M], name: str, /, *, checkpoint: str | os.PathLike | None = None,
+                           **kwargs: Any) -> M:
+    """``torchvision.models.get_model(name, weights=None, **kwargs)`` as a ``model_cls``, with the weights of
+    a local state-dict ``checkpoint`` if given (read with ``weights_only=True``). No downloads."""
+    build = {"family": "torchvision", "torchvision_name": name, "torchvision_kwargs": dict(kwargs)}
+    model = model_cls(build_backbone(build), build=build)
+    if checkpoint is not None:
+        source = str(checkpoint)
+        state_dict, _ = extract_state_dict(read_checkpoint(checkpoint), source)
+        _load_into(model.backbone, state_dict, source)
+        model.meta.update({"loaded_from": source, "source_format": "torchvision"})
+    return model.eval()
+
+
 # --------------------------------------------------------------------------- models of a given class
 def load_model_file(model_cls: type[M], path: str | os.PathLike, /, *, arch: str | None = None,
                     **timm_kwargs: Any) -> M:
     """Load a model file as a ``model_cls`` (:class:`~lidc_cdam.models.vit.ViTModel`): a lidc-cdam checkpoint,
-    an official DINO / DINOv2 backbone, a DINO training checkpoint (teacher) or a timm ViT state dict. Read
-    with ``weights_only=True``; :func:`lidc_cdam.models.loading.load_model` is this for ``ViTModel``.
+    an official DINO / DINOv2 backbone, a DINO training checkpoint (teacher), a timm ViT state dict or a
+    torchvision ViT state dict (SWAG). Read with ``weights_only=True``; :func:`lidc_cdam.models.loading.load_model`
+    is this for ``ViTModel``.
 
     For files without an architecture it is inferred from the tensor shapes; ``arch`` (a timm model
-    name) overrides the inference and ``timm_kwargs`` (e.g. ``num_heads=``, ``img_size=``,
-    ``dynamic_img_size=True``) override single arguments. Backbone-only files give a
+    name, or a torchvision builder such as ``vit_b_16`` for torchvision files) overrides the inference and
+    ``timm_kwargs`` (e.g. ``num_heads=``, ``img_size=``, ``dynamic_img_size=True``; torchvision's names for
+    torchvision files) override single arguments. Backbone-only files give a
     ``task="features"`` model that :func:`save_checkpoint` can re-save.
     """
     source = str(path)
@@ -346,8 +430,9 @@ def load_model_file(model_cls: type[M], path: str | os.PathLike, /, *, arch: str
     if is_lidc_cdam_checkpoint(obj):
         if arch is not None or timm_kwargs:
             saved = dict(obj.get("backbone") or {})
-            build = {"timm_name": arch or saved.get("timm_name"),
-                     "timm_kwargs": {**(saved.get("timm_kwargs") or {}), **timm_kwargs}}
+            prefix = "torchvision" if saved.get("family") == "torchvision" else "timm"
+            build = {**saved, f"{prefix}_name": arch or saved.get(f"{prefix}_name"),
+                     f"{prefix}_kwargs": {**(saved.get(f"{prefix}_kwargs") or {}), **timm_kwargs}}
             obj = {**obj, "backbone": build}
         try:
             return build_model_from_payload(model_cls, obj, source=source)
@@ -355,6 +440,8 @@ def load_model_file(model_cls: type[M], path: str | os.PathLike, /, *, arch: str
             raise CheckpointError(f"{source}: incomplete lidc-cdam checkpoint (no {err})") from None
 
     state_dict, fmt = extract_state_dict(obj, source)
+    if is_torchvision_vit(state_dict):
+        return _load_torchvision_file(model_cls, state_dict, source, arch, timm_kwargs)
     if arch is None and "patch_embed.proj.weight" not in state_dict:
         raise CheckpointError(f"{source}: not a Vision Transformer state dict (no "
                               f"'patch_embed.proj.weight'); {_UNDERSTOOD}")

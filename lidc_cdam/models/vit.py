@@ -1,4 +1,8 @@
-"""`ViTModel`: a timm Vision Transformer plus a head, split at its last block.
+"""`ViTModel`: a Vision Transformer backbone plus a head, split at its last block.
+
+The backbone is any supported family (timm ``VisionTransformer``, timm ``Eva``, torchvision
+``VisionTransformer``); :mod:`lidc_cdam.models.backbones` holds one adapter per family, the seam the
+explainers use through this class.
 
 Notation follows the paper (section 3, Fig. 2b) and SPEC.md "Token layout":
 
@@ -14,66 +18,27 @@ Explainers run :meth:`ViTModel.trunk` once and then re-run only the last block f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from lidc_cdam.models import checkpoint_format
+from lidc_cdam.models.backbones import BackboneAdapter, QKVAttention, adapter_for
+from lidc_cdam.models.backbones.base import ModelInputError, TokenLayout
 
 Task = Literal["classification", "regression", "features"]
 
-
-class ModelInputError(ValueError):
-    """Images that this model cannot take (channels, size, NaN values)."""
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where the patch tokens sit in the token sequence of one image size."""
-
-    num_prefix_tokens: int  # CLS + registers
-    grid: tuple[int, int]  # (gh, gw) patch grid
-    patch_size: tuple[int, int]
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prefix_tokens + self.num_patches
-
-    def patch_grid(self, token_scores: torch.Tensor) -> torch.Tensor:
-        """``[..., N]`` scores over all tokens to ``[..., gh, gw]`` over patches (prefix dropped)."""
-        patches = token_scores[..., self.num_prefix_tokens :]
-        return patches.reshape(*patches.shape[:-1], *self.grid)
-
-
-def _check_supported(backbone: nn.Module) -> None:
-    if not isinstance(backbone, VisionTransformer):
-        raise TypeError(
-            f"ViTModel wraps timm VisionTransformer models, got {type(backbone).__name__}. "
-            "Create one with timm.create_model('vit_...') or lidc_cdam.ViTModel.from_timm(name)."
-        )
-    last = backbone.blocks[-1]
-    needed = ("norm1", "attn", "ls1", "norm2", "mlp", "ls2")
-    missing = [name for name in needed if not hasattr(last, name)]
-    if missing or not hasattr(last.attn, "qkv") or last.attn.qkv is None:
-        raise TypeError(
-            f"The last block ({type(last).__name__}) is not a pre-norm timm Block with a fused qkv "
-            f"projection (missing: {missing or ['attn.qkv']}); CDAM needs the tokens entering its attention."
-        )
+__all__ = ["ModelInputError", "Task", "TokenLayout", "ViTModel"]
 
 
 class ViTModel(nn.Module):
-    """A timm ``VisionTransformer`` backbone and a head on its latent (CLS' or pooled tokens).
+    """A ViT backbone and a head on its latent (CLS' or pooled tokens).
 
     Args:
-        backbone: any timm ``VisionTransformer`` (CLS or average pooling, register tokens,
-            layer scale, fixed or dynamic image size).
+        backbone: a timm ``VisionTransformer`` (CLS, average or attention pooling, register tokens,
+            layer scale, fixed or dynamic image size), a timm ``Eva`` (DINOv3, EVA-02, PE: RoPE, SwiGLU) or a
+            torchvision ``VisionTransformer`` (SWAG).
         head: module on the latent ``l``; ``None`` keeps the backbone's own timm head. A given head
             replaces the backbone's (its classifier is reset to ``Identity``).
         task: what the outputs are: class logits, regression outputs, or plain features.
@@ -85,7 +50,7 @@ class ViTModel(nn.Module):
 
     def __init__(
         self,
-        backbone: VisionTransformer,
+        backbone: nn.Module,
         head: nn.Module | None = None,
         *,
         task: Task = "classification",
@@ -94,13 +59,14 @@ class ViTModel(nn.Module):
         meta: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        _check_supported(backbone)
+        adapter = adapter_for(backbone)
         if head is not None:
-            backbone.reset_classifier(0)
+            adapter.remove_head()
             self.head = head
         else:
-            self.head = backbone.head
+            self.head = adapter.head
         self.backbone = backbone
+        self._adapter = adapter
         self.task: Task = task
         self.output_names = list(output_names) if output_names is not None else None
         self.build = dict(build or {})
@@ -125,7 +91,7 @@ class ViTModel(nn.Module):
 
         build = {"timm_name": timm_name, "timm_kwargs": dict(timm_kwargs)}
         backbone = checkpoint_format.build_backbone(build)
-        head = LinearHead(backbone.embed_dim, head_outputs, head_dropout) if head_outputs else None
+        head = LinearHead(adapter_for(backbone).embed_dim, head_outputs, head_dropout) if head_outputs else None
         return cls(backbone, head, build=build, **kwargs)
 
     @classmethod
@@ -145,30 +111,67 @@ class ViTModel(nn.Module):
         """Write a checkpoint that :meth:`from_checkpoint` rebuilds (weights-only safe)."""
         return checkpoint_format.save_checkpoint(self, path, meta)
 
+    @classmethod
+    def from_torchvision(cls, name: str, *, checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> ViTModel:
+        """A torchvision ViT by builder name (``"vit_b_16"``, ``"vit_l_16"``...), randomly initialised or with
+        the weights of a local state-dict ``checkpoint`` (e.g. the SWAG files, with ``image_size=384``). No
+        downloads."""
+        return checkpoint_format.model_from_torchvision(cls, name, checkpoint=checkpoint, **kwargs)
+
     # ------------------------------------------------------------------ layout
     @property
+    def adapter(self) -> BackboneAdapter:
+        """The family adapter of :attr:`backbone` (:mod:`lidc_cdam.models.backbones`)."""
+        if self._adapter.backbone is not self.backbone:  # the backbone was replaced
+            self._adapter = adapter_for(self.backbone)
+        return self._adapter
+
+    @property
+    def family(self) -> str:
+        """The backbone family, e.g. ``"timm VisionTransformer"``, ``"timm Eva"``."""
+        return self.adapter.family
+
+    @property
     def last_block(self) -> nn.Module:
-        return self.backbone.blocks[-1]
+        return self.adapter.last_block
+
+    @property
+    def norm1(self) -> nn.Module:
+        """The last block's first norm: ``T = norm1(X)`` (Eq. 2's ``T``; captum's layer for CDAM)."""
+        return self.adapter.norm1
 
     @property
     def embed_dim(self) -> int:
-        return int(self.backbone.embed_dim)
+        return self.adapter.embed_dim
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.backbone.num_prefix_tokens)
+        return self.adapter.num_prefix_tokens
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.adapter.has_class_token
 
     @property
     def in_chans(self) -> int:
-        return int(self.backbone.patch_embed.proj.in_channels)
+        return self.adapter.in_chans
 
     @property
-    def patch_size(self) -> tuple[int, int]:
-        return tuple(self.backbone.patch_embed.patch_size)
+    def patch_size(self) -> tuple[int, ...]:
+        return self.adapter.patch_size
 
     @property
-    def default_image_size(self) -> tuple[int, int]:
-        return tuple(self.backbone.patch_embed.img_size)
+    def default_image_size(self) -> tuple[int, ...]:
+        return self.adapter.default_image_size
+
+    @property
+    def depth(self) -> int:
+        return self.adapter.depth
+
+    @property
+    def num_heads(self) -> int:
+        """Heads of the last attention."""
+        return self.adapter.num_heads
 
     @property
     def num_outputs(self) -> int:
@@ -187,59 +190,46 @@ class ViTModel(nn.Module):
     def reads_cls_only(self) -> bool:
         """True when the head reads CLS' alone (token pooling), so the last block's other
         query rows cannot influence any target (SPEC "Where the speed is")."""
-        bb = self.backbone
-        return bool(bb.has_class_token) and bb.global_pool == "token" and bb.attn_pool is None
+        return self.adapter.reads_cls_only()
 
-    def layout(self, image_size: tuple[int, int] | None = None) -> TokenLayout:
+    def pooled_rows(self, num_tokens: int) -> slice:
+        """The rows of the last block's output that the pooling reads (CLS, the patches, or all)."""
+        return self.adapter.pooled_rows(num_tokens)
+
+    def layout(self, image_size: tuple[int, ...] | None = None) -> TokenLayout:
         """Token layout for images of ``(H, W)`` (default: the model's configured size)."""
-        pe = self.backbone.patch_embed
-        hw = tuple(image_size) if image_size is not None else self.default_image_size
-        grid = tuple(pe.dynamic_feat_size(hw)) if not pe.strict_img_size else tuple(pe.grid_size)
-        return TokenLayout(self.num_prefix_tokens, grid, self.patch_size)
+        return self.adapter.layout(image_size)
 
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
         """Raise :class:`ModelInputError` with a clear message if the model cannot take ``images``."""
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ModelInputError(f"images must be a [B, C, H, W] tensor, got {shape}")
-        _, c, h, w = images.shape
-        if c != self.in_chans:
-            raise ModelInputError(f"the model takes {self.in_chans}-channel images, got {c} channels")
-        pe = self.backbone.patch_embed
-        ph, pw = self.patch_size
-        if pe.strict_img_size and (h, w) != tuple(pe.img_size):
-            raise ModelInputError(
-                f"the model takes {pe.img_size[0]}x{pe.img_size[1]} images, got {h}x{w}; resize the "
-                "images or build the timm model with dynamic_img_size=True"
-            )
-        if not pe.strict_img_size and not pe.dynamic_img_pad and (h % ph or w % pw):
-            raise ModelInputError(
-                f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}"
-            )
-        if not torch.isfinite(images).all():
-            raise ModelInputError("images contain NaN or infinite values")
-        return images
+        return self.adapter.check_images(images)
 
     # ----------------------------------------------------------- split forward
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embedding and ``blocks[:-1]``: the residual stream ``X`` entering the last block."""
-        bb = self.backbone
-        x = bb.patch_embed(images)
-        x = bb._pos_embed(x)
-        x = bb.patch_drop(x)
-        x = bb.norm_pre(x)
-        for block in bb.blocks[:-1]:
-            x = block(x)
-        return x
+        """Patch embedding and every block but the last: the residual stream ``X`` entering the last block."""
+        return self.adapter.trunk(images)
 
     def normed_tokens(self, resid: torch.Tensor) -> torch.Tensor:
         """``T = norm1(X)``: the tokens entering the final attention (Eq. 2's ``T``)."""
-        return self.last_block.norm1(resid)
+        return self.adapter.norm1(resid)
+
+    def final_norm(self, y: torch.Tensor) -> torch.Tensor:
+        """``Z = norm(Y)``: the final norm of the last block's output."""
+        return self.adapter.final_norm(y)
 
     def latent_from_final(self, z: torch.Tensor) -> torch.Tensor:
         """Pool the final-norm tokens ``Z`` to the latent ``l`` the head reads (CLS' for token pooling)."""
-        bb = self.backbone
-        return bb.head_drop(bb.fc_norm(bb.pool(z)))
+        return self.adapter.pool(z)
+
+    def qkv_attention(self, grid: tuple[int, ...] | None = None) -> QKVAttention | None:
+        """The last attention as one affine ``qkv`` map (+ RoPE) and softmax, or ``None`` (see the adapter)."""
+        return self.adapter.qkv_attention(grid)
+
+    def finish_rows(self, resid_rows: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """Rest of the last block on the pooled rows only (:meth:`pooled_rows`), from the concatenated head
+        outputs ``heads`` ``[..., Q, A]`` (before the attention's output norm and projection) and the residual
+        rows ``[..., Q, D]``; returns the latent ``l``. Leading dimensions broadcast."""
+        return self.adapter.finish(resid_rows, heads)
 
     def finish_cls(self, resid_cls: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Rest of the last block for the CLS row only, from the concatenated head outputs
@@ -247,30 +237,31 @@ class ViTModel(nn.Module):
 
         Valid when :attr:`reads_cls_only`; works on any leading batch shape.
         """
-        blk, bb = self.last_block, self.backbone
-        y = resid_cls + blk.drop_path1(blk.ls1(blk.attn.proj(blk.attn.norm(attn_out))))
-        y = y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
-        return bb.head_drop(bb.fc_norm(bb.norm(y)))
+        return self.adapter.finish(resid_cls[..., None, :], attn_out[..., None, :])
 
-    def last(self, resid: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def attention_probs(self, tokens: torch.Tensor, grid: tuple[int, ...] | None = None,
+                        query: slice = slice(0, 1)) -> torch.Tensor:
+        """Last-block attention probabilities of the ``query`` rows ``[B, H, n_q, N]`` (Eq. 1)."""
+        return self.adapter.attention_probs(tokens, grid, query)
+
+    def last(self, resid: torch.Tensor, tokens: torch.Tensor | None = None, *,
+             grid: tuple[int, ...] | None = None) -> torch.Tensor:
         """Last block, final norm and pooling from the residual ``X`` and normed tokens ``T``.
 
         ``T`` defaults to ``norm1(X)``; passing it lets explainers differentiate with respect to
-        ``T`` while the residual branch ``X`` stays fixed (SPEC "CDAM"). Returns the latent ``l``.
+        ``T`` while the residual branch ``X`` stays fixed (SPEC "CDAM"). ``grid`` is the patch grid (needed
+        by RoPE models at a size other than the default one). Returns the latent ``l``.
         """
-        blk = self.last_block
         t = self.normed_tokens(resid) if tokens is None else tokens
-        y = resid + blk.drop_path1(blk.ls1(blk.attn(t)))
-        y = y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
-        return self.latent_from_final(self.backbone.norm(y))
+        return self.adapter.final(self.adapter.block(resid, t, grid))
 
     def latent(self, images: torch.Tensor) -> torch.Tensor:
         """The latent ``l`` (CLS' for token pooling) that the head and concepts read (Eq. 3)."""
         self.check_images(images)
-        return self.last(self.trunk(images))
+        return self.last(self.trunk(images), grid=self.layout(tuple(images.shape[2:])).grid)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.latent(images))
 
     def extra_repr(self) -> str:
-        return f"task={self.task}, outputs={self.output_names or self.num_outputs}"
+        return f"family={self.family}, task={self.task}, outputs={self.output_names or self.num_outputs}"
