@@ -87,23 +87,33 @@ class OverlayLayers:
         self.viewer = viewer
         self.layers: dict[str, Any] = {}
 
-    def show(self, overlays: list[Overlay], opacity: float) -> dict[str, Any]:
+    def show(self, overlays: list[Overlay], opacity: float, visible: str | None = None) -> dict[str, Any]:
+        """Show ``overlays``, one layer per key (the ``visible`` key's layer alone visible; default the first).
+        Existing layers are updated in place, setting only what changed (each napari setter redraws), hidden
+        ones first so that they are not sliced in vain; layers of keys no longer shown are removed."""
         previous, self.layers = self.layers, {}
+        visible = visible if visible in {ov.key for ov in overlays} else (overlays[0].key if overlays else None)
         for ov in overlays:
             layer = previous.pop(ov.key, None)
             if layer is not None and layer in self.viewer.layers:
-                layer.data = ov.data
-                layer.affine = ov.affine
-                layer.colormap = ov.colormap
-                layer.contrast_limits_range = ov.limits
-                layer.contrast_limits = ov.limits
-                layer.name = ov.name
+                if layer.visible != (ov.key == visible):
+                    layer.visible = ov.key == visible
+                if not np.array_equal(layer.affine.affine_matrix, ov.affine):
+                    layer.affine = ov.affine
+                if layer.colormap.name != ov.colormap.name:
+                    layer.colormap = ov.colormap
+                if tuple(layer.contrast_limits) != tuple(ov.limits):
+                    layer.contrast_limits_range = ov.limits
+                    layer.contrast_limits = ov.limits
+                if layer.name != ov.name:
+                    layer.name = ov.name
                 layer.metadata = ov.metadata
-                layer.refresh()
+                layer.data = ov.data
             else:
                 layer = self.viewer.add_image(
                     ov.data, name=ov.name, colormap=ov.colormap, contrast_limits=ov.limits, opacity=opacity,
-                    blending="translucent", interpolation2d="nearest", metadata=ov.metadata, affine=ov.affine)
+                    blending="translucent", interpolation2d="nearest", metadata=ov.metadata, affine=ov.affine,
+                    visible=ov.key == visible)
             self.layers[ov.key] = layer
         for layer in previous.values():
             if layer in self.viewer.layers:

@@ -382,7 +382,7 @@ class CdamWidget(Container):
     def add_point(self, world_zyx: Any, compute: bool = True, block: bool = False) -> Any:
         """Add a point (napari world z, y, x mm) as a click would, choose it, and explain it unless not
         ``compute`` (``block``: in this thread; for scripts and tests)."""
-        layer = self.points_layer()
+        layer = find_points_layer(self.viewer) or self.points_layer()
         with layer.events.data.blocker():
             layer.add(np.asarray(world_zyx, dtype=float)[None])
         self._refresh_points()
@@ -659,7 +659,7 @@ class CdamWidget(Container):
                         name += f" fold {fold + 1}" if fold is not None and fold < ens.n else f" mean of {ens.n}"
                 overlays.append(Overlay(target, name, np.asarray(data, dtype=np.float32), affine, limits, cmap,
                                         {META_KEY: {**base, "limit": limits[1]}}))
-        self.overlay_layers.show(overlays, float(self.opacity.value))
+        self.overlay_layers.show(overlays, float(self.opacity.value), visible=self.shown.value)
         if CONTOURS in self.viewer.layers:  # the consensus outline stays visible on top of the maps
             index = self.viewer.layers.index(self.viewer.layers[CONTOURS])
             if index != len(self.viewer.layers) - 1:
@@ -712,11 +712,13 @@ class CdamWidget(Container):
 
     def _show_target(self, *_: Any) -> None:
         chosen = self.shown.value
-        for target, layer in self.overlays.items():
-            layer.visible = target == chosen
+        for target, layer in self.overlays.items():  # each setter redraws: set only what changes
+            if layer.visible != (target == chosen):
+                layer.visible = target == chosen
             with contextlib.suppress(AttributeError):
-                layer.colorbar.visible = target == chosen
-        if chosen in self.overlays:
+                if layer.colorbar.visible != (target == chosen):
+                    layer.colorbar.visible = target == chosen
+        if chosen in self.overlays and self.viewer.layers.selection.active is not self.overlays[chosen]:
             self.viewer.layers.selection.active = self.overlays[chosen]
 
     def _set_opacity(self, *_: Any) -> None:
