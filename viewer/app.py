@@ -41,6 +41,7 @@ def _as_volume(scan: Any) -> tuple[CTVolume, str | None]:
 
 def open_viewer(scan_folder_or_volume: Any = "synthetic", crops_dir: str | Path | None = None,
                 checkpoint: str | Path | Sequence[str | Path] | None = None, *, nodule: str | None = None,
+                points: Sequence[Sequence[float]] | None = None, models_shown: str | None = None,
                 targets: Sequence[str] | None = None, method: str = "CDAM", view: str | None = None,
                 compute: bool = True, show: bool = True, run: bool = False, viewer: Any = None) -> tuple[Any, Any]:
     """Open napari on a scan with the CDAM widget; returns ``(viewer, widget)``.
@@ -51,7 +52,9 @@ def open_viewer(scan_folder_or_volume: Any = "synthetic", crops_dir: str | Path 
     ``crops_dir``: the preprocessed folder (``nodules.csv`` + ``crops/``). ``checkpoint``: one or more
     ``best.pt`` files. ``nodule`` (an id; default the first nodule of the scan), ``targets`` (default all
     the checkpoints' targets), ``method`` (a widget label: "CDAM", "Smooth CDAM", "Integrated CDAM",
-    "Attention map"), ``view`` (default the model's). With ``compute`` the maps are computed at once
+    "Attention map"), ``view`` (default the model's). ``points``: points to explain instead of a table nodule
+    (patient mm, DICOM LPS x, y, z; the last one is explained); ``models_shown`` for fold ensembles: "ensemble
+    mean", "sign agreement of the folds" or "fold k". With ``compute`` the maps are computed at once
     (in this thread when ``show`` is False, else in the widget's worker). ``run`` starts napari's event
     loop (blocks until the window closes). Raises :class:`CTError` for bad input.
     """
@@ -84,8 +87,13 @@ def open_viewer(scan_folder_or_volume: Any = "synthetic", crops_dir: str | Path 
     widget.method.value = method
     if view is not None:
         widget.view.value = view
-    if compute and checkpoint is not None and widget.nodule.value is not None:
+    if points:
+        for p in points:
+            widget.add_point(list(p)[::-1], compute=False)
+    if compute and checkpoint is not None and (points or widget.nodule.value is not None):
         widget.compute(block=not show)
+    if models_shown is not None and widget.explained is not None:
+        widget.models_shown.value = models_shown
     if run:
         napari.run()
     return viewer, widget
