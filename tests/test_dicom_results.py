@@ -6,6 +6,8 @@ Segmentation, the point predictions as a TID 1500 report, on a small CT series b
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import highdicom as hd
 import numpy as np
@@ -235,3 +237,22 @@ def test_structured_report_refuses_nan(series, tmp_path):
     bad = [{**POINTS[1], "predictions": {"malignancy": float("nan")}}]
     with pytest.raises(ValueError, match="finite"):
         write_structured_report(series["volume"], bad, tmp_path / "bad.dcm")
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian's dicom3tools) is not installed")
+def test_outputs_pass_the_dicom3tools_validator(series, tmp_path):
+    """David Clunie's dciodvfy checks each object against its IOD: no errors (warnings about the private coding
+    scheme 99LIDCCDAM and the source's missing study date are expected)."""
+    vol = series["volume"]
+    cdam = np.zeros(vol.shape, np.float32)
+    cdam[PEAK] = 2.0
+    mask = cdam > 0
+    written = [write_parametric_map(vol, cdam, "malignancy", tmp_path / "pm.dcm"),
+               write_segmentation(vol, mask, "explained region", tmp_path / "seg.dcm"),
+               write_structured_report(_sources(vol), json.loads(json.dumps(POINTS)), tmp_path / "sr.dcm")]
+    for path, iod in zip(written, ["ParametricMap", "Segmentation", "Comprehensive3DSR"], strict=True):
+        done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+        report = done.stdout + done.stderr
+        assert iod in report.splitlines(), report  # it recognised the object's IOD
+        errors = [line for line in report.splitlines() if line.startswith("Error")]
+        assert not errors, f"{path.name}: {errors}"

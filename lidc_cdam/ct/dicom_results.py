@@ -234,6 +234,8 @@ def write_parametric_map(source: Any, map_zyx: np.ndarray, target_name: str, out
         pixel_measures=measures, plane_orientation=orientation, plane_positions=positions)
     _fix_spacing(pm, grid)
     _say_research(pm, f"CDAM {target_name}")
+    if "Laterality" not in pm:  # General Series, type 2C (the lungs are paired): the source's, else empty
+        pm.Laterality = datasets[0].get("Laterality", "")
     return _save(pm, out_path)
 
 
