@@ -19,8 +19,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402,F401  (before any GL context: see module docstring)
 
-# two threads at most (the machine has two cores), or what OMP_NUM_THREADS asks for (the other kernel set)
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
+# two threads at most (the machine has two cores) shared by the xdist workers (each gets its share, at least
+# one), or what OMP_NUM_THREADS asks for (the other kernel set)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS")
+                          or max(1, min(2, os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(autouse=True)

@@ -85,6 +85,7 @@ def test_committed_results_hold_under_another_kernel_set():
     this = "test_committed_results_hold_under_another_kernel_set"
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "committed_results", "-p", "no:cacheprovider",
+                           "-n", "0",
                            "--deselect", f"tests/test_demo_weights.py::{this}", "tests"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     tail = done.stdout[-3000:]
