@@ -23,7 +23,7 @@ import numpy as np
 
 from lidc_cdam.ct.checkpoint import LoadedModel, load_checked_model
 from lidc_cdam.ct.errors import CTError
-from lidc_cdam.ct.maps import MapResult
+from lidc_cdam.ct.maps import MapResult, relay
 
 
 @dataclass
@@ -138,13 +138,7 @@ def explain_crop_steps(models: Sequence[str | Path | LoadedModel], crop: dict[st
     results: list[MapResult] = []
     for n, m in enumerate(loaded):
         steps = cached_crop_steps(m, crop, targets, method, view, slices, margin, options, batch, where, cache)
-        while True:
-            try:
-                done, total = next(steps)
-            except StopIteration as stop:
-                results.append(stop.value)
-                break
-            yield n * max(total, 1) + done, len(loaded) * max(total, 1)
+        results.append((yield from relay(steps, n, len(loaded))))
     result = combine(results, [str(m.path) for m in loaded], loaded[0].task)
     result.trust = crop_trust(loaded, crop, view, [r.central_latent for r in results])
     return result
@@ -165,14 +159,7 @@ def explain_tasks_steps(checkpoints: Sequence[str | Path | LoadedModel], crop: d
     ensembles = []
     for g, models in enumerate(groups):
         chosen = None if targets is None else [t for t in models[0].targets if t in set(targets)]
-        steps = explain_crop_steps(models, crop, chosen, **kwargs)
-        while True:
-            try:
-                done, total = next(steps)
-            except StopIteration as stop:
-                ensembles.append(stop.value)
-                break
-            yield g * total + done, len(groups) * total
+        ensembles.append((yield from relay(explain_crop_steps(models, crop, chosen, **kwargs), g, len(groups))))
     return ensembles
 
 

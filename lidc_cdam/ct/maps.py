@@ -192,6 +192,19 @@ def compute_maps(request: MapRequest, progress: Callable[[int, int], None] | Non
     return drain(compute_steps(request), progress)
 
 
+def relay(steps: Generator[tuple[int, int], None, Any], part: int, parts: int
+          ) -> Generator[tuple[int, int], None, Any]:
+    """Part ``part`` of ``parts`` equal parts of a longer job: relays the step generator's ``(done, total)`` as
+    ``(part * total + done, parts * total)`` and returns its result (``result = yield from relay(...)``)."""
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        total = max(total, 1)
+        yield part * total + done, parts * total
+
+
 def drain(steps, progress: Callable[[int, int], None] | None) -> MapResult:
     """Run a step generator to its result, reporting ``(done, total)`` after each step."""
     while True:
