@@ -67,9 +67,11 @@ def prediction_text(ensembles: Sequence[Any], row: Mapping[str, Any] | None = No
         text = f"WARNING: {100 * padded_share:.0f} % of the 32 mm crop lies outside the scan (filled with air)"
         lines.append(text)
         warnings.append(text)
-    if slice_index is not None:
+    if slice_index is not None and any(e.slice_mean is not None for e in ensembles):  # 2.5D (a 3D model: none)
         here = []
         for ens in ensembles:
+            if ens.slice_mean is None:
+                continue
             at = ens.predictions_at(slice_index)
             if at is None:
                 continue

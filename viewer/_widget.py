@@ -675,8 +675,9 @@ class CdamWidget(Container):
         explained = self.explained
         if explained is None or not explained.ensembles or len(self.viewer.dims.point) < 3:
             return None
+        view = explained.ensembles[0].view
         index = world_to_crop_index(explained.crop, self.viewer.dims.point)
-        s = round(float(index[ct.VIEWS[explained.ensembles[0].view]]))
+        s = round(float(index[ct.VIEWS.get(view, 0)]))  # a 3D model's maps: along z
         return s if 0 <= s < ct.CROP else None
 
     def _update_predictions(self, *_: Any) -> None:
@@ -695,6 +696,7 @@ class CdamWidget(Container):
     def _focus(self, crop: dict[str, Any], view: str) -> None:
         """Slider on the crop's central slice along the view (the one predicted), camera on the crop's centre,
         the view's plane displayed."""
+        view = view if view in ct.VIEWS else "axial"  # a 3D model's map is a volume: shown axially
         index = np.full(3, (ct.CROP - 1) / 2.0)
         index[ct.VIEWS[view]] = ct.CENTRE
         centre = (crop_affine(crop) @ np.append(index, 1.0))[:3]  # world z, y, x

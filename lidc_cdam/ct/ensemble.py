@@ -23,6 +23,7 @@ import numpy as np
 
 from lidc_cdam.ct.checkpoint import LoadedModel, load_checked_model
 from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.inputs import VOLUME
 from lidc_cdam.ct.maps import MapResult, relay
 
 
@@ -129,8 +130,12 @@ def explain_crop_steps(models: Sequence[str | Path | LoadedModel], crop: dict[st
     outputs = {tuple(m.targets) for m in loaded}
     if len(outputs) > 1:
         raise CTError(f"an ensemble needs models of one task with the same outputs, got {sorted(outputs)}")
-    if view is None:
-        views = {m.view for m in loaded}
+    views = {m.view for m in loaded}
+    if VOLUME in views and len(views) > 1:
+        raise CTError(f"an ensemble cannot mix 3D and 2D models (views {sorted(views)})")
+    if VOLUME in views:
+        view = VOLUME  # 3D models read the whole crop, whatever 2D view was asked for
+    elif view is None:
         if len(views) > 1:
             raise CTError(f"the models were trained on different views {sorted(views)}: choose one view")
         view = views.pop()
@@ -188,7 +193,7 @@ def crop_trust(models: Sequence[LoadedModel], crop: dict[str, Any], view: str,
     training crops' own Mahalanobis distances. The ensemble reports the largest (the most cautious model) and is
     ``unlike_training`` above the threshold (the 99th percentile). None when no model has the statistics.
     ``latents`` (per model, the central slice's latent from the maps' own pass) spare a forward pass."""
-    from lidc_cdam.ct.inputs import CENTRE, model_inputs
+    from lidc_cdam.ct.inputs import CENTRE, model_inputs, volume_input
     from lidc_cdam.models.trust import THRESHOLD, model_latents, trust_percentile
 
     per_model: list[float | None] = []
@@ -203,6 +208,8 @@ def crop_trust(models: Sequence[LoadedModel], crop: dict[str, Any], view: str,
             import torch
 
             latent = torch.as_tensor(np.asarray(known_latent, dtype=np.float32))[None]
+        elif view == VOLUME:
+            latent = model_latents(m.model, volume_input(crop["image"], m.input_stats, m.image_size))
         else:
             latent = model_latents(m.model, model_inputs(crop["image"], view, [CENTRE], m.input_stats, m.image_size))
         per_model.append(float(trust_percentile(stats, latent)[0]))

@@ -3,7 +3,8 @@
 :func:`model_inputs` is :func:`lidc_cdam.data.lidc.datasets.transforms` for many slices at once, on an array
 in memory: HU clipped (``input_stats["hu_clip"]``, default the crops' window), 3 channels, bilinear resize to
 the model's size, ``(HU - mean) / std`` with the checkpoint's ``meta["input_stats"]``. :func:`slices_for`
-chooses which slices of a crop are explained (through the nodule +- a margin, or all).
+chooses which slices of a crop are explained (through the nodule +- a margin, or all). A 3D backbone (view
+``"3d"``) reads the whole crop instead: :func:`volume_input`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lidc_cdam.data.lidc.crops import HU_WINDOW
 
 #: as in :mod:`lidc_cdam.data.lidc.datasets` (not imported from there: that module pulls MONAI in)
 VIEWS = {"axial": 0, "coronal": 1, "sagittal": 2}
+VOLUME = "3d"  # a 3D backbone's view: the whole crop, no 2.5D stack
 CENTRE = 16
 
 
@@ -38,6 +40,20 @@ def slices_for(mask: np.ndarray, view: str, mode: str = "nodule", margin: int = 
     lo, hi = (int(present.min()), int(present.max())) if present.size else (CENTRE, CENTRE)
     lo, hi = min(lo, CENTRE), max(hi, CENTRE)
     return list(range(max(0, lo - margin), min(n, hi + margin + 1)))
+
+
+def volume_input(crop_hu: np.ndarray, stats: dict[str, Any], size: int):
+    """``[1, 1, size, size, size]`` float32 tensor: the whole crop as a 3D backbone's training transforms build it
+    (:func:`lidc_cdam.data.lidc.datasets.volume_transforms`: ``[1, z, y, x]``, trilinear resize when ``size`` is
+    not 32, ``(HU - mean) / std``), HU clipped as the crops are."""
+    import torch
+    import torch.nn.functional as F
+
+    lo, hi = stats.get("hu_clip") or HU_WINDOW
+    x = torch.from_numpy(np.clip(np.asarray(crop_hu, dtype=np.float32), lo, hi))[None, None]
+    if tuple(x.shape[-3:]) != (size,) * 3:
+        x = F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)
+    return (x - float(stats["mean"])) / float(stats["std"])
 
 
 def model_inputs(crop_hu: np.ndarray, view: str, indices: Sequence[int], stats: dict[str, Any], size: int):

@@ -30,7 +30,7 @@ import numpy as np
 from lidc_cdam.ct.checkpoint import MALIGNANCY, LoadedModel, load_checked_model, predictions
 from lidc_cdam.ct.crop import CROP, read_crop
 from lidc_cdam.ct.errors import CTError
-from lidc_cdam.ct.inputs import CENTRE, VIEWS, model_inputs, slices_for
+from lidc_cdam.ct.inputs import CENTRE, VIEWS, VOLUME, model_inputs, slices_for, volume_input
 
 #: label in the widget -> lidc_cdam.explain method name
 METHODS = {"CDAM": "cdam", "Smooth CDAM": "smooth-cdam", "Integrated CDAM": "integrated-cdam",
@@ -94,12 +94,16 @@ class MapResult:
 def display_scaled(crop_map: np.ndarray, view: str, scale: str = "slice") -> tuple[np.ndarray, float]:
     """A ``[32, 32, 32]`` crop map for display and its symmetric colour limit: ``"nodule"`` the raw scores (one
     limit, max |value|, for all slices; 1 when all zero), ``"slice"`` each slice along ``view`` divided by its own
-    max |value| (as the paper scales each map on its own; limit 1)."""
+    max |value| (as the paper scales each map on its own; limit 1); a 3D map (view ``"3d"``) is one map, divided
+    by its max |value|."""
     if scale == "nodule":
         peak = float(np.abs(crop_map).max()) if crop_map.size else 0.0
         return crop_map, peak if peak > 0 else 1.0
     if scale != "slice":
         raise ValueError(f"scale must be 'slice' or 'nodule', got {scale!r}")
+    if view == VOLUME:  # a 3D map is one map: one scale
+        data, limit = display_scaled(crop_map, view, "nodule")
+        return data / limit, 1.0
     others = tuple(a for a in range(3) if a != VIEWS[view])
     peak = np.abs(crop_map).max(axis=others, keepdims=True)
     return np.divide(crop_map, peak, out=np.zeros_like(crop_map), where=peak > 0), 1.0
@@ -120,8 +124,8 @@ def compute_steps(request: MapRequest) -> Generator[tuple[int, int], None, MapRe
 
 def check_request(method: str, view: str) -> None:
     """:class:`CTError` for an unknown view or method."""
-    if view not in VIEWS:
-        raise CTError(f"view must be one of {list(VIEWS)}, got {view!r}")
+    if view not in VIEWS and view != VOLUME:
+        raise CTError(f"view must be one of {[*VIEWS, VOLUME]}, got {view!r}")
     if method not in SIGNED:
         raise CTError(f"method must be one of {list(SIGNED)}, got {method!r}")
 
@@ -144,6 +148,10 @@ def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[str]
         raise CTError(f"{loaded.path.name} explains {loaded.targets}, not {missing or 'nothing'}")
     if tuple(crop["image"].shape) != (CROP, CROP, CROP):
         raise CTError(f"{where}: crop of shape {crop['image'].shape}, expected {(CROP,) * 3}")
+    if (view == VOLUME) != (loaded.view == VOLUME):
+        raise CTError(f"{loaded.path.name} was trained on the {loaded.view!r} view; it cannot explain {view!r}")
+    if view == VOLUME:
+        return (yield from volume_steps(loaded, crop, targets, method, options, start))
     indices = slices_for(crop["mask"], view, slices, margin)
     out_index = [loaded.targets.index(t) for t in targets]
     names = ["malignant"] if loaded.targets == [MALIGNANCY] else loaded.targets
@@ -184,6 +192,34 @@ def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[str]
                      SIGNED[method], str(crop.get("nodule_id", "")), time.perf_counter() - start,
                      slice_predictions=[predictions(loaded, outputs[s]) for s in indices],
                      central_latent=latents[CENTRE])
+
+
+def volume_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[str], method: str,
+                 options: dict[str, Any] | None, start: float) -> Generator[tuple[int, int], None, MapResult]:
+    """A 3D checkpoint on the whole crop: one pass, the ``[K, gz, gy, gx]`` token maps upsampled trilinearly to the
+    crop's ``[32, 32, 32]`` grid (no 2.5D stack: ``slices`` lists all 32, there are no per-slice predictions)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lidc_cdam.explain import explain
+
+    names = ["malignant"] if loaded.targets == [MALIGNANCY] else loaded.targets
+    target_names = [names[loaded.targets.index(t)] for t in targets]
+    yield 0, 1
+    x = volume_input(crop["image"], loaded.input_stats, loaded.image_size)
+    attr = explain(loaded.model, x, targets=target_names, method=method, **(options or {}))
+    latent = attr.latents
+    if latent is None:
+        with torch.no_grad():
+            latent = loaded.model.latent(x)
+    with torch.no_grad():
+        out = loaded.model.head(latent)[0].float().numpy()
+    maps = F.interpolate(attr.maps.detach().float(), size=(CROP,) * 3, mode="trilinear",
+                         align_corners=False)[0].numpy()  # [K, 32, 32, 32]
+    yield 1, 1
+    return MapResult(maps.astype(np.float32), list(targets), method, VOLUME, list(range(CROP)),
+                     predictions(loaded, out), SIGNED[method], str(crop.get("nodule_id", "")),
+                     time.perf_counter() - start, slice_predictions=None, central_latent=latent[0].float().numpy())
 
 
 def compute_maps(request: MapRequest, progress: Callable[[int, int], None] | None = None) -> MapResult:
