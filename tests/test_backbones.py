@@ -38,7 +38,7 @@ def sharpen(model: ViTModel, seed: int = 0) -> ViTModel:
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-            if name.endswith(("qkv.weight", "in_proj_weight", "q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            if name.endswith(("qkv.weight", "in_proj_weight", ".q_proj.weight", ".k_proj.weight", ".v_proj.weight")):
                 p.mul_(4.0)
         for layer in model.head.modules():
             if isinstance(layer, torch.nn.Linear):
