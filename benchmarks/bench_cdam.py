@@ -7,8 +7,9 @@ and per noise draw / path point). Naive Smooth / Integrated runs ``--naive-point
 is scaled to ``n`` and K targets to K x one target (each is an identical, independent full
 pass): such figures are marked ``*``.
 
-``--families dinov3 eva02 pe swag ...`` (or ``all``) adds one row per backbone family and method (random
-weights at ``--image-size``): lidc-cdam's ratio to one forward of the same model, for the implementation
+``--families dinov3 eva02 pe swag hf-vit hf-dinov2-reg monai3d-32 monai3d-96 ...`` (or ``all``) adds one row per
+backbone family and method (random weights at ``--image-size``; the 3D MONAI ViTs on 32^3 and 96^3 volumes; the
+``hf-*`` families need the ``hf`` extra): lidc-cdam's ratio to one forward of the same model, for the implementation
 ``explain`` picks (``cls_row`` or the closed form over the pooled ``rows``) and for the ``reference`` path
 (autograd through the real last block), with Smooth and Integrated CDAM at ``--n`` points. ``--models``
 with no names skips the default rows.
@@ -54,7 +55,33 @@ FAMILIES = {
     "pe": (lambda s: ViTModel.from_timm("vit_pe_core_small_patch16_384", img_size=s, num_classes=1000),
            "timm Eva PE core S/16, RoPE, attention pooling"),
     "swag": (lambda s: ViTModel.from_torchvision("vit_b_16", image_size=s), "torchvision ViT-B/16 (SWAG's class)"),
+    "hf-vit": (lambda s: hf_model("ViTForImageClassification", s, patch_size=16, intermediate_size=1536),
+               "transformers ViTForImageClassification S/16, CLS"),
+    "hf-dinov2-reg": (lambda s: hf_model("Dinov2WithRegistersModel", s, patch_size=14, num_register_tokens=4),
+                      "transformers Dinov2WithRegistersModel S/14 + linear head on CLS', 4 registers"),
+    # 3D: the volume size is fixed (--image-size is ignored)
+    "monai3d-32": (lambda s: monai_model(32, 8), "MONAI ViT 3D, ViT-S widths, 32^3 volume, 8^3 patches (64 tokens)"),
+    "monai3d-96": (lambda s: monai_model(96, 16), "MONAI ViT 3D, ViT-S widths, 96^3 volume, 16^3 patches (216 tokens)"),
 }
+
+
+def hf_model(class_name: str, size: int, **config) -> ViTModel:
+    """A random transformers model with ViT-S widths from its config (the ``hf`` extra); base models get a
+    1000-way linear head on CLS'."""
+    import transformers
+
+    from lidc_cdam.models.heads import LinearHead
+
+    cls = getattr(transformers, class_name)
+    backbone = cls(cls.config_class(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=size,
+                                    num_labels=1000, qkv_bias=True, **config))
+    return ViTModel(backbone, None if hasattr(backbone, "classifier") else LinearHead(384, 1000))
+
+
+def monai_model(side: int, patch: int) -> ViTModel:
+    """A random MONAI 3D ViT with ViT-S widths and a 1000-way linear head on CLS'."""
+    return ViTModel.from_monai(in_channels=1, img_size=(side,) * 3, patch_size=(patch,) * 3, hidden_size=384,
+                               mlp_dim=1536, num_layers=12, num_heads=6, qkv_bias=True, head_outputs=1000)
 
 
 def methods(n: int = 50) -> list[tuple[str, dict]]:
@@ -132,7 +159,10 @@ def main() -> None:
     for name in args.models:
         kwargs = {} if size == 224 else {"img_size": size}
         model = ViTModel(timm.create_model(name, pretrained=False, num_classes=1000, **kwargs)).to(device)
-        x = torch.randn(1, 3, size, size, device=device)
+        # 3D: the model's volume; 2D: --image-size, down to a multiple of the patch (DINOv2's 14 px)
+        spatial = model.default_image_size if len(model.patch_size) == 3 else tuple(size - size % p
+                                                                                    for p in model.patch_size)
+        x = torch.randn(1, model.in_chans, *spatial, device=device)
         # sanity (float32): the naive implementation computes the same vanilla map
         ref = naive_cdam(model, x, 3, "cdam", {}, 1)[:, 1:].reshape(1, *model.layout((size, size)).grid)
         ours_map = explain(model, x, [3]).maps[:, 0]
@@ -186,7 +216,10 @@ def time_families(args: argparse.Namespace, device: torch.device) -> list[dict]:
             for layer in model.head.modules():
                 if isinstance(layer, torch.nn.Linear) and not layer.weight.any():
                     torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
-        x = torch.randn(1, 3, size, size, device=device)
+        # 3D: the model's volume; 2D: --image-size, down to a multiple of the patch (DINOv2's 14 px)
+        spatial = model.default_image_size if len(model.patch_size) == 3 else tuple(size - size % p
+                                                                                    for p in model.patch_size)
+        x = torch.randn(1, model.in_chans, *spatial, device=device)
         path = "cls_row" if cls_row_applies(model) else "rows" if fast_path_applies(model) else "reference"
         # sanity (float32): the closed form computes the reference path's map
         ours_map = explain(model, x, [3]).maps
@@ -204,8 +237,9 @@ def time_families(args: argparse.Namespace, device: torch.device) -> list[dict]:
                     ref = ours if path == "reference" else timed(partial(call, implementation="reference"),
                                                                  args.repeats, device)
                 rows.append({"family": name, "model": what, "method": label, "targets": n_targets, "path": path,
-                             "device": str(device), "amp": args.amp, "image_size": size, "forward_s": forward,
-                             "ours_s": ours, "ours_ratio": ours / forward, "reference_ratio": ref / forward,
+                             "device": str(device), "amp": args.amp, "image_size": list(spatial),
+                             "forward_s": forward, "ours_s": ours, "ours_ratio": ours / forward,
+                             "reference_ratio": ref / forward,
                              "check_rel_error": rel})
                 print(f"{name:14s} {label:34s} {n_targets:2d} {path:>9s} {ours / forward:9.2f} {ref / forward:8.2f} "
                       f"{ref / ours:8.1f}x", flush=True)

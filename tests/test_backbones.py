@@ -2,8 +2,11 @@
 
 Tiny random models in float64, built offline from the families' own configs: timm ``VisionTransformer``
 (CLS and average pooling), timm ``Eva`` as DINOv3 (CLS + 4 registers, RoPE, layer scale; CLS and average
-pooling), EVA-02 (RoPE, SwiGLU) and Perception Encoder (RoPE, attention pooling), and torchvision
-``VisionTransformer`` (SWAG's class).
+pooling), EVA-02 (RoPE, SwiGLU) and Perception Encoder (RoPE, attention pooling), torchvision
+``VisionTransformer`` (SWAG's class), Hugging Face ``transformers`` ``ViTForImageClassification`` and
+``Dinov2WithRegistersModel`` (4 registers; with our head on CLS', and as ``ForImageClassification`` reading
+``[CLS', mean patches']``; skipped without the ``hf`` extra), and MONAI's 3D ``ViT`` on a 32^3 volume
+(a 4 x 4 x 4 token grid).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from lidc_cdam.explain import METHODS
 from lidc_cdam.explain.cdam import cdam_token_scores, cls_row_applies, fast_path_applies
 from lidc_cdam.explain.relevance import RelevanceModelError
 from lidc_cdam.explain.targets import resolve_targets
+from lidc_cdam.models.heads import LinearHead
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=7)
 TORCHVISION = dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=48, mlp_dim=96, num_classes=7)
@@ -34,7 +38,7 @@ def sharpen(model: ViTModel, seed: int = 0) -> ViTModel:
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-            if name.endswith(("qkv.weight", "in_proj_weight")):
+            if name.endswith(("qkv.weight", "in_proj_weight", ".q_proj.weight", ".k_proj.weight", ".v_proj.weight")):
                 p.mul_(4.0)
         for layer in model.head.modules():
             if isinstance(layer, torch.nn.Linear):
@@ -53,6 +57,25 @@ def torchvision_model() -> ViTModel:
     return sharpen(ViTModel(TorchvisionViT(**TORCHVISION), build=build))
 
 
+def hf_model(class_name: str, **config) -> ViTModel:
+    """A transformers model from its config (no download); base models get a LinearHead on CLS'."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cls = getattr(transformers, class_name)
+    backbone = cls(cls.config_class(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                                    patch_size=8, num_labels=7, qkv_bias=True, **config))
+    head = None if hasattr(backbone, "classifier") else LinearHead(48, 7)
+    return sharpen(ViTModel(backbone, head))
+
+
+def monai_model() -> ViTModel:
+    torch.manual_seed(0)
+    return sharpen(ViTModel.from_monai(**MONAI_3D))
+
+
+MONAI_3D = dict(in_channels=1, img_size=(32, 32, 32), patch_size=(8, 8, 8), hidden_size=48, mlp_dim=96, num_layers=2,
+                num_heads=4, num_classes=7, qkv_bias=True)
+
 FAMILIES = {
     "timm-vit-cls": lambda: timm_model("vit_tiny_patch16_224"),
     "timm-vit-avg": lambda: timm_model("vit_tiny_patch16_224", global_pool="avg", class_token=False, fc_norm=True),
@@ -61,9 +84,17 @@ FAMILIES = {
     "eva02": lambda: timm_model("eva02_tiny_patch14_224", ref_feat_shape=(4, 4), scale_mlp=True),
     "pe-core": lambda: timm_model("vit_pe_core_tiny_patch16_384", ref_feat_shape=(4, 4), attn_pool_num_heads=4),
     "torchvision": torchvision_model,
+    "hf-vit": lambda: hf_model("ViTForImageClassification", intermediate_size=96),
+    "hf-dinov2-reg": lambda: hf_model("Dinov2WithRegistersModel", num_register_tokens=4, mlp_ratio=2),
+    "hf-dinov2-reg-cls-mean": lambda: hf_model("Dinov2WithRegistersForImageClassification", num_register_tokens=4,
+                                               mlp_ratio=2),
+    "monai-3d": monai_model,
 }
 #: the CDAM implementation ``auto`` picks for each
-EXPECTED_PATH = {"timm-vit-cls": "cls_row", "torchvision": "cls_row"}
+EXPECTED_PATH = {"timm-vit-cls": "cls_row", "torchvision": "cls_row", "hf-vit": "cls_row", "hf-dinov2-reg": "cls_row",
+                 "monai-3d": "cls_row"}
+FAMILY_NAMES = {"timm VisionTransformer", "timm Eva", "torchvision VisionTransformer", "transformers ViT",
+                "transformers DINOv2", "MONAI ViT"}
 VARIANTS = [
     ("vanilla", {}),
     ("smooth", {"n": 4, "seed": 3, "space": "block_input"}),
@@ -87,9 +118,19 @@ def build(models: dict[str, ViTModel], name: str) -> ViTModel:
     return models[name]
 
 
-def images_for(model: ViTModel, batch: int = 2, size: tuple[int, int] | None = None) -> torch.Tensor:
-    h, w = size or model.default_image_size
-    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+def images_for(model: ViTModel, batch: int = 2, size: tuple[int, ...] | None = None) -> torch.Tensor:
+    size = size or model.default_image_size
+    return torch.randn(batch, model.in_chans, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def own_forward(model: ViTModel, x: torch.Tensor) -> torch.Tensor:
+    """The outputs by the family's own forward (MONAI returns (logits, hidden states), transformers a ModelOutput;
+    a transformers base model's CLS' goes through our head)."""
+    out = model.backbone(x)
+    out = out[0] if isinstance(out, tuple) else out
+    if hasattr(out, "logits"):
+        return out.logits
+    return model.head(out.last_hidden_state[:, 0]) if hasattr(out, "last_hidden_state") else out
 
 
 def target_value(model: ViTModel, resid, tokens, target: int, grid) -> torch.Tensor:
@@ -99,15 +140,15 @@ def target_value(model: ViTModel, resid, tokens, target: int, grid) -> torch.Ten
 def captum_cdam(model: ViTModel, x, target: int) -> torch.Tensor:
     """CDAM by captum: gradient x activation at the last block's first norm, summed over features, prefix dropped."""
     attr = LayerGradientXActivation(model, model.norm1).attribute(x, target=target)
-    return model.layout(tuple(x.shape[-2:])).patch_grid(attr.sum(-1))
+    return model.layout(tuple(x.shape[2:])).patch_grid(attr.sum(-1))
 
 
 @family
 def test_split_forward_equals_the_family_forward(models, name):
     model = build(models, name)
     x = images_for(model)
-    torch.testing.assert_close(model(x), model.backbone(x), rtol=0, atol=1e-12)
-    assert model.family in {"timm VisionTransformer", "timm Eva", "torchvision VisionTransformer"}
+    torch.testing.assert_close(model(x), own_forward(model, x), rtol=0, atol=1e-12)
+    assert model.family in FAMILY_NAMES
 
 
 @family
@@ -233,10 +274,26 @@ def test_attention_map_is_the_cls_row_of_the_family_attention(models, name):
         return
     x = images_for(model)
     blk, got = model.last_block, explain(model, x, [0], method="attention").maps[:, 0]
+    tolerance = {"rtol": 1e-9, "atol": 1e-12}
     tokens = model.normed_tokens(model.trunk(x))
     if name == "torchvision":
         _, weights = blk.self_attention(tokens, tokens, tokens, need_weights=True, average_attn_weights=True)
         expected = weights[:, 0]
+    elif name.startswith("hf-"):  # transformers' eager attention returns its probabilities (softmax in float32)
+        tolerance = {"rtol": 1e-6, "atol": 1e-7}
+        config = blk.attention.config
+        saved, config._attn_implementation = config._attn_implementation, "eager"
+        try:
+            expected = blk.attention(tokens)[1][:, :, 0].mean(1)
+        finally:
+            config._attn_implementation = saved
+    elif name == "monai-3d":  # SABlock(save_attn=True) keeps its probabilities
+        blk.attn.save_attn = True
+        try:
+            model(x)
+            expected = blk.attn.att_mat[:, :, 0].mean(1)
+        finally:
+            blk.attn.save_attn = False
     else:
         captured = {}
         blk.attn.fused_attn = False
@@ -247,7 +304,7 @@ def test_attention_map_is_the_cls_row_of_the_family_attention(models, name):
             handle.remove()
             blk.attn.fused_attn = True
         expected = captured["p"][:, :, 0].mean(1)
-    torch.testing.assert_close(got, model.layout().patch_grid(expected), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got, model.layout().patch_grid(expected), **tolerance)
 
 
 @family
@@ -266,22 +323,23 @@ def test_weights_only_checkpoint_round_trip(models, name, tmp_path):
 def test_bad_input_raises_the_same_clear_errors(models, name):
     model = build(models, name)
     x = images_for(model)
-    with pytest.raises(ModelInputError, match="3-channel"):
-        explain(model, x[:, :1], [0])
-    with pytest.raises(ModelInputError, match=r"\[B, C, H, W\]"):
+    c, dims = model.in_chans, len(model.default_image_size)
+    with pytest.raises(ModelInputError, match=f"{c}-channel"):
+        explain(model, torch.cat([x, x], dim=1), [0])
+    with pytest.raises(ModelInputError, match=r"\[B, C, H, W\]" if dims == 2 else r"\[B, C, D, H, W\]"):
         explain(model, x[0], [0])
     if model.adapter.strict_image_size:
-        with pytest.raises(ModelInputError, match="32x32"):
-            explain(model, torch.zeros(1, 3, 40, 40, dtype=torch.float64), [0])
+        with pytest.raises(ModelInputError, match="x".join(["32"] * dims)):
+            explain(model, torch.zeros(1, c, *[40] * dims, dtype=torch.float64), [0])
     else:
         with pytest.raises(ModelInputError, match="multiple of the patch size"):
-            explain(model, torch.zeros(1, 3, 36, 32, dtype=torch.float64), [0])
+            explain(model, torch.zeros(1, c, 36, 32, dtype=torch.float64), [0])
     with pytest.raises(TargetError, match="out of range"):
         explain(model, x, [7])
     with pytest.raises(TargetError, match="unknown target name"):
         explain(model, x, ["cat"])
     nan = x.clone()
-    nan[0, 0, 0, 0] = float("nan")
+    nan.view(-1)[0] = float("nan")
     with pytest.raises(ModelInputError, match="NaN"):
         explain(model, nan, [0])
 
@@ -325,5 +383,103 @@ def test_torchvision_state_dict_file_loads_weights_only(models, tmp_path):
 
 
 def test_unsupported_module_names_the_families():
-    with pytest.raises(TypeError, match="timm VisionTransformer, timm Eva, torchvision VisionTransformer"):
+    with pytest.raises(TypeError, match="timm VisionTransformer, timm Eva, torchvision VisionTransformer, "
+                                        "transformers ViT, transformers DINOv2, MONAI ViT"):
         ViTModel(torch.nn.Linear(3, 3))
+
+
+def timm_to_hf_vit(model: ViTModel) -> ViTModel:
+    """The transformers ``ViTForImageClassification`` twin of a timm ViT: the same weights, ``qkv`` split into
+    ``q_proj`` / ``k_proj`` / ``v_proj``."""
+    transformers = pytest.importorskip("transformers")
+    bb = model.backbone
+    config = transformers.ViTConfig(hidden_size=bb.embed_dim, num_hidden_layers=len(bb.blocks),
+                                    num_attention_heads=bb.blocks[0].attn.num_heads,
+                                    intermediate_size=bb.blocks[0].mlp.fc1.out_features,
+                                    image_size=bb.patch_embed.img_size[0],
+                                    patch_size=bb.patch_embed.patch_size[0], num_labels=bb.num_classes, qkv_bias=True,
+                                    layer_norm_eps=bb.norm.eps, hidden_act="gelu")
+    hf = transformers.ViTForImageClassification(config).to(torch.float64)
+    sd = {"vit.embeddings.cls_token": bb.cls_token, "vit.embeddings.position_embeddings": bb.pos_embed,
+          "vit.embeddings.patch_embeddings.projection.weight": bb.patch_embed.proj.weight,
+          "vit.embeddings.patch_embeddings.projection.bias": bb.patch_embed.proj.bias,
+          "vit.layernorm.weight": bb.norm.weight, "vit.layernorm.bias": bb.norm.bias,
+          "classifier.weight": bb.head.weight, "classifier.bias": bb.head.bias}
+    for i, blk in enumerate(bb.blocks):
+        out = f"vit.layers.{i}."
+        for part in ("weight", "bias"):
+            q, k, v = getattr(blk.attn.qkv, part).chunk(3)
+            sd |= {out + f"attention.q_proj.{part}": q, out + f"attention.k_proj.{part}": k,
+                   out + f"attention.v_proj.{part}": v, out + f"attention.o_proj.{part}": getattr(blk.attn.proj, part),
+                   out + f"layernorm_before.{part}": getattr(blk.norm1, part),
+                   out + f"layernorm_after.{part}": getattr(blk.norm2, part),
+                   out + f"mlp.fc1.{part}": getattr(blk.mlp.fc1, part),
+                   out + f"mlp.fc2.{part}": getattr(blk.mlp.fc2, part)}
+    hf.load_state_dict(sd, strict=True)
+    return ViTModel(hf.eval())
+
+
+@pytest.mark.parametrize("method", ["cdam", "smooth-cdam", "integrated-cdam", "attention", "gradcam"])
+def test_timm_vit_and_its_transformers_twin_give_the_same_maps(models, method):
+    timm_vit = build(models, "timm-vit-cls")
+    twin = timm_to_hf_vit(timm_vit)
+    assert twin.family == "transformers ViT"
+    x = images_for(timm_vit)
+    torch.testing.assert_close(twin(x), timm_vit(x), rtol=1e-9, atol=1e-12)
+    options = {"n": 4, "seed": 0} if method in ("smooth-cdam", "integrated-cdam") else {}
+    if method == "integrated-cdam":
+        options.pop("seed")
+    a, b = explain(timm_vit, x, [0, 5], method=method, **options), explain(twin, x, [0, 5], method=method, **options)
+    assert a.maps.abs().amax() > 1e-5
+    torch.testing.assert_close(b.maps, a.maps, rtol=1e-9, atol=1e-12)
+
+
+def test_transformers_model_wraps_and_explains_with_its_own_head():
+    """``ViTModel(hf_model)``: the classifier is the head, ``explain()`` uses the exact CLS-row path, and the
+    config rebuilds the model (checkpoints hold it as plain data)."""
+    model = hf_model("ViTForImageClassification", intermediate_size=96)
+    assert cls_row_applies(model) and model.num_outputs == 7 and model.build["transformers_class"] == (
+        "ViTForImageClassification")
+    x = images_for(model)
+    attr = explain(model, x)  # the predicted class
+    assert attr.maps.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(attr.scores[:, 0], model(x).amax(-1), rtol=1e-9, atol=1e-12)
+
+
+def test_monai_3d_maps_have_a_token_grid_and_upsample_to_the_volume(models):
+    model = build(models, "monai-3d")
+    x = images_for(model)
+    assert x.shape == (2, 1, 32, 32, 32) and model.layout().grid == (4, 4, 4)
+    attr = explain(model, x, [1, 4], method="cdam")
+    assert attr.maps.shape == (2, 2, 4, 4, 4) and attr.image_size == (32, 32, 32)
+    nearest = attr.upsample()
+    assert nearest.shape == (2, 2, 32, 32, 32)
+    torch.testing.assert_close(nearest[..., ::8, ::8, ::8], attr.maps, rtol=0, atol=0)  # one value per 8^3 patch
+    torch.testing.assert_close(nearest[..., 7::8, 7::8, 7::8], attr.maps, rtol=0, atol=0)
+    smooth = attr.upsample("trilinear")
+    assert smooth.shape == (2, 2, 32, 32, 32) and not torch.equal(smooth, nearest)
+    torch.testing.assert_close(smooth.mean(dim=(2, 3, 4)), attr.maps.mean(dim=(2, 3, 4)), rtol=0.2, atol=1e-3)
+    with pytest.raises(ValueError, match="upsample mode"):
+        attr.upsample("bicubic")
+    # one patch of the volume, and only its token, is what a token's map entry is about: the grid follows the axes
+    token = model.layout().patch_grid(torch.arange(model.layout().num_tokens, dtype=torch.float64))
+    assert token[1, 2, 3] == 1 + (1 * 16 + 2 * 4 + 3)
+
+
+def test_monai_3d_concepts_and_the_non_cubic_grid():
+    from lidc_cdam import Concept
+
+    model = monai_model()
+    x = images_for(model, batch=3)
+    concept = Concept.from_images(model, x)
+    attr = explain(model, x, concept)
+    assert attr.maps.shape == (3, 1, 4, 4, 4) and torch.isfinite(attr.maps).all()
+    anisotropic = sharpen(ViTModel.from_monai(**{**MONAI_3D, "img_size": (16, 32, 48)}))
+    y = images_for(anisotropic, batch=1)
+    attr = explain(anisotropic, y, [2])
+    assert attr.maps.shape == (1, 1, 2, 4, 6) and attr.upsample().shape == (1, 1, 16, 32, 48)
+    torch.testing.assert_close(attr.maps[:, 0], captum_cdam(anisotropic, y, 2), rtol=1e-9, atol=1e-12)
+    from monai.networks.nets import ViT
+
+    with pytest.raises(TypeError, match="classification=True"):
+        ViTModel(ViT(in_channels=1, img_size=32, patch_size=8, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4))

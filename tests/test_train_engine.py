@@ -168,13 +168,51 @@ def test_presets_load_and_need_weights():
 
     for path in sorted(config_dir("train").glob("*.yaml")):
         name = path.stem
-        if name.startswith("tiny"):
-            assert load_train_config(path).backbone.random_init
+        if name.startswith(("tiny", "vit3d")):  # trained from scratch (no pretrained 3D ViT)
+            config = load_train_config(path)
+            assert config.backbone.random_init
+            assert (config.data.view == "3d") == bool(config.backbone.monai_kwargs) == ("3d" in name)
+            assert not name.startswith("vit3d") or (config.task in name and config.epochs == 50)
             continue
         with pytest.raises(TrainConfigError, match="no weights"):
             load_train_config(path)
         config = load_train_config(path, ["backbone.checkpoint=weights.pth"])
         assert config.task in name and config.epochs == 50
+
+
+MONAI_3D = {"img_size": [32, 32, 32], "patch_size": [8, 8, 8], "hidden_size": 32, "mlp_dim": 64, "num_layers": 1,
+            "num_heads": 2}
+
+
+@pytest.mark.parametrize(("backbone", "data", "message"), [
+    (TINY_BACKBONE, {"view": "3d"}, "needs a 3D backbone"),
+    ({"random_init": True, "monai_kwargs": MONAI_3D}, {"view": "axial", "image_size": 32}, "needs data.view 3d"),
+    ({"random_init": True, "monai_kwargs": MONAI_3D}, {"view": "3d", "image_size": 64}, "does not match"),
+    ({"monai_kwargs": MONAI_3D}, {"view": "3d", "image_size": 32}, "random_init"),
+    ({"random_init": True, "monai_kwargs": {**MONAI_3D, "in_channels": 3}}, {"view": "3d", "image_size": 32},
+     "in_channels must be 1"),
+    ({"random_init": True, "monai_kwargs": MONAI_3D, "drop_path_rate": 0.1}, {"view": "3d", "image_size": 32},
+     "no drop path"),
+])
+def test_3d_config_errors(backbone, data, message):
+    config = {"name": "x", "task": "malignancy", "backbone": backbone, "data": {"root": "d", **data}}
+    with pytest.raises(TrainConfigError, match=message):
+        config_from_dict(config, "x.yaml")
+
+
+def test_3d_config_builds_a_monai_vit_with_our_head():
+    from lidc_cdam.train.backbones import build_model, set_trainable
+
+    config = config_from_dict({"name": "x", "task": "biomarkers", "trainable_blocks": 1,
+                               "backbone": {"random_init": True, "monai_kwargs": {**MONAI_3D, "num_layers": 2}},
+                               "data": {"root": "d", "view": "3d", "image_size": 32}}, "x.yaml")
+    model = build_model(config, ["a", "b"])
+    assert model.family == "MONAI ViT" and model.layout().grid == (4, 4, 4) and model.num_outputs == 2
+    assert model.build["monai_kwargs"]["classification"] and model.in_chans == 1
+    set_trainable(model, config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("backbone.blocks.1.") for n in trainable)
+    assert not any(n.startswith(("backbone.blocks.0.", "backbone.patch_embedding.")) for n in trainable)
 
 
 DDP_SCRIPT = """

@@ -57,6 +57,35 @@ def test_biomarkers_five_folds_write_the_summary(phantoms, tmp_path):
     assert (out / "learning_curves.png").exists() and "± " in (out / "summary.md").read_text()
 
 
+def test_3d_preset_trains_on_phantom_volumes_and_its_checkpoint_explains_them(phantoms, tmp_path):
+    """tiny3d-phantom-malignancy: the whole 32^3 crop into a MONAI 3D ViT through the same trainer and folds; the
+    checkpoint records view "3d" and image size 32, rebuilds its test inputs from them and gives [4, 4, 4] maps."""
+    import torch
+
+    from lidc_cdam import explain
+    from lidc_cdam.data.lidc.datasets import checkpoint_dataset
+
+    out = tmp_path / "run3d"
+    assert main(["train", "--config", "tiny3d-phantom-malignancy", "--data", str(phantoms), "--folds", "0",
+                 "--set", "epochs=6", "--out", str(out), "--no-progress"]) == 0
+    history = pd.read_csv(out / "fold0" / "history.csv")
+    assert len(history) == 6 and history["val_loss"].min() < history["val_loss"].iloc[0]
+    model = load_model(out / "fold0" / "best.pt")
+    stats = model.meta["input_stats"]
+    assert model.family == "MONAI ViT" and stats["view"] == "3d" and stats["image_size"] == 32
+    test = pd.read_csv(out / "fold0" / "test_predictions.csv")
+    items = checkpoint_dataset(phantoms, test["nodule_id"].tolist()[:4], stats)
+    volumes = torch.stack([items[i]["image"] for i in range(4)])
+    assert volumes.shape == (4, 1, 32, 32, 32)
+    attr = explain(model, volumes, [0])
+    assert attr.maps.shape == (4, 1, 4, 4, 4) and attr.upsample().shape == (4, 1, 32, 32, 32)
+    with torch.no_grad():
+        logits = model(volumes)[:, 0]
+    torch.testing.assert_close(attr.scores[:, 0], logits, rtol=1e-5, atol=1e-5)
+    recorded = torch.tensor(test["pred_malignant"].to_numpy()[:4], dtype=torch.float32)  # the trainer's test logits
+    torch.testing.assert_close(logits, recorded, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_data_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--config", "tiny-phantom-malignancy", "--data", str(tmp_path)]) == 2
     assert "has no nodules.csv" in capsys.readouterr().err

@@ -49,12 +49,12 @@ def register(
 def _cdam_method(variant: str) -> ExplainFn:
     def run(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **options: Any) -> Attribution:
         scores, values, latents = cdam_token_scores(model, images, spec, variant, **options)
-        layout = model.layout(tuple(images.shape[-2:]))
+        layout = model.layout(tuple(images.shape[2:]))
         return Attribution(
             maps=layout.patch_grid(scores),
             method=METHOD_NAMES[variant],
             kind="tokens",
-            image_size=tuple(images.shape[-2:]),
+            image_size=tuple(images.shape[2:]),
             target_names=spec.names,
             scores=values,
             options=options,

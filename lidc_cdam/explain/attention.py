@@ -28,7 +28,7 @@ def cls_attention(model: ViTModel, images: torch.Tensor) -> torch.Tensor:
 @register("attention", {}, "Attention map (Eq. 1): CLS-query attention of the last block, mean over heads",
           signed=False)
 def attention_map(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **options) -> Attribution:
-    layout = model.layout(tuple(images.shape[-2:]))
-    maps = layout.patch_grid(cls_attention(model, images))[:, None].expand(-1, spec.num_targets, -1, -1)
-    return Attribution(maps.contiguous(), "attention", "tokens", tuple(images.shape[-2:]), spec.names,
+    layout = model.layout(tuple(images.shape[2:]))
+    maps = layout.patch_grid(cls_attention(model, images))[:, None].expand(-1, spec.num_targets, *layout.grid)
+    return Attribution(maps.contiguous(), "attention", "tokens", tuple(images.shape[2:]), spec.names,
                        options=options)

@@ -24,6 +24,6 @@ def gradcam(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **options) 
     p = model.num_prefix_tokens
     weights = grads[:, :, p:].mean(dim=2)  # [B, K, D]
     cam = torch.einsum("bkd,bnd->bkn", weights, tokens[:, p:]).clamp(min=0)
-    layout = model.layout(tuple(images.shape[-2:]))
+    layout = model.layout(tuple(images.shape[2:]))
     maps = cam.reshape(*cam.shape[:2], *layout.grid)
-    return Attribution(maps.detach(), "gradcam", "tokens", tuple(images.shape[-2:]), spec.names, options=options)
+    return Attribution(maps.detach(), "gradcam", "tokens", tuple(images.shape[2:]), spec.names, options=options)

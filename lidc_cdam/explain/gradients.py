@@ -20,7 +20,7 @@ from lidc_cdam.models.vit import ViTModel
 DEFAULT_CHUNK_BYTES = 1024 * 2**20
 
 
-def activation_bytes_per_image(model: ViTModel, image_hw: tuple[int, int], dtype: torch.dtype) -> int:
+def activation_bytes_per_image(model: ViTModel, image_hw: tuple[int, ...], dtype: torch.dtype) -> int:
     """Rough size of what one image's forward pass keeps for backward (tokens and attention)."""
     layout = model.layout(image_hw)
     n, d = layout.num_tokens, model.embed_dim
@@ -29,7 +29,7 @@ def activation_bytes_per_image(model: ViTModel, image_hw: tuple[int, int], dtype
 
 
 def input_gradients(model: ViTModel, inputs: torch.Tensor, spec: TargetSpec) -> torch.Tensor:
-    """``dF_k / dx`` for inputs ``[B, m, C, H, W]`` (m samples per image): ``[B, K, m, C, H, W]``.
+    """``dF_k / dx`` for inputs ``[B, m, C, *spatial]`` (m samples per image): ``[B, K, m, C, *spatial]``.
 
     One forward pass for all ``B * m`` inputs; one backward pass per target (graph kept between).
     """
@@ -59,7 +59,7 @@ def mean_sample_gradients(
 ) -> torch.Tensor:
     """Mean over ``count`` samples of ``dF/dx``, ``[B, K, C, H, W]``; ``samples(rows, sl)`` returns
     the samples ``sl`` of the images ``rows``, ``[len(rows), len(sl), C, H, W]``."""
-    per_image = activation_bytes_per_image(model, tuple(images.shape[-2:]), images.dtype)
+    per_image = activation_bytes_per_image(model, tuple(images.shape[2:]), images.dtype)
     budget = max(1, chunk_bytes // per_image)  # images (samples) per forward pass
     total = torch.zeros(images.shape[0], spec.num_targets, *images.shape[1:], dtype=images.dtype, device=images.device)
     group = max(1, min(images.shape[0], budget // max(count, 1)))
@@ -73,7 +73,7 @@ def mean_sample_gradients(
 
 
 def _pixel_attribution(maps: torch.Tensor, method: str, images: torch.Tensor, spec: TargetSpec, options) -> Attribution:
-    return Attribution(maps.detach(), method, "pixels", tuple(images.shape[-2:]), spec.names, options=options)
+    return Attribution(maps.detach(), method, "pixels", tuple(images.shape[2:]), spec.names, options=options)
 
 
 @register("input-x-grad", {}, "Input x Gradient: x . dF/dx, mean over colour channels")
@@ -95,7 +95,8 @@ def smoothgrad(model: ViTModel, images: torch.Tensor, spec: TargetSpec, *, n: in
     if n < 1 or not sigma >= 0:
         raise ValueError(f"smoothgrad needs n >= 1 and sigma >= 0, got n={n}, sigma={sigma}")
     generator = torch.Generator(device=images.device).manual_seed(seed) if seed is not None else None
-    spread = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1, 1)
+    dims = tuple(range(1, images.ndim))
+    spread = (images.amax(dim=dims) - images.amin(dim=dims)).view(-1, 1, *([1] * len(dims)))
     noise = torch.stack([torch.randn((n, *images.shape[1:]), generator=generator, dtype=images.dtype,
                                      device=images.device) for _ in range(images.shape[0])])
     noise.mul_(sigma * spread)
@@ -115,7 +116,7 @@ def intgrad(model: ViTModel, images: torch.Tensor, spec: TargetSpec, *, n: int, 
     alphas = torch.arange(1, n + 1, dtype=images.dtype, device=images.device) / n
 
     def samples(rows: slice, sl: slice) -> torch.Tensor:
-        return alphas[sl].view(1, -1, 1, 1, 1) * images[rows, None]
+        return alphas[sl].view(1, -1, *([1] * (images.ndim - 1))) * images[rows, None]
 
     grads = mean_sample_gradients(model, images, spec, samples, n, options.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
     return _pixel_attribution((images[:, None] * grads).mean(dim=2), "intgrad", images, spec, {"n": n, **options})

@@ -207,7 +207,7 @@ def relevance_propagation_scores(
     _check_model(model, "relevance-propagation", cls_pooling=False)
     bb = model.backbone
     B, K = images.shape[0], spec.num_targets
-    N = model.layout(tuple(images.shape[-2:])).num_tokens
+    N = model.layout(tuple(images.shape[2:])).num_tokens
     H = bb.blocks[0].attn.num_heads
     scale = len(bb.blocks) * images.element_size()
     graph = scale * (4 * H * N * N + 16 * N * model.embed_dim)  # per image: the forward's autograd graph
@@ -233,8 +233,8 @@ def relevance_propagation_scores(
 def relevance_propagation(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **options: Any) -> Attribution:
     chunk_bytes = options.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
     scores, values = relevance_propagation_scores(model, images, spec, chunk_bytes=chunk_bytes)
-    layout = model.layout(tuple(images.shape[-2:]))
-    return Attribution(layout.patch_grid(scores), "relevance-propagation", "tokens", tuple(images.shape[-2:]),
+    layout = model.layout(tuple(images.shape[2:]))
+    return Attribution(layout.patch_grid(scores), "relevance-propagation", "tokens", tuple(images.shape[2:]),
                        spec.names, scores=values, options=options)
 
 
@@ -469,6 +469,6 @@ def partial_lrp(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **optio
     rule = options.get("norm_act_rule", "identity")
     relevance, values = partial_lrp_relevance(model, images, spec, norm_act_rule=rule)
     scores = relevance.clamp(min=0).mean(2)  # [B, K, N]
-    layout = model.layout(tuple(images.shape[-2:]))
-    return Attribution(layout.patch_grid(scores), "partial-lrp", "tokens", tuple(images.shape[-2:]), spec.names,
+    layout = model.layout(tuple(images.shape[2:]))
+    return Attribution(layout.patch_grid(scores), "partial-lrp", "tokens", tuple(images.shape[2:]), spec.names,
                        scores=values, options=options)

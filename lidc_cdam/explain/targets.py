@@ -50,9 +50,12 @@ class Concept:
         name: str = "concept",
         batch_size: int = 32,
     ) -> Concept:
-        """Mean latent (CLS' for token-pooling models) of ``images`` ``[n, C, H, W]`` (Eq. 3)."""
-        if images.ndim != 4 or images.shape[0] == 0:
-            raise TargetError(f"concept images must be a non-empty [n, C, H, W] tensor, got {tuple(images.shape)}")
+        """Mean latent (CLS' for token-pooling models) of ``images`` ``[n, C, H, W]`` (``[n, C, D, H, W]`` for a
+        3D model) (Eq. 3)."""
+        dims = 2 + len(model.patch_size) if hasattr(model, "patch_size") else 4
+        if images.ndim != dims or images.shape[0] == 0:
+            axes = "H, W" if dims == 4 else "D, H, W"
+            raise TargetError(f"concept images must be a non-empty [n, C, {axes}] tensor, got {tuple(images.shape)}")
         latents = [model.latent(chunk) for chunk in images.split(batch_size)]
         return cls(torch.cat(latents).mean(0), similarity=similarity, name=name)
 

@@ -113,7 +113,17 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
 def build_backbone(build: dict[str, Any]) -> nn.Module:
     """A randomly initialised backbone from ``{"timm_name": name | None, "timm_kwargs": {...}}`` (timm; without
     a name a ``VisionTransformer``) or ``{"family": "torchvision", "torchvision_name": name | None,
-    "torchvision_kwargs": {...}}`` (a torchvision builder such as ``vit_b_16``; without a name the class)."""
+    "torchvision_kwargs": {...}}`` (a torchvision builder such as ``vit_b_16``; without a name the class),
+    ``{"family": "monai", "monai_kwargs": {...}}`` (MONAI's ``ViT``) or ``{"family": "transformers",
+    "transformers_class": name, "transformers_config": {...}}`` (a Hugging Face ViT / DINOv2 from its config)."""
+    if build.get("family") == "monai":
+        from lidc_cdam.models.backbones.monai_vit import build_monai_vit
+
+        return build_monai_vit(dict(build.get("monai_kwargs") or {}))
+    if build.get("family") == "transformers":
+        from lidc_cdam.models.backbones.hf_vit import build_hf_backbone
+
+        return build_hf_backbone(build["transformers_class"], dict(build.get("transformers_config") or {}))
     if build.get("family") == "torchvision":
         import torchvision
 
@@ -430,7 +440,7 @@ def load_model_file(model_cls: type[M], path: str | os.PathLike, /, *, arch: str
     if is_lidc_cdam_checkpoint(obj):
         if arch is not None or timm_kwargs:
             saved = dict(obj.get("backbone") or {})
-            prefix = "torchvision" if saved.get("family") == "torchvision" else "timm"
+            prefix = saved.get("family") if saved.get("family") in ("torchvision", "monai") else "timm"
             build = {**saved, f"{prefix}_name": arch or saved.get(f"{prefix}_name"),
                      f"{prefix}_kwargs": {**(saved.get(f"{prefix}_kwargs") or {}), **timm_kwargs}}
             obj = {**obj, "backbone": build}

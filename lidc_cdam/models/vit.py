@@ -1,8 +1,8 @@
 """`ViTModel`: a Vision Transformer backbone plus a head, split at its last block.
 
 The backbone is any supported family (timm ``VisionTransformer``, timm ``Eva``, torchvision
-``VisionTransformer``); :mod:`lidc_cdam.models.backbones` holds one adapter per family, the seam the
-explainers use through this class.
+``VisionTransformer``, Hugging Face ``transformers`` ViT / DINOv2, MONAI ``ViT`` in 2D or 3D);
+:mod:`lidc_cdam.models.backbones` holds one adapter per family, the seam the explainers use through this class.
 
 Notation follows the paper (section 3, Fig. 2b) and SPEC.md "Token layout":
 
@@ -37,14 +37,18 @@ class ViTModel(nn.Module):
 
     Args:
         backbone: a timm ``VisionTransformer`` (CLS, average or attention pooling, register tokens,
-            layer scale, fixed or dynamic image size), a timm ``Eva`` (DINOv3, EVA-02, PE: RoPE, SwiGLU) or a
-            torchvision ``VisionTransformer`` (SWAG).
+            layer scale, fixed or dynamic image size), a timm ``Eva`` (DINOv3, EVA-02, PE: RoPE, SwiGLU), a
+            torchvision ``VisionTransformer`` (SWAG), a Hugging Face ``ViTModel`` / ``ViTForImageClassification`` /
+            ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (and their ``ForImageClassification``), or a MONAI
+            ``ViT(classification=True)`` (3D: images ``[B, C, D, H, W]``, a ``(gd, gh, gw)`` token grid).
         head: module on the latent ``l``; ``None`` keeps the backbone's own timm head. A given head
             replaces the backbone's (its classifier is reset to ``Identity``).
         task: what the outputs are: class logits, regression outputs, or plain features.
         output_names: a name per output (e.g. the biomarker names), usable as targets.
-        build: how to rebuild the backbone (``{"timm_name": ..., "timm_kwargs": {...}}``);
-            saved in checkpoints by :func:`lidc_cdam.models.loading.save_checkpoint`.
+        build: how to rebuild the backbone (``{"timm_name": ..., "timm_kwargs": {...}}``, see
+            :func:`~lidc_cdam.models.checkpoint_format.build_backbone`); saved in checkpoints by
+            :func:`lidc_cdam.models.loading.save_checkpoint`. Default: what the backbone says of itself (a Hugging
+            Face config; a MONAI ViT made by :meth:`from_monai`), else nothing (the model cannot be saved).
         meta: free-form, checkpoint-safe metadata (normalisation statistics, fold, metrics...).
     """
 
@@ -69,7 +73,7 @@ class ViTModel(nn.Module):
         self._adapter = adapter
         self.task: Task = task
         self.output_names = list(output_names) if output_names is not None else None
-        self.build = dict(build or {})
+        self.build = dict(build or adapter.build_spec() or {})
         self.meta = dict(meta or {})
         self.eval()
 
@@ -110,6 +114,19 @@ class ViTModel(nn.Module):
     def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None):
         """Write a checkpoint that :meth:`from_checkpoint` rebuilds (weights-only safe)."""
         return checkpoint_format.save_checkpoint(self, path, meta)
+
+    @classmethod
+    def from_monai(cls, *, head_outputs: int | None = None, head_dropout: float = 0.0, task: Task = "classification",
+                   **monai_kwargs: Any) -> ViTModel:
+        """A new MONAI ``ViT(classification=True, **monai_kwargs)``, e.g. ``in_channels=1, img_size=(32, 32, 32),
+        patch_size=(8, 8, 8)`` (3D by default; MONAI's ``spatial_dims``); with ``head_outputs`` a
+        :class:`~lidc_cdam.models.heads.LinearHead` on CLS' replaces MONAI's ``Linear`` + ``Tanh`` head."""
+        from lidc_cdam.models.heads import LinearHead
+
+        build = {"family": "monai", "monai_kwargs": {"classification": True, **monai_kwargs}}
+        backbone = checkpoint_format.build_backbone(build)
+        head = LinearHead(adapter_for(backbone).embed_dim, head_outputs, head_dropout) if head_outputs else None
+        return cls(backbone, head, task=task, build=build)
 
     @classmethod
     def from_torchvision(cls, name: str, *, checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> ViTModel:

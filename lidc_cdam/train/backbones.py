@@ -1,5 +1,5 @@
-"""Building the model to fine-tune: a timm ViT backbone (local weights), a linear head on CLS'
-for the task, and which parameters train (the last N blocks, or the authors' last N tensors)."""
+"""Building the model to fine-tune: a timm ViT backbone (local weights) or a new MONAI ViT (2D / 3D), a linear head
+on CLS' for the task, and which parameters train (the last N blocks, or the authors' last N tensors)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lidc_cdam.models.backbones import adapter_for
 from lidc_cdam.models.heads import LinearHead
 from lidc_cdam.models.vit import ViTModel
 from lidc_cdam.train.config import TrainConfig
@@ -17,6 +18,13 @@ def build_model(config: TrainConfig, output_names: list[str], meta: dict[str, An
     from lidc_cdam.models.loading import build_backbone, from_timm, load_model
 
     spec = config.backbone
+    task = "classification" if config.task == "malignancy" else "regression"
+    if spec.monai_kwargs:
+        build = {"family": "monai", "monai_kwargs": {"in_channels": 1, **spec.monai_kwargs, "classification": True,
+                                                     "dropout_rate": spec.drop_rate}}
+        backbone = build_backbone(build)
+        head = LinearHead(adapter_for(backbone).embed_dim, len(output_names), config.head_dropout)
+        return ViTModel(backbone, head, task=task, output_names=output_names, build=build, meta=meta)
     # timm's own drop_rate is the classifier's dropout (replaced here by the head's): the backbone's
     # dropout is on the token embeddings and the attention / MLP projections
     kwargs = {**spec.timm_kwargs, "pos_drop_rate": spec.drop_rate, "proj_drop_rate": spec.drop_rate,
@@ -33,7 +41,6 @@ def build_model(config: TrainConfig, output_names: list[str], meta: dict[str, An
                            **{**kwargs, "num_classes": 0})
         backbone, build = loaded.backbone, loaded.build
     head = LinearHead(backbone.embed_dim, len(output_names), config.head_dropout)
-    task = "classification" if config.task == "malignancy" else "regression"
     return ViTModel(backbone, head, task=task, output_names=output_names, build=build, meta=meta)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 TASKS = ("malignancy", "biomarkers")
 LOSSES = ("bce", "huber", "mse")
 SCHEDULES = ("none", "exponential", "cyclic")
-VIEWS = ("axial", "coronal", "sagittal")
+VIEWS = ("axial", "coronal", "sagittal", "3d")  # "3d": the whole 32^3 crop, for a 3D backbone
 
 
 class TrainConfigError(ValueError):
@@ -27,12 +27,14 @@ class BackboneConfig:
     """A timm ViT by name (``vit_small_patch8_224.dino``, ``deit_small_patch16_224``,
     ``vit_small_patch14_reg4_dinov2``...) with weights from a local ``checkpoint`` (our format, the
     official DINO / DINOv2 files, a timm state dict) or, online, ``pretrained: true``; or, without a
-    name, a new ViT from ``timm_kwargs`` (tests, the demo)."""
+    name, a new ViT from ``timm_kwargs`` (tests, the demo); or a new MONAI ``ViT`` from ``monai_kwargs``
+    (``classification=True`` implied; 3D with ``data.view: 3d``), trained from scratch (``random_init``)."""
 
     name: str | None = None
     checkpoint: str | None = None
     pretrained: bool = False
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    monai_kwargs: dict[str, Any] = field(default_factory=dict)
     random_init: bool = False  # train from scratch (tests, the demo); otherwise weights are required
     drop_rate: float = 0.0  # dropout inside the backbone: token embeddings, attention / MLP projections
     drop_path_rate: float = 0.0
@@ -44,7 +46,7 @@ class DataConfig:
 
     root: str = ""
     folds: str | None = None  # CSV nodule_id,fold; default: the root's folds.csv, else data_manifest/lidc_folds.csv
-    view: str = "axial"
+    view: str = "axial"  # or "3d": the whole crop as [1, S, S, S] (S = image_size), for a 3D backbone
     image_size: int = 224
     augment: bool = True  # random slice 14-18 and 90-degree rotations when training
     num_workers: int = 0
@@ -156,9 +158,14 @@ def check(config: TrainConfig) -> None:
         raise TrainConfigError(f"{file}: schedule.type must be one of {SCHEDULES}")
     if config.data.view not in VIEWS:
         raise TrainConfigError(f"{file}: data.view must be one of {VIEWS}")
-    if not (config.backbone.name or config.backbone.timm_kwargs or config.backbone.checkpoint):
-        raise TrainConfigError(f"{file}: backbone needs a timm name, a checkpoint or timm_kwargs")
+    if not (config.backbone.name or config.backbone.timm_kwargs or config.backbone.checkpoint
+            or config.backbone.monai_kwargs):
+        raise TrainConfigError(f"{file}: backbone needs a timm name, a checkpoint, timm_kwargs or monai_kwargs")
     b = config.backbone
+    if b.monai_kwargs:
+        _check_monai(config, file)
+    elif config.data.view == "3d":
+        raise TrainConfigError(f"{file}: data.view 3d needs a 3D backbone (backbone.monai_kwargs)")
     if b.name and not (b.checkpoint or b.pretrained or b.random_init):
         raise TrainConfigError(
             f"{file}: backbone {b.name} has no weights: set backbone.checkpoint=FILE (a local DINO / DINOv2 / "
@@ -169,6 +176,29 @@ def check(config: TrainConfig) -> None:
         raise TrainConfigError(f"{file}: epochs and batch_size must be positive")
     if any(f not in range(5) for f in config.folds):
         raise TrainConfigError(f"{file}: folds are 0-4, got {config.folds}")
+
+
+def _check_monai(config: TrainConfig, file: str) -> None:
+    b = config.backbone
+    if b.name or b.timm_kwargs or b.checkpoint or b.pretrained:
+        raise TrainConfigError(f"{file}: backbone.monai_kwargs builds a new MONAI ViT: give no timm name, "
+                               "timm_kwargs, checkpoint or pretrained with it")
+    if not b.random_init:
+        raise TrainConfigError(f"{file}: a MONAI ViT has no pretrained weights here: set backbone.random_init: true")
+    if b.drop_path_rate:
+        raise TrainConfigError(f"{file}: a MONAI ViT has no drop path: backbone.drop_path_rate must be 0")
+    dims = int(b.monai_kwargs.get("spatial_dims", 3))
+    if (dims == 3) != (config.data.view == "3d"):
+        raise TrainConfigError(f"{file}: a {dims}D MONAI ViT needs data.view "
+                               f"{'3d' if dims == 3 else 'axial, coronal or sagittal'}, got {config.data.view!r}")
+    size = b.monai_kwargs.get("img_size")
+    sizes = list(size) if isinstance(size, list | tuple) else [size] * dims
+    if any(int(s) != config.data.image_size for s in sizes):
+        raise TrainConfigError(f"{file}: backbone.monai_kwargs.img_size {size} does not match data.image_size "
+                               f"{config.data.image_size}")
+    if int(b.monai_kwargs.get("in_channels", 1)) != (1 if dims == 3 else 3):
+        raise TrainConfigError(f"{file}: backbone.monai_kwargs.in_channels must be {1 if dims == 3 else 3} "
+                               f"(the {'3d crop has 1 channel' if dims == 3 else 'slice is repeated to 3 channels'})")
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

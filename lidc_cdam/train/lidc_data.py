@@ -74,6 +74,9 @@ def lidc_fold_data(config: TrainConfig, fold: int) -> FoldData:
     input_stats = {"mean": stats["mean"], "std": stats["std"], "view": config.data.view,
                    "image_size": config.data.image_size, "hu_clip": [-1000, 400],
                    "note": "central slice of the 32^3 crop, 3 channels, resized, (HU - mean) / std"}
+    if config.data.view == "3d":
+        input_stats["note"] = ("the whole 32^3 crop as [1, z, y, x] (resampled to image_size^3), (HU - mean) / std; "
+                               "maps are [gz, gy, gx] token grids")
     target_stats = ({"names": stats["biomarkers"], "mean": stats["biomarker_mean"], "std": stats["biomarker_std"]}
                     if config.task == "biomarkers" else None)
     info = {"root": str(root), "fold": fold, "sizes": {k: len(parts["tables"][k]) for k in ("train", "val", "test")}}

@@ -7,6 +7,10 @@ Targets: ``label`` (malignancy 0/1) for classification, ``biomarkers`` (the eigh
 and std fitted on the training part only) for regression. Crops are ``[z, y, x]``: axial = ``[16, :, :]``,
 coronal = ``[:, 16, :]``, sagittal = ``[:, :, 16]``.
 
+The ``"3d"`` view (3D backbones, e.g. MONAI's ViT) is the whole crop as ``[1, z, y, x]`` (resampled trilinearly
+to ``size``^3 if ``size`` is not 32), z-scored the same way, rotated by a random multiple of 90 degrees in the
+axial (y, x) plane when training; there is no slice jitter.
+
 >>> parts = lidc_datasets("phantoms/", fold=0, view="axial", task="classification")
 >>> parts["train"][0]["image"].shape  # torch.Size([3, 224, 224])
 """
@@ -23,6 +27,7 @@ import torch
 from monai.data import Dataset
 from monai.transforms import (
     Compose,
+    EnsureChannelFirstd,
     MapTransform,
     NormalizeIntensityd,
     RandomizableTransform,
@@ -35,7 +40,9 @@ from monai.transforms import (
 from lidc_cdam.data.lidc.nodules import BIOMARKERS
 
 VIEWS = {"axial": 0, "coronal": 1, "sagittal": 2}
+VOLUME = "3d"  # the whole crop, for a 3D backbone
 CENTRE = 16
+CROP_SIZE = 32
 TRAIN_SLICES = (14, 18)  # inclusive
 IMAGE_SIZE = 224
 TASKS = ("classification", "regression")
@@ -121,7 +128,9 @@ def fit_stats(table: pd.DataFrame, root: Path) -> Stats:
 
 def transforms(stats: Stats, view: str = "axial", train: bool = False, root: str | Path | None = None,
                rotate_prob: float = 0.75, size: int = IMAGE_SIZE) -> Compose:
-    """Crop file -> ``image`` [3, size, size] float32, z-scored with ``stats``."""
+    """Crop file -> ``image`` [3, size, size] float32, z-scored with ``stats``; ``view="3d"``: [1, size, size, size]."""
+    if view == VOLUME:
+        return volume_transforms(stats, train=train, root=root, rotate_prob=rotate_prob, size=size)
     steps = [
         LoadCropd("image", root=root),
         SliceViewd(("image", "mask"), view=view, random_range=TRAIN_SLICES if train else None),
@@ -132,6 +141,20 @@ def transforms(stats: Stats, view: str = "axial", train: bool = False, root: str
     ]
     if train:
         steps.append(RandRotate90d(("image", "mask"), prob=rotate_prob, max_k=3, spatial_axes=(0, 1)))
+    steps.append(ToTensord(("image", "mask"), track_meta=False))
+    return Compose(steps)
+
+
+def volume_transforms(stats: Stats, train: bool = False, root: str | Path | None = None, rotate_prob: float = 0.75,
+                      size: int = 32) -> Compose:
+    """Crop file -> ``image`` [1, size, size, size] float32 (``[1, z, y, x]``), z-scored with ``stats``."""
+    steps = [LoadCropd("image", root=root), EnsureChannelFirstd(("image", "mask"), channel_dim="no_channel")]
+    if size != CROP_SIZE:
+        steps += [Resized("image", spatial_size=(size,) * 3, mode="trilinear", align_corners=False),
+                  Resized("mask", spatial_size=(size,) * 3, mode="nearest")]
+    steps.append(NormalizeIntensityd("image", subtrahend=stats.mean, divisor=stats.std))
+    if train:
+        steps.append(RandRotate90d(("image", "mask"), prob=rotate_prob, max_k=3, spatial_axes=(1, 2)))
     steps.append(ToTensord(("image", "mask"), track_meta=False))
     return Compose(steps)
 
