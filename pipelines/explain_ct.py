@@ -272,7 +272,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  "radiologists": args.ratings.get(pid, {}).get(target),
                                  "trust_percentile": e.trust["percentile"] if e.trust else None,
                                  "unlike_training": e.trust["unlike_training"] if e.trust else None})
-                tasks.append({"task": e.task, "targets": e.targets, "checkpoints": e.checkpoints, "n_models": e.n,
+                tasks.append({"task": e.task, "view": e.view, "targets": e.targets, "checkpoints": e.checkpoints,
+                              "n_models": e.n,
                               "mean": e.mean, "sd": e.sd, "per_checkpoint": e.per_model, "trust": e.trust,
                               "maps": {t: s for t, s in zip(e.targets, stems, strict=True)}})
             write_npz(folder / "maps.npz", **arrays)

@@ -223,3 +223,34 @@ def test_point_targets_and_cache(scan, nodules, folds, biomarker_folds, tmp_path
     assert again.ensembles[0].slice_mean == ens.slice_mean
     with pytest.raises(M.CTError, match="none of the checkpoints explains"):
         explain_point(scan, centre, folds[:1], targets=["texture"])
+
+
+def test_a_3d_checkpoint_explains_the_whole_crop(scan, nodules, biomarker_folds, tmp_path):
+    """A 3D model (MONAI ViT, view "3d") reads the whole crop in one pass: its maps are the token maps upsampled
+    trilinearly to the crop grid, its prediction the model's output on the volume; no 2.5D stack. A 3D task and a
+    2D task explain one point side by side; one ensemble cannot mix them."""
+    import torch
+    import torch.nn.functional as F
+
+    from lidc_cdam.ct.inputs import volume_input
+    from lidc_cdam.ct.testing import tiny_3d_checkpoint
+    from lidc_cdam.explain import explain
+
+    paths = [tiny_3d_checkpoint(tmp_path / f"m3d-{s}.pt", seed=s) for s in range(2)]
+    centre = M.crop_centre_world(M.read_crop(nodules[1].crop_path))
+    result = explain_point(scan, centre, [*paths, biomarker_folds[0]], view="coronal")
+    ens3d, ens2d = result.ensembles
+    assert (ens3d.view, ens2d.view) == ("3d", "coronal") and ens3d.n == 2
+    assert ens3d.slices == list(range(32)) and ens3d.slice_mean is None and ens3d.predictions_at(16) is None
+    m = M.load_checked_model(paths[0])
+    x = volume_input(result.crop.image, m.input_stats, m.image_size)
+    assert x.shape == (1, 1, 32, 32, 32)
+    attr = explain(m.model, x, targets=["malignant"])
+    assert attr.maps.shape == (1, 1, 4, 4, 4)
+    want = F.interpolate(attr.maps.float(), size=(32, 32, 32), mode="trilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(ens3d.model_maps[0, 0], want.numpy(), rtol=1e-5, atol=1e-7)
+    assert (np.abs(ens3d.model_maps[0, 0]) > 0).mean() > 0.9  # every slice of the volume has a map
+    with torch.no_grad():
+        assert ens3d.per_model[0] == pytest.approx(M.predictions(m, m.model(x)[0].numpy()), rel=1e-5)
+    with pytest.raises(M.CTError, match="cannot mix 3D and 2D"):
+        explain_crop([paths[0], tiny_checkpoint(tmp_path / "m2d.pt")], result.crop.crop)

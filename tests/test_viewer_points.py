@@ -208,3 +208,24 @@ def test_parametric_map_round_trip(make_napari_viewer, qtbot, tmp_path, fresh_se
     np.testing.assert_allclose(layer.data_to_world(peak), viewer.layers[0].data_to_world(want), atol=1e-6)
     lo, hi = layer.contrast_limits
     assert lo == -hi and hi == pytest.approx(float(np.abs(on_scan).max()))
+
+
+def test_a_3d_checkpoint_shows_its_map_as_a_volume(make_napari_viewer, qtbot, tmp_path, fresh_series, nodule_world):
+    """A 3D model's map is one volume on the crop grid: every slice under the slider has a map, one colour scale for
+    the volume, and no per-slice predictions (there is no 2.5D stack)."""
+    from lidc_cdam.ct.testing import tiny_3d_checkpoint
+
+    viewer = make_napari_viewer(show=False)
+    viewer.open(str(fresh_series), plugin="lidc-cdam")
+    widget = make_widget(viewer)
+    widget.load_checkpoints([tiny_3d_checkpoint(tmp_path / "m3d.pt")], block=True)
+    widget.add_point(nodule_world, block=True)
+    (ens,) = widget.results
+    assert ens.view == "3d" and ens.slice_mean is None
+    layer = widget.overlays["malignancy"]
+    assert layer.data.shape == (32, 32, 32) and tuple(layer.contrast_limits) == (-1.0, 1.0)
+    np.testing.assert_allclose(layer.data, ens.mean_maps[0] / np.abs(ens.mean_maps[0]).max(), rtol=1e-6)
+    assert (np.abs(layer.data).reshape(32, -1).max(1) > 0).all()  # a map on every slice of the volume
+    text = widget.predictions.value
+    assert "malignancy: p = " in text and "this slice" not in text
+    assert viewer.dims.order == (0, 1, 2)  # shown in the axial plane

@@ -218,7 +218,7 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
     from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
 
-    from lidc_cdam.ct.inputs import CENTRE
+    from lidc_cdam.ct.inputs import CENTRE, VIEWS
     from lidc_cdam.viz import cdam_cmap, symmetric_limit
 
     out_dir = Path(out_dir)
@@ -226,6 +226,7 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
     entry = point_entry
     pid = str(entry["id"])
     view = str(entry.get("view") or "axial")
+    view = view if view in VIEWS else "axial"  # a 3D model's map is a volume: shown in the axial plane
     method = str(entry.get("method") or "cdam")
     image = np.asarray(crop["image"], dtype=float)
     padded = np.asarray(crop.get("padded", np.zeros(image.shape, np.uint8))).astype(bool)

@@ -44,6 +44,27 @@ def tiny_checkpoint(path: Path, task: str = "malignancy", seed: int = 0, **timm_
     return save_checkpoint(model, path)
 
 
+def tiny_3d_checkpoint(path: Path, task: str = "malignancy", seed: int = 0) -> Path:
+    """A random tiny 3D LIDC model (MONAI ViT on the whole 32^3 crop, 8^3 patches, view ``"3d"``)."""
+    torch.manual_seed(seed)
+    stats = {**STATS, "view": "3d", "image_size": 32}
+    kwargs = dict(in_channels=1, img_size=(32, 32, 32), patch_size=(8, 8, 8), hidden_size=32, mlp_dim=64,
+                  num_layers=2, num_heads=2)
+    if task == "malignancy":
+        model = ViTModel.from_monai(head_outputs=1, task="classification", **kwargs)
+        model.output_names, model.meta = ["malignant"], {"input_stats": stats, "task": "malignancy"}
+    else:
+        model = ViTModel.from_monai(head_outputs=8, task="regression", **kwargs)
+        model.output_names = BIOMARKERS
+        model.meta = {"input_stats": stats, "task": "biomarkers", "target_stats": {
+            "names": BIOMARKERS, "mean": [3.0] * 7 + [10.0], "std": [1.0] * 7 + [5.0]}}
+    with torch.no_grad():  # sharper attention, larger outputs: maps with both signs
+        for blk in model.backbone.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+        model.head[1].weight.mul_(10.0)
+    return save_checkpoint(model, path)
+
+
 def digits_checkpoint(path: Path) -> Path:
     """A checkpoint for another task: ten digit classes."""
     torch.manual_seed(0)
