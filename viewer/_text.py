@@ -57,7 +57,10 @@ def prediction_text(ensembles: Sequence[Any], row: Mapping[str, Any] | None = No
             lines.append(f"{t}: {_value(t, ens.mean[t], ens.sd.get(t), ens.n)}{_ratings(t, row)}")
     if not lines:
         return "", warnings
-    lines.append("(central slice of the crop)")
+    volumes = [e.view == "3d" for e in ensembles]
+    lines.append("(the whole 32 mm crop: 3D model)" if all(volumes) else
+                 "(2D models: the crop's central slice; 3D models: the whole crop)" if any(volumes) else
+                 "(central slice of the crop)")
     for ens in ensembles:
         text, warn = trust_line(ens.trust, ens.task)
         lines.append(text)

@@ -621,8 +621,9 @@ class CdamWidget(Container):
         self._update_predictions()
         self.last_seconds = time.perf_counter() - self._t0
         n_slices = len(explained.ensembles[0].slices or []) if explained.ensembles else 0
+        what = "a 3D volume" if explained.ensembles and explained.ensembles[0].view == "3d" else f"{n_slices} slices"
         folds = max((e.n for e in explained.ensembles), default=1)
-        self.say(f"{explained.label}: {n_slices} slices, {len(self.overlays)} map(s)"
+        self.say(f"{explained.label}: {what}, {len(self.overlays)} map(s)"
                  + (f", ensembles of {folds} folds" if folds > 1 else "") + f" in {self.last_seconds:.2f} s"
                  + (" (cached)" if explained.cached else "") + "; orange = evidence, blue = counter-evidence")
 
