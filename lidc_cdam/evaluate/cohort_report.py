@@ -134,6 +134,18 @@ def speed_table(timing: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def method_speed_table(timing: pd.DataFrame) -> pd.DataFrame:
+    """Per method: seconds per nodule for the maps of every target of every model, and the ratio to one
+    forward pass of every model per nodule."""
+    columns = [c for c in timing.columns if c.startswith("explain_seconds_")]
+    nodules = timing.groupby("model")["nodules"].sum().iloc[0]
+    forward = timing["forward_seconds"].sum() / nodules
+    seconds = timing[columns].sum() / nodules
+    frame = pd.DataFrame({"method": [c[len("explain_seconds_"):] for c in columns], "s_per_nodule": seconds.to_numpy(),
+                          "ratio_to_forward": seconds.to_numpy() / forward})
+    return frame.set_index("method").loc[method_order(list(frame["method"]))].reset_index()
+
+
 def _label(model: str, target: str, models: list[str]) -> str:
     return target if len(models) == 1 else f"{model}: {target}"
 
@@ -150,7 +162,7 @@ def evidence_figure(evidence: pd.DataFrame, path: Path, title: str) -> Path:
 
     methods = method_order(list(evidence["method"].unique()))
     models = list(dict.fromkeys(evidence["model"]))
-    cols = min(len(methods), 5)
+    cols = min(len(methods), 2)
     rows = int(np.ceil(len(methods) / cols))
     n_targets = evidence.groupby("method").size().max()
     fig, axes = plt.subplots(rows, cols, figsize=(max(3.2, 0.32 * n_targets) * cols, 3.6 * rows),
@@ -326,7 +338,12 @@ def write_cohort_report(out: Path, metrics: pd.DataFrame, correlations: pd.DataF
                                        "evaluate_s_per_nodule": "evaluation s",
                                        "evaluate_forwards_per_nodule": "forwards",
                                        "evaluate_ratio_to_lower_bound": "evaluation / bound"}), ""]
+        by_method = method_speed_table(timing)
+        atomic_write(tables / "speed_methods.csv", lambda tmp: by_method.to_csv(tmp, index=False))
+        lines += ["Maps per method (every target of every model):", "",
+                  _md(by_method, "method", {"s_per_nodule": "s / nodule", "ratio_to_forward": "/ forward"}), ""]
         summary["speed"] = speed.to_dict(orient="records")
+        summary["speed_methods"] = by_method.to_dict(orient="records")
     summary["evidence_cdam"] = {f"{r.model}: {r.target}": {"mask": r.share_mask, "uniform_mask": r.uniform_mask,
                                                           "ring": r.share_ring, "background": r.share_background}
                                 for r in evidence[evidence["method"] == "cdam"].itertuples()}
