@@ -452,6 +452,8 @@ def run_cohort(checkpoints: Sequence[str | Path], data_root: str | Path, out: st
     out, data_root, device = Path(out), Path(data_root), torch.device(device)
     models = load_cohort_models(checkpoints)
     plan = plan_folds(models, folds)
+    if folds_table is not None and not Path(folds_table).is_file():
+        raise CohortError(f"{folds_table}: no such folds table")
     fold_df = read_folds(folds_table)
     table = read_data_table(data_root, fold_df)
     concepts_file = str(manifest_path("lidc_concepts.yaml"))
