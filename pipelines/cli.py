@@ -11,6 +11,8 @@ JOBS = {
     "explain-ct": ("lidc_cdam.pipelines.explain_ct", "predictions and CDAM maps at points of any CT (DICOM, NIfTI), "
                                                      "fold ensembles; maps as NIfTI on the scan's grid"),
     "benchmark": ("lidc_cdam.pipelines.benchmark", "evaluate importance estimators: tables and curves as in the paper"),
+    "cohort": ("lidc_cdam.pipelines.cohort", "evaluate the maps over the LIDC test nodules of each fold: evidence in "
+                                             "the nodule, faithfulness, radiological concepts, co-location"),
     "demo": ("lidc_cdam.pipelines.demo", "the embedded example: the shipped tiny ViTs explain LIDC phantom nodules "
                                          "(malignancy, eight biomarkers; not CT); --digits: two-digit images"),
     "imagenet-manifests": ("lidc_cdam.pipelines.imagenet_manifests",

@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concept-images", type=Path,
                         help="folder of example images: explain similarity to their mean latent (Eq. 3-4)")
     parser.add_argument("--concept-name", default="concept")
+    parser.add_argument("--concept", nargs="+", metavar="NAME",
+                        help="radiological concepts of data_manifest/lidc_concepts.yaml (e.g. spiculated "
+                             "round-contrast): mean latent of the rated training nodules of --concept-data (Eq. 3-4)")
+    parser.add_argument("--concept-data", type=Path,
+                        help="preprocess / phantoms folder whose training-part nodules define --concept")
+    parser.add_argument("--fold", type=int, help="test fold whose training part defines --concept "
+                                                 "(default: the checkpoint's meta['fold'])")
     parser.add_argument("--similarity", default="dot", choices=("dot", "cosine", "neg_l2"))
     parser.add_argument("--n", type=int, help="points for Smooth / Integrated CDAM (default 50)")
     parser.add_argument("--sigma", type=float, help="noise level for Smooth CDAM (default 0.05)")
@@ -106,9 +113,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = method_options(args, methods)
 
     targets: Any = parse_targets(args.target)
+    if sum(x is not None for x in (targets, args.concept_images, args.concept)) > 1:
+        raise SystemExit("error: give one of --target, --concept-images and --concept")
+    if args.concept is not None:
+        if args.concept_data is None:
+            raise SystemExit("error: --concept needs --concept-data DIR (the rated nodules that define it)")
+        from lidc_cdam.data.lidc.concepts import concept_targets
+
+        targets = concept_targets(model, args.concept_data, args.fold, args.concept, similarity=args.similarity)
     if args.concept_images is not None:
-        if targets is not None:
-            raise SystemExit("error: give either --target or --concept-images, not both")
         examples = torch.stack([load_image(p, size, mean, std) for p in list_images(args.concept_images)])
         targets = Concept.from_images(model, examples, similarity=args.similarity, name=args.concept_name)
 

@@ -120,3 +120,55 @@ def evaluate_image(
             a_lif_prime=a_lif[1].item() if primed else None, a_box_prime=a_box[1].item() if primed else None,
         )
     return results
+
+
+def evaluate_targets(
+    score_fn: ScoreFn,
+    image: torch.Tensor,
+    blurred: torch.Tensor,
+    maps: dict[str, torch.Tensor],
+    records: Sequence[int],
+    *,
+    patch: int,
+    native_maps: dict[str, torch.Tensor] | None = None,
+    box_sizes: Sequence[int] = BOX_SIZES,
+    n_boxes: int = 100,
+    generator: torch.Generator | None = None,
+    percents: Sequence[int] = PERCENTS,
+    batch_size: int = 256,
+) -> dict[str, list[ImageMetrics]]:
+    """Metrics per method and target for one image ``[C, H, W]`` with ``K`` targets.
+
+    ``maps[method]`` is ``[K, H, W]`` at pixel resolution, map ``k`` explaining output ``records[k]``
+    of ``score_fn`` (a logit, a regression output or a concept similarity). The boxes and their
+    output changes are drawn and computed once for the image and shared by every method and target
+    (one set of box forwards); the MIF / LIF levels of all maps run in shared batches. Returns
+    ``{method: [ImageMetrics of target k]}`` (no primed values).
+    """
+    hw = tuple(image.shape[-2:])
+    sizes = list(box_sizes)
+    check_box_sizes(sizes, patch, hw)
+    corners = sample_boxes(hw, patch, sizes, n_boxes, generator or torch.Generator().manual_seed(0))
+    masks = box_masks(corners, sizes, patch, hw)
+    records = [int(r) for r in records]
+    changes, output_scale = box_output_changes(score_fn, image, blurred, masks, records, batch_size,
+                                               return_scale=True)  # [K, S, n], [K, S]
+    methods = list(maps)
+    stacked = torch.cat([maps[m] for m in methods])  # [M * K, H, W]
+    curves = perturbation_curves(score_fn, image, blurred, stacked, records * len(methods), percents, batch_size)
+    a_mif, a_lif = trapezoid(curves["mif"], percents), trapezoid(curves["lif"], percents)
+    results: dict[str, list[ImageMetrics]] = {}
+    K = len(records)
+    for i, method in enumerate(methods):
+        m = maps[method]
+        f_box = box_sensitivity(m, masks, changes, output_scale=output_scale)  # [K, S]
+        a_box = trapezoid(f_box, sizes) if len(sizes) > 1 else f_box[:, 0]
+        native = compactness((native_maps or maps)[method])
+        rows = slice(i * K, (i + 1) * K)
+        results[method] = [
+            ImageMetrics(mif=curves["mif"][rows][k], lif=curves["lif"][rows][k], f_box=f_box[k],
+                         a_mif=a_mif[rows][k].item(), a_lif=a_lif[rows][k].item(), a_box=a_box[k].item(),
+                         compactness=native[k].item(), box_sizes=tuple(sizes))
+            for k in range(K)
+        ]
+    return results

@@ -148,25 +148,32 @@ def box_masks(corners: torch.Tensor, sizes: Sequence[int], patch: int, image_hw:
 
 
 def box_output_changes(
-    score_fn: ScoreFn, image: torch.Tensor, blurred: torch.Tensor, masks: torch.Tensor, record: int,
-    batch_size: int = 64, *, return_scale: bool = False,
+    score_fn: ScoreFn, image: torch.Tensor, blurred: torch.Tensor, masks: torch.Tensor,
+    record: int | Sequence[int] | torch.Tensor, batch_size: int = 64, *, return_scale: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``f(x) - f(x with the box blurred)`` for masks ``[S, n, H, W]``: ``[S, n]``. Independent of
     any map, so computed once per image and recorded output and shared by all methods.
 
+    ``record`` may list several outputs ``[R]``: the same forward passes then serve them all and the
+    changes are ``[R, S, n]`` (one set of box forwards for every target of an image).
+
     With ``return_scale``, also the magnitude of the outputs the changes are differences of,
-    ``[S]``: ``max(|f(x)|, max_n |f(x_box)|)`` of the recorded output. A change's round-off is
-    relative to that, not to the (maybe tiny) change: pass it to :func:`box_sensitivity` as
-    ``output_scale``.
+    ``[S]`` (``[R, S]``): ``max(|f(x)|, max_n |f(x_box)|)`` of the recorded output. A change's
+    round-off is relative to that, not to the (maybe tiny) change: pass it to :func:`box_sensitivity`
+    as ``output_scale``.
     """
+    several = torch.as_tensor(record).ndim == 1
+    columns = torch.as_tensor(record).view(-1).tolist()
     flat = masks.flatten(0, 1)[:, None]
-    outputs = [score_fn(torch.where(chunk, blurred[None], image[None]))[:, record] for chunk in flat.split(batch_size)]
-    original = score_fn(image[None])[0, record]
-    boxed = torch.cat(outputs).view(masks.shape[:2])
-    changes = original - boxed
-    if not return_scale:
-        return changes
-    return changes, torch.maximum(boxed.abs().amax(-1), original.abs())
+    outputs = [score_fn(torch.where(chunk, blurred[None], image[None]))[:, columns]
+               for chunk in flat.split(batch_size)]
+    original = score_fn(image[None])[0, columns]  # [R]
+    boxed = torch.cat(outputs).view(*masks.shape[:2], len(columns)).permute(2, 0, 1)  # [R, S, n]
+    changes = original.view(-1, 1, 1) - boxed
+    scale = torch.maximum(boxed.abs().amax(-1), original.abs().view(-1, 1))
+    if not several:
+        changes, scale = changes[0], scale[0]
+    return (changes, scale) if return_scale else changes
 
 
 #: a side of :func:`pearson` whose RMS spread is at most this many machine epsilons of its dtype

@@ -118,7 +118,8 @@ def _targets(model: ViTModel, items: list[BenchImage], mode: str, device: torch.
     return out
 
 
-def _box_generator(seed: int, image_id: str) -> torch.Generator:
+def box_generator(seed: int, image_id: str) -> torch.Generator:
+    """The generator of an image's boxes: keyed to the seed and the image, not to the run's order."""
     import zlib
 
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(image_id.encode()))
@@ -156,7 +157,7 @@ def evaluate_part(
                 score, item.image, blurred[j], {m: maps[j] for m, maps in pixel_maps.items()},
                 targets[i][0], patch=patch, native_maps={m: maps[j] for m, maps in native_maps.items()},
                 box_sizes=config.metrics.box_sizes, n_boxes=config.metrics.n_boxes,
-                generator=_box_generator(config.metrics.seed, item.image_id), percents=config.metrics.percents,
+                generator=box_generator(config.metrics.seed, item.image_id), percents=config.metrics.percents,
             )
             for method, r in results.items():
                 row = _metric_row(item, targets[i], method, r, seconds[method])
@@ -207,7 +208,11 @@ def _curve_rows(image_id: str, method: str, r: ImageMetrics, percents: list[int]
             for name, xs, values in curves if values is not None for x, v in zip(xs, values.tolist(), strict=True)]
 
 
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+_box_generator = box_generator  # the earlier private name
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` to ``path`` atomically (complete or absent)."""
     atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
@@ -300,8 +305,8 @@ def _run_part(model: ViTModel, config: BenchmarkConfig, images: ImageSet, mode: 
     for rows in (metric_rows, curve_rows):
         for r in rows:
             r["image_set"] = images.name
-    _write_parquet(pd.DataFrame(metric_rows), folder / f"part_{part:05d}.metrics.parquet")
-    _write_parquet(pd.DataFrame(curve_rows), folder / f"part_{part:05d}.curves.parquet")
+    write_parquet(pd.DataFrame(metric_rows), folder / f"part_{part:05d}.metrics.parquet")
+    write_parquet(pd.DataFrame(curve_rows), folder / f"part_{part:05d}.curves.parquet")
     write_json(folder / f"part_{part:05d}.json", {"images": list(indices), "skipped": skipped,
                                                   "seconds": time.perf_counter() - start})
 
@@ -328,9 +333,9 @@ def finish(config: BenchmarkConfig, out: Path, model: ViTModel, data_kwargs: dic
     metrics, curves, skipped = merge_parts(out, config)
     front = ["image_set", "image_id", "method"]
     metrics = metrics[front + [c for c in metrics.columns if c not in front]]
-    _write_parquet(metrics, out / "metrics.parquet")
+    write_parquet(metrics, out / "metrics.parquet")
     atomic_write(out / "metrics.csv", lambda tmp: metrics.to_csv(tmp, index=False))
-    _write_parquet(curves, out / "curves.parquet")
+    write_parquet(curves, out / "curves.parquet")
     atomic_write(out / "skipped.csv", lambda tmp: skipped.to_csv(tmp, index=False))
     randomization = _randomization(config, out, model, data_kwargs)
     return write_report(config, out, metrics, curves, skipped, randomization)

@@ -37,6 +37,7 @@ from monai.transforms import (
     ToTensord,
 )
 
+from lidc_cdam.data.lidc.nodule_inputs import check_crop_paths as check_crop_paths  # re-exported (moved)
 from lidc_cdam.data.lidc.nodules import BIOMARKERS
 
 VIEWS = {"axial": 0, "coronal": 1, "sagittal": 2}
@@ -168,18 +169,6 @@ def _records(table: pd.DataFrame, stats: Stats, task: str) -> list[dict[str, Any
         rec["target"] = rec["label"] if task == "classification" else rec["biomarkers"]
         out.append(rec)
     return out
-
-
-def check_crop_paths(nodules: pd.DataFrame, root: Path) -> None:
-    """Every ``crop_path`` of a nodule table is relative and stays inside the data folder (a table is
-    input like any other file: ``../`` or absolute paths are refused)."""
-    from lidc_cdam.data.lidc.errors import LidcError
-
-    base = root.resolve()
-    for nodule, rel in zip(nodules["nodule_id"], nodules["crop_path"], strict=True):
-        path = Path(str(rel))
-        if path.is_absolute() or not (base / path).resolve().is_relative_to(base):
-            raise LidcError(f"{root / 'nodules.csv'}: crop_path of {nodule} ({rel}) leaves the data folder")
 
 
 def checkpoint_dataset(data_dir: str | Path, nodule_ids: list[str], input_stats: dict[str, Any],
