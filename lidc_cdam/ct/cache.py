@@ -46,7 +46,8 @@ class MapCache:
     def crop_key(loaded: LoadedModel, crop: dict[str, Any], targets: tuple[str, ...], method: str, view: str,
                  slices: str, margin: int, options: dict[str, Any] | None) -> str:
         """The key of a crop in memory explained by a loaded model (its contents, not a file path)."""
-        parts = {"checkpoint": loaded.fingerprint, "crop": crop_digest(crop), "targets": list(targets),
+        parts = {"checkpoint": loaded.fingerprint, "crop": crop_digest(crop),
+                 "targets": [target_key(t) for t in targets],
                  "method": method, "view": view, "slices": slices, "margin": margin,
                  "options": dict(sorted((options or {}).items())), "version": CACHE_VERSION}
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -100,6 +101,15 @@ def cached_steps(request: MapRequest, cache: MapCache | None) -> Generator[tuple
     if cache is not None:
         cache.put(request, result)
     return result
+
+
+def target_key(target: Any) -> str:
+    """An output by its name; a concept by its name, similarity and the hash of its vector (two folds' concepts of
+    one name differ)."""
+    if isinstance(target, str):
+        return target
+    vector = np.ascontiguousarray(target.vector.detach().cpu().double().numpy())
+    return f"concept:{target.name}:{target.similarity}:{hashlib.sha256(vector.tobytes()).hexdigest()[:16]}"
 
 
 def crop_digest(crop: dict[str, Any]) -> str:

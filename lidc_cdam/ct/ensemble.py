@@ -117,11 +117,14 @@ def combine(results: Sequence[MapResult], checkpoints: Sequence[str], task: str)
 def explain_crop_steps(models: Sequence[str | Path | LoadedModel], crop: dict[str, Any],
                        targets: Sequence[str] | None = None, method: str = "cdam", view: str | None = None,
                        slices: str = "all", margin: int = 3, options: dict[str, Any] | None = None, batch: int = 8,
-                       where: object = "crop", cache: Any = None) -> Generator[tuple[int, int], None, EnsembleResult]:
+                       where: object = "crop", cache: Any = None, concepts: Callable[[LoadedModel], list] | None = None
+                       ) -> Generator[tuple[int, int], None, EnsembleResult]:
     """Every model of one task on a crop in memory (:func:`lidc_cdam.ct.maps.crop_steps`), combined; all
     targets by default; ``view`` defaults to the view the models were trained on (they must agree). Yields
     ``(batches done, batches in all)`` over all the models. With a :class:`~lidc_cdam.ct.cache.MapCache`, each
-    model's maps come from it when computed before."""
+    model's maps come from it when computed before. ``concepts(model)`` gives each model its concept targets
+    (:class:`lidc_cdam.Concept`, Eq. 3: the mean latent of that model's own training-fold examples), explained
+    after the outputs (Eq. 4)."""
     from lidc_cdam.ct.cache import cached_crop_steps
 
     loaded = [as_loaded(m) for m in models]
@@ -139,10 +142,13 @@ def explain_crop_steps(models: Sequence[str | Path | LoadedModel], crop: dict[st
         if len(views) > 1:
             raise CTError(f"the models were trained on different views {sorted(views)}: choose one view")
         view = views.pop()
-    targets = tuple(targets or loaded[0].targets)
+    targets = tuple(loaded[0].targets) if targets is None else tuple(targets)
     results: list[MapResult] = []
     for n, m in enumerate(loaded):
-        steps = cached_crop_steps(m, crop, targets, method, view, slices, margin, options, batch, where, cache)
+        asked = targets + tuple(concepts(m) if concepts is not None else ())
+        if not asked:
+            raise CTError("no target to explain: choose an output or a concept")
+        steps = cached_crop_steps(m, crop, asked, method, view, slices, margin, options, batch, where, cache)
         results.append((yield from relay(steps, n, len(loaded))))
     result = combine(results, [str(m.path) for m in loaded], loaded[0].task)
     result.trust = crop_trust(loaded, crop, view, [r.central_latent for r in results])
@@ -150,21 +156,27 @@ def explain_crop_steps(models: Sequence[str | Path | LoadedModel], crop: dict[st
 
 
 def explain_tasks_steps(checkpoints: Sequence[str | Path | LoadedModel], crop: dict[str, Any],
-                        targets: Sequence[str] | None = None, **kwargs: Any
+                        targets: Sequence[str] | None = None, *, concepts: Callable[[LoadedModel], list] | None = None,
+                        concept_task: str = "malignancy", **kwargs: Any
                         ) -> Generator[tuple[int, int], None, list[EnsembleResult]]:
     """Every task's checkpoints (grouped by :func:`group_checkpoints`) on one crop: one :class:`EnsembleResult`
-    per task. ``targets`` limits each task to those of its outputs (a task with none of them is skipped);
-    ``kwargs`` go to :func:`explain_crop_steps`. Yields ``(steps done, steps in all)`` over all tasks."""
+    per task. ``targets`` limits each task to those of its outputs (a task with none of them is skipped, unless
+    it explains the concepts); ``concepts`` (see :func:`explain_crop_steps`) go to the ``concept_task`` models
+    (else the first task's); ``kwargs`` go to :func:`explain_crop_steps`. Yields ``(steps done, steps in all)``
+    over all tasks."""
     groups = list(group_checkpoints(checkpoints).values())
+    concept_group = next((g for g in groups if g[0].task == concept_task), groups[0]) if concepts else None
     if targets is not None:
         wanted = set(targets)
-        groups = [g for g in groups if wanted & set(g[0].targets)]
+        groups = [g for g in groups if wanted & set(g[0].targets) or g is concept_group]
         if not groups:
             raise CTError(f"none of the checkpoints explains {sorted(wanted)}")
     ensembles = []
     for g, models in enumerate(groups):
         chosen = None if targets is None else [t for t in models[0].targets if t in set(targets)]
-        ensembles.append((yield from relay(explain_crop_steps(models, crop, chosen, **kwargs), g, len(groups))))
+        steps = explain_crop_steps(models, crop, chosen, concepts=concepts if models is concept_group else None,
+                                   **kwargs)
+        ensembles.append((yield from relay(steps, g, len(groups))))
     return ensembles
 
 

@@ -130,20 +130,62 @@ def check_request(method: str, view: str) -> None:
         raise CTError(f"method must be one of {list(SIGNED)}, got {method!r}")
 
 
-def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[str], method: str = "cdam",
+def target_name(target: Any) -> str:
+    """A target's name: an output name as it is, a concept (:class:`lidc_cdam.Concept`) by its ``name``."""
+    return target if isinstance(target, str) else str(target.name)
+
+
+def explain_targets(loaded: LoadedModel, x: Any, targets: Sequence[Any], method: str,
+                    options: dict[str, Any] | None) -> tuple[Any, Any, dict[str, Any]]:
+    """Maps ``[B, K, *grid]`` of the outputs and concepts in ``targets`` (outputs by name, concepts as
+    :class:`lidc_cdam.Concept`; Eq. 2 and Eq. 4), the images' latents ``[B, D]`` and each concept's similarity
+    ``g(l, l_c)`` per image. Outputs and concepts are explained in two calls when both are asked for."""
+    import torch
+
+    from lidc_cdam.explain import explain
+
+    names = ["malignant"] if loaded.targets == [MALIGNANCY] else loaded.targets
+    outputs = [names[loaded.targets.index(t)] for t in targets if isinstance(t, str)]
+    concepts = [t for t in targets if not isinstance(t, str)]
+    parts: dict[bool, Any] = {}
+    latents, similarity = None, {}
+    if outputs:
+        parts[True] = explain(loaded.model, x, targets=outputs, method=method, **(options or {}))
+        latents = parts[True].latents
+    if concepts:
+        parts[False] = explain(loaded.model, x, targets=concepts, method=method, **(options or {}))
+        latents = latents if latents is not None else parts[False].latents
+        if parts[False].scores is not None:
+            similarity = {c.name: parts[False].scores[:, k].detach().float() for k, c in enumerate(concepts)}
+    if latents is None:  # methods without the latents of their own pass (the attention map)
+        with torch.no_grad():
+            latents = loaded.model.latent(x)
+    count = {True: 0, False: 0}
+    rows = []
+    for t in targets:  # the maps in the order asked
+        kind = isinstance(t, str)
+        rows.append(parts[kind].maps[:, count[kind]])
+        count[kind] += 1
+    return torch.stack(rows, 1).detach().float(), latents, similarity
+
+
+def _with_concepts(values: dict[str, float], similarity: dict[str, Any], j: int) -> dict[str, float]:
+    return {**values, **{name: float(v[j]) for name, v in similarity.items()}}
+
+
+def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[Any], method: str = "cdam",
                view: str = "axial", slices: str = "nodule", margin: int = 3, options: dict[str, Any] | None = None,
                batch: int = 8, where: object = "crop") -> Generator[tuple[int, int], None, MapResult]:
     """The maps of a crop in memory (a dict with ``image`` ``[32, 32, 32]`` HU and ``mask``, as
     :func:`~lidc_cdam.ct.crop.read_crop` or :func:`lidc_cdam.ct.point.crop_at_point` give it) for a loaded
-    checkpoint: what :func:`compute_steps` runs after reading the files."""
+    checkpoint: what :func:`compute_steps` runs after reading the files. ``targets`` are output names and
+    concepts (:class:`lidc_cdam.Concept`, Eq. 4: their similarity joins the predictions)."""
     import torch
     import torch.nn.functional as F
 
-    from lidc_cdam.explain import explain
-
     start = time.perf_counter()
     check_request(method, view)
-    missing = [t for t in targets if t not in loaded.targets]
+    missing = [t for t in targets if isinstance(t, str) and t not in loaded.targets]
     if missing or not targets:
         raise CTError(f"{loaded.path.name} explains {loaded.targets}, not {missing or 'nothing'}")
     if tuple(crop["image"].shape) != (CROP, CROP, CROP):
@@ -153,30 +195,24 @@ def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[str]
     if view == VOLUME:
         return (yield from volume_steps(loaded, crop, targets, method, options, start))
     indices = slices_for(crop["mask"], view, slices, margin)
-    out_index = [loaded.targets.index(t) for t in targets]
-    names = ["malignant"] if loaded.targets == [MALIGNANCY] else loaded.targets
-    target_names = [names[i] for i in out_index]
-    maps = np.zeros((len(out_index), CROP, CROP, CROP), dtype=np.float32)
+    maps = np.zeros((len(targets), CROP, CROP, CROP), dtype=np.float32)
     axis = VIEWS[view]
     size = loaded.image_size
     model = loaded.model
-    outputs: dict[int, np.ndarray] = {}  # slice -> all model outputs
+    values: dict[int, dict[str, float]] = {}  # slice -> predictions (outputs in rating units, concept similarity)
     latents: dict[int, np.ndarray] = {}
     yield 0, len(indices)
     done = 0
     for b in range(0, len(indices), batch):
         chunk = indices[b : b + batch]
         x = model_inputs(crop["image"], view, chunk, loaded.input_stats, size)
-        attr = explain(model, x, targets=target_names, method=method, **(options or {}))
-        lat = attr.latents
-        if lat is None:  # methods without the latents of their own pass (the attention map)
-            with torch.no_grad():
-                lat = model.latent(x)
+        token_maps, lat, similarity = explain_targets(loaded, x, targets, method, options)
         with torch.no_grad():
             out = model.head(lat)
         for j, s in enumerate(chunk):
-            outputs[s], latents[s] = out[j].float().numpy(), lat[j].float().numpy()
-        planes = F.interpolate(attr.maps.detach().float(), size=(CROP, CROP), mode="bilinear",
+            values[s] = _with_concepts(predictions(loaded, out[j].float().numpy()), similarity, j)
+            latents[s] = lat[j].float().numpy()
+        planes = F.interpolate(token_maps, size=(CROP, CROP), mode="bilinear",
                                align_corners=False).numpy()  # [B, K, 32, 32]
         for j, s in enumerate(chunk):
             index: list[Any] = [slice(None)] * 3
@@ -184,14 +220,16 @@ def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[str]
             maps[(slice(None), *index)] = planes[j]
         done += len(chunk)
         yield done, len(indices)
-    if CENTRE not in outputs:  # the central slice was not explained: one forward for its predictions
+    if CENTRE not in values:  # the central slice was not explained: one pass for its predictions
+        x = model_inputs(crop["image"], view, [CENTRE], loaded.input_stats, size)
         with torch.no_grad():
-            lat = model.latent(model_inputs(crop["image"], view, [CENTRE], loaded.input_stats, size))
-            outputs[CENTRE], latents[CENTRE] = model.head(lat)[0].float().numpy(), lat[0].float().numpy()
-    return MapResult(maps, list(targets), method, view, indices, predictions(loaded, outputs[CENTRE]),
+            lat = model.latent(x)
+            similarity = {c.name: c.score(lat).float() for c in targets if not isinstance(c, str)}
+            values[CENTRE] = _with_concepts(predictions(loaded, model.head(lat)[0].float().numpy()), similarity, 0)
+        latents[CENTRE] = lat[0].float().numpy()
+    return MapResult(maps, [target_name(t) for t in targets], method, view, indices, values[CENTRE],
                      SIGNED[method], str(crop.get("nodule_id", "")), time.perf_counter() - start,
-                     slice_predictions=[predictions(loaded, outputs[s]) for s in indices],
-                     central_latent=latents[CENTRE])
+                     slice_predictions=[values[s] for s in indices], central_latent=latents[CENTRE])
 
 
 def volume_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[str], method: str,
@@ -201,24 +239,16 @@ def volume_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[st
     import torch
     import torch.nn.functional as F
 
-    from lidc_cdam.explain import explain
-
-    names = ["malignant"] if loaded.targets == [MALIGNANCY] else loaded.targets
-    target_names = [names[loaded.targets.index(t)] for t in targets]
     yield 0, 1
     x = volume_input(crop["image"], loaded.input_stats, loaded.image_size)
-    attr = explain(loaded.model, x, targets=target_names, method=method, **(options or {}))
-    latent = attr.latents
-    if latent is None:
-        with torch.no_grad():
-            latent = loaded.model.latent(x)
+    token_maps, latent, similarity = explain_targets(loaded, x, targets, method, options)
     with torch.no_grad():
         out = loaded.model.head(latent)[0].float().numpy()
-    maps = F.interpolate(attr.maps.detach().float(), size=(CROP,) * 3, mode="trilinear",
-                         align_corners=False)[0].numpy()  # [K, 32, 32, 32]
+    maps = F.interpolate(token_maps, size=(CROP,) * 3, mode="trilinear", align_corners=False)[0].numpy()
     yield 1, 1
-    return MapResult(maps.astype(np.float32), list(targets), method, VOLUME, list(range(CROP)),
-                     predictions(loaded, out), SIGNED[method], str(crop.get("nodule_id", "")),
+    return MapResult(maps.astype(np.float32), [target_name(t) for t in targets], method, VOLUME, list(range(CROP)),
+                     _with_concepts(predictions(loaded, out), similarity, 0), SIGNED[method],
+                     str(crop.get("nodule_id", "")),
                      time.perf_counter() - start, slice_predictions=None, central_latent=latent[0].float().numpy())
 
 

@@ -144,18 +144,19 @@ class PointResult:
 def explain_point_steps(volume: CTVolume, point: Sequence[float], checkpoints: Sequence[Any], ijk: bool = False,
                         method: str = "cdam", view: str | None = None, slices: str = "all", margin: int = 3,
                         options: dict[str, Any] | None = None, image: Any = None, point_id: str = "point",
-                        batch: int = 8, targets: Sequence[str] | None = None,
-                        cache: Any = None) -> Generator[tuple[int, int], None, PointResult]:
+                        batch: int = 8, targets: Sequence[str] | None = None, cache: Any = None,
+                        concepts: Callable[[Any], list] | None = None) -> Generator[tuple[int, int], None, PointResult]:
     """:func:`explain_point` as a generator: yields ``(steps done, steps in all)`` after each batch of slices of
     each checkpoint (a viewer's worker reports them and can stop between them); returns the result.
     ``targets`` limits each task to those of its outputs (a task with none of them is skipped); ``cache``
-    (a :class:`~lidc_cdam.ct.cache.MapCache`) keeps the maps of each checkpoint and crop."""
+    (a :class:`~lidc_cdam.ct.cache.MapCache`) keeps the maps of each checkpoint and crop; ``concepts(model)`` gives
+    a model its concept targets (:func:`lidc_cdam.ct.ensemble.explain_tasks_steps`)."""
     from lidc_cdam.ct.ensemble import explain_tasks_steps
 
     crop = crop_at_point(volume, point, ijk, image, point_id)
     ensembles = yield from explain_tasks_steps(checkpoints, crop.crop, targets, method=method, view=view,
                                                slices=slices, margin=margin, options=options, batch=batch,
-                                               where=point_id, cache=cache)
+                                               where=point_id, cache=cache, concepts=concepts)
     return PointResult(crop, ensembles)
 
 

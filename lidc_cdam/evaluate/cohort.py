@@ -467,6 +467,10 @@ def run_cohort(checkpoints: Sequence[str | Path], data_root: str | Path, out: st
         "note": PHANTOM_WARNING if phantom else "CT crops",
         "checkpoints": [{"name": m.name, "source": m.source, "sha256": m.sha256, "fold": m.fold} for m in models],
         "folds": list(plan), "settings": settings.to_dict()})
+    # the settings alone (no local paths) are committed with the tables: what a rerun needs
+    write_json(out / "settings.json", {"settings": settings.to_dict(), "folds": list(plan),
+                                       "checkpoints": [{"name": m.name, "sha256": m.sha256, "fold": m.fold}
+                                                       for m in models]})
     for m in models:
         m.model.to(device).eval()
     done_here, concept_counts, vectors = 0, [], {}
