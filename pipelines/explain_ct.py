@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--margin", type=int, default=3)
     parser.add_argument("--series-uid", dest="series_uid",
                         help="the series of a folder with several: a SeriesInstanceUID or an index")
+    parser.add_argument("--concept", nargs="+", default=[], metavar="NAME",
+                        help="also radiological concepts (concept CDAM, Eq. 4) on the malignancy model(s), e.g. "
+                             "spiculated round-contrast (data_manifest/lidc_concepts.yaml); needs --concept-data")
+    parser.add_argument("--concept-data", dest="concept_data", type=Path, metavar="DIR",
+                        help="rated example nodules for --concept: a preprocess or phantoms folder (nodules.csv + "
+                             "crops/); each checkpoint uses its own training fold only")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--dicom", action="store_true",
                         help="also write DICOM results for a PACS (DICOM input only): each CDAM as a Parametric Map, "
@@ -200,6 +206,35 @@ def write_report(entry: dict[str, Any], crop: dict[str, Any], maps: dict[str, np
 # ------------------------------------------------------------------------------------------ run
 
 
+def concept_resolver(args: argparse.Namespace, groups: list[list[Any]]) -> tuple[Any, Any]:
+    """``(concepts(model), the group that explains them)`` for --concept: the malignancy models (else the first
+    task's), each model's concept vectors from its own training fold of --concept-data (computed once per model);
+    ``(None, None)`` without --concept."""
+    if not args.concept:
+        return None, None
+    if args.concept_data is None:
+        raise CTError("--concept needs --concept-data DIR (rated example nodules: nodules.csv + crops/)")
+    from lidc_cdam.data.lidc.concepts import ConceptError, concept_targets, read_concept_definitions
+
+    try:
+        for name in args.concept:
+            read_concept_definitions().definition(name)
+    except ConceptError as err:
+        raise CTError(str(err)) from None
+    group = next((g for g in groups if g[0].task == "malignancy"), groups[0])
+    known: dict[str, list] = {}
+
+    def concepts(model: Any) -> list:
+        if model.fingerprint not in known:
+            try:
+                known[model.fingerprint] = concept_targets(model.model, args.concept_data, names=args.concept)
+            except ConceptError as err:
+                raise CTError(f"--concept: {err}") from None
+        return known[model.fingerprint]
+
+    return concepts, group
+
+
 def map_names(ensembles) -> list[list[str]]:
     """File stems per ensemble and target: the target's name, prefixed by its task when two ensembles share it."""
     count: dict[str, int] = {}
@@ -228,6 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.dicom:
         check_dicom_input(volume)
     groups = group_checkpoints(args.checkpoint)
+    concepts, concept_group = concept_resolver(args, list(groups.values()))
     worlds = [to_world(volume, p, args.ijk) for _, p in points]  # every point checked before any work
     options = {"n": args.n} if args.method in ("smooth-cdam", "integrated-cdam") else {}
     slices = "nodule" if args.slices == "centre" else "all"  # a point's crop has no mask: centre +- margin
@@ -246,7 +282,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for (pid, given), world in zip(points, worlds, strict=True):
             pc = crop_at_point(volume, world, image=image, point_id=pid)
             ensembles = [explain_crop(models, pc.crop, method=args.method, view=args.view, slices=slices,
-                                      margin=args.margin, options=options, where=pid, progress=bar.update)
+                                      margin=args.margin, options=options, where=pid, progress=bar.update,
+                                      concepts=concepts if models is concept_group else None)
                          for models in groups.values()]
             result = PointResult(pc, ensembles)
             results.append((pid, result))

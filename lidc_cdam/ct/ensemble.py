@@ -183,9 +183,11 @@ def explain_tasks_steps(checkpoints: Sequence[str | Path | LoadedModel], crop: d
 def explain_crop(models: Sequence[str | Path | LoadedModel], crop: dict[str, Any], targets: Sequence[str] | None = None,
                  method: str = "cdam", view: str | None = None, slices: str = "all", margin: int = 3,
                  options: dict[str, Any] | None = None, batch: int = 8, where: object = "crop",
-                 progress: Callable[[], None] | None = None) -> EnsembleResult:
+                 progress: Callable[[], None] | None = None,
+                 concepts: Callable[[LoadedModel], list] | None = None) -> EnsembleResult:
     """:func:`explain_crop_steps` run to its result; ``progress()`` is called after each model."""
-    steps = explain_crop_steps(models, crop, targets, method, view, slices, margin, options, batch, where)
+    steps = explain_crop_steps(models, crop, targets, method, view, slices, margin, options, batch, where,
+                               concepts=concepts)
     count, reported = max(len(models), 1), 0
     while True:
         try:
