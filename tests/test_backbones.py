@@ -483,3 +483,18 @@ def test_monai_3d_concepts_and_the_non_cubic_grid():
 
     with pytest.raises(TypeError, match="classification=True"):
         ViTModel(ViT(in_channels=1, img_size=32, patch_size=8, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4))
+
+
+@pytest.mark.parametrize(("name", "one", "nine"), [("timm-vit-cls", "cls_row", "cls_row"),
+                                                   ("dinov3-cls", "rows", "rows"),
+                                                   ("timm-vit-avg", "reference", "rows"),
+                                                   ("eva02", "reference", "rows"),
+                                                   ("pe-core", "reference", "rows")])
+def test_auto_picks_the_faster_exact_path(models, name, one, nine):
+    """``auto``: the CLS row where it applies; the closed form over the pooled rows when the pooling reads one row or
+    there are several targets; else autograd through the real block (measured: bench_cdam.py --families)."""
+    from lidc_cdam.explain.cdam import auto_implementation
+
+    model = build(models, name)
+    tokens = model.layout().num_tokens
+    assert (auto_implementation(model, 1, tokens), auto_implementation(model, 9, tokens)) == (one, nine)

@@ -291,6 +291,20 @@ Implementation = Literal["auto", "cls_row", "rows", "reference"]
 SCORERS = {"cls_row": _scores_cls_row, "rows": _scores_rows, "reference": _scores_reference}
 
 
+def auto_implementation(model: ViTModel, num_targets: int, num_tokens: int) -> str:
+    """The exact implementation that is fastest here (measured, ``benchmarks/bench_cdam.py --families``):
+    ``cls_row`` where it applies; the closed form over the pooled ``rows`` when the pooling reads one row, or for
+    several targets (a pooling over every row pays the MLP on each row per target: with one target autograd
+    through the real block, ``reference``, is as fast or faster); else ``reference``."""
+    if cls_row_applies(model):
+        return "cls_row"
+    if not fast_path_applies(model):
+        return "reference"
+    rows = model.pooled_rows(num_tokens)
+    one_row = len(range(*rows.indices(num_tokens))) == 1
+    return "rows" if one_row or num_targets > 1 else "reference"
+
+
 def cdam_token_scores(
     model: ViTModel,
     images: torch.Tensor,
@@ -321,7 +335,7 @@ def cdam_token_scores(
     if variant == "smooth" and not sigma >= 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     if implementation == "auto":
-        implementation = "cls_row" if cls_row_applies(model) else "rows" if fast_path_applies(model) else "reference"
+        implementation = auto_implementation(model, spec.num_targets, model.layout(tuple(images.shape[2:])).num_tokens)
     elif implementation == "cls_row" and not cls_row_applies(model):
         raise ValueError("the CLS-row implementation needs a model whose head reads CLS' only, whose last attention "
                          "is one affine qkv map then softmax and has no rotary embedding")
