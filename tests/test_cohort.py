@@ -257,3 +257,27 @@ def test_committed_phantom_results_are_reproduced(tmp_path):
         suffixes=("", "_committed"))
     assert len(corr) == 2 * 10 * (10 + 8)
     np.testing.assert_allclose(corr["r"], corr["r_committed"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.committed_results
+def test_committed_tables_and_figures_are_rebuilt_from_the_committed_rows(tmp_path):
+    """The committed summary tables, ``tables.md``, ``summary.json`` and both figures come from the committed per-nodule
+    rows (``metrics``, ``correlations``, ``timing``, ``randomization``): rebuilt here, they are the same (the tables
+    to 1e-9, the figures as images of the committed size)."""
+    from PIL import Image
+
+    from lidc_cdam.evaluate.cohort_report import write_cohort_report
+
+    settings = json.loads((COMMITTED / "settings.json").read_text())
+    run = {**settings, "note": "phantoms, not CT", "phantoms": True}
+    read = lambda name: pd.read_parquet(COMMITTED / f"{name}.parquet") if (COMMITTED / f"{name}.parquet").exists() \
+        else pd.read_csv(COMMITTED / f"{name}.csv")  # noqa: E731
+    write_cohort_report(tmp_path, read("metrics"), read("correlations"), read("timing"),
+                        pd.read_csv(COMMITTED / "randomization.csv"), run)
+    for table in sorted((COMMITTED / "tables").glob("*.csv")):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "tables" / table.name), pd.read_csv(table),
+                                      check_exact=False, rtol=1e-9, atol=1e-12)
+    assert (tmp_path / "tables.md").read_text() == (COMMITTED / "tables.md").read_text()
+    for figure in ("evidence_share.png", "correlation_heatmap.png"):
+        with Image.open(tmp_path / "figures" / figure) as fresh, Image.open(COMMITTED / "figures" / figure) as kept:
+            assert fresh.size == kept.size
