@@ -54,20 +54,8 @@ class TimmEvaAdapter(TimmPatchEmbedLayout, BackboneAdapter):
         return checkpoint_filter_fn(dict(state_dict), backbone)
 
     @property
-    def embed_dim(self) -> int:
-        return int(self.backbone.embed_dim)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.backbone.num_prefix_tokens)
-
-    @property
     def has_class_token(self) -> bool:
         return self.backbone.cls_token is not None
-
-    @property
-    def num_heads(self) -> int:
-        return int(self.last_block.attn.num_heads)
 
     def rope(self, grid: tuple[int, ...] | None, num_tokens: int | None = None) -> torch.Tensor | None:
         """The last block's rotary embedding for ``grid`` (as ``Eva._pos_embed`` builds it), or ``None``.

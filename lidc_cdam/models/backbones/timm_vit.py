@@ -12,10 +12,23 @@ from lidc_cdam.models.backbones.base import BackboneAdapter, QKVAttention, split
 
 
 class TimmPatchEmbedLayout:
-    """Layout of timm models with a ``PatchEmbed`` (``patch_embed``): fixed or dynamic image size."""
+    """Layout of timm models with a ``PatchEmbed`` (``patch_embed``): fixed or dynamic image size; the widths and
+    prefix tokens timm's ``VisionTransformer`` and ``Eva`` both record."""
 
     backbone: nn.Module
     size_hint = "resize the images or build the timm model with dynamic_img_size=True"
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.backbone.embed_dim)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.backbone.num_prefix_tokens)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.last_block.attn.num_heads)
 
     @property
     def in_chans(self) -> int:
@@ -109,20 +122,8 @@ class TimmViTAdapter(TimmPatchEmbedLayout, BackboneAdapter):
         return checkpoint_filter_fn(dict(state_dict), backbone)
 
     @property
-    def embed_dim(self) -> int:
-        return int(self.backbone.embed_dim)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.backbone.num_prefix_tokens)
-
-    @property
     def has_class_token(self) -> bool:
         return bool(self.backbone.has_class_token)
-
-    @property
-    def num_heads(self) -> int:
-        return int(self.last_block.attn.num_heads)
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         bb = self.backbone
