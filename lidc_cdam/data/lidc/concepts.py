@@ -296,5 +296,8 @@ def write_concept_counts(path: str | Path) -> Path:
 if __name__ == "__main__":
     import sys
 
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[3] / "data_manifest" / COUNTS
+    from lidc_cdam.resources import manifest_path
+
+    # default: the committed table where the package finds its manifests (the checkout, for an editable install)
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else manifest_path(COUNTS)
     print(write_concept_counts(target))
