@@ -5,9 +5,12 @@ index along the scan's x (column), y (row) and z (slice) axes, ITK / NIfTI / 3D 
 ``volume.hu[k, j, i]`` is the voxel (continuous values are allowed). The crop is cut as
 ``lidc-cdam preprocess`` cuts a nodule's (:mod:`lidc_cdam.data.lidc.crops`: the same 1 mm grid of the scan,
 the same SimpleITK resampling, HU clipped to [-1000, 400]), centred on the point instead of a consensus box
-centre: the box is snapped to the scan's 1 mm grid, so a point at a nodule's crop centre gives that nodule's
-crop exactly. Where the box crosses the volume's edge the crop is padded with -1000 HU and the padded share
-is reported; a point outside the volume is refused (:class:`PointOutside`, naming the point and the extent).
+centre: the box is snapped to the scan's 1 mm patient grid (LPS axes, whatever the file's voxel order), so a
+point at a nodule's crop centre gives that nodule's crop exactly, and the same anatomy stored in another voxel
+order gives the same crop. Where the box crosses the volume's edge the crop is padded with -1000 HU and the
+padded share is reported; a point outside the volume is refused (:class:`PointOutside`, naming the point and
+the extent, and saying so when the point's RAS mirror lies inside), and so is a crop that reads NaN or infinite
+source voxels (:class:`InvalidVoxels`, with their count).
 
 - :func:`to_world` - a point (mm or voxel index) in patient mm, checked to lie in the volume;
 - :func:`volume_extent` - the volume's extent in patient mm (the voxels' outer faces);
@@ -21,7 +24,7 @@ is reported; a point outside the volume is refused (:class:`PointOutside`, namin
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,6 +54,7 @@ class PointCrop:
     point_index: np.ndarray  # (i, j, k) continuous voxel index (x, y, z axes)
     crop: dict[str, Any]
     padded: np.ndarray  # bool [32, 32, 32]
+    warnings: list[str] = field(default_factory=list)  # about this crop (e.g. an oblique scan resampled)
 
     @property
     def padded_share(self) -> float:
@@ -94,11 +98,36 @@ def to_world(volume: CTVolume, point: Sequence[float], ijk: bool = False) -> np.
         lo, hi = volume_extent(volume)
         z, y, x = volume.shape
         what = f"voxel index (i, j, k) = {_fmt(p)}" if ijk else f"point (x, y, z) = {_fmt(p)} mm (LPS)"
+        mirror = world * np.array([-1.0, -1.0, 1.0])
+        hint = (f"; its RAS mirror (-x, -y, z) = {_fmt(mirror)} mm lies inside: was it given in RAS (NIfTI, "
+                "3D Slicer) coordinates? Points are DICOM LPS: negate x and y"
+                if not ijk and _inside(volume, mirror) else "")
         raise PointOutside(
             f"{what} is outside the volume {volume.name!r}: it spans x {lo[0]:.1f} .. {hi[0]:.1f}, "
             f"y {lo[1]:.1f} .. {hi[1]:.1f}, z {lo[2]:.1f} .. {hi[2]:.1f} mm (LPS), voxel index i 0 .. {x - 1}, "
-            f"j 0 .. {y - 1}, k 0 .. {z - 1}", p)
+            f"j 0 .. {y - 1}, k 0 .. {z - 1}{hint}", p)
     return world
+
+
+class InvalidVoxels(CTError):
+    """NaN or infinite source voxels inside a point's crop: refused (the message says how many)."""
+
+
+def _check_invalid(volume: CTVolume, record: dict[str, Any], where: str) -> None:
+    """Refuse a crop whose interpolation reads NaN or infinite source voxels (``volume.invalid``): the voxels of
+    the scan within one voxel of the crop's box."""
+    invalid = getattr(volume, "invalid", None)
+    if invalid is None:
+        return
+    from lidc_cdam.ct.placement import crop_box_on_scan
+
+    start, stop = crop_box_on_scan(record, volume, pad=1)
+    if (stop <= start).any():
+        return
+    count = int(np.count_nonzero(invalid[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]))
+    if count:
+        raise InvalidVoxels(f"{where}: {count} voxel(s) of {volume.name!r} inside the {CROP} mm crop are NaN or "
+                            "infinite in the source file: refused (no value can be trusted there)")
 
 
 def crop_at_point(volume: CTVolume, point: Sequence[float], ijk: bool = False, image: Any = None,
@@ -122,7 +151,11 @@ def crop_at_point(volume: CTVolume, point: Sequence[float], ijk: bool = False, i
     crop_world = grid @ record["crop_to_world"][:3, :3].T + record["crop_to_world"][:3, 3]
     padded = ~_inside(volume, crop_world).reshape(CROP, CROP, CROP)
     hu[padded] = PAD_HU  # SimpleITK already wrote -1000 there; explicit for any voxel on the boundary
-    return PointCrop(world, index_xyz, record, padded)
+    _check_invalid(volume, record, point_id)
+    warnings = []
+    if geom.oblique:
+        warnings.append("oblique scan: the crop is resampled onto the patient's axes (LPS), not the file's")
+    return PointCrop(world, index_xyz, record, padded, warnings)
 
 
 @dataclass

@@ -113,6 +113,13 @@ def synthetic_scan(seed: int = 0) -> tuple[CTVolume, list[np.ndarray]]:
     return vol, masks
 
 
+def _ds(value: float) -> str:
+    """A decimal string (DS, at most 16 characters) as close to ``value`` as DICOM allows."""
+    from pydicom.valuerep import format_number_as_ds
+
+    return format_number_as_ds(float(value) + 0.0)  # + 0.0: no "-0"
+
+
 def write_dicom(volume: CTVolume, folder: str | Path, patient_id: str | None = None) -> Path:
     """``volume`` (axial) as a CT DICOM series, one file per slice (HU stored with intercept -1024)."""
     import pydicom
@@ -141,11 +148,11 @@ def write_dicom(volume: CTVolume, folder: str | Path, patient_id: str | None = N
         ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study, "frame"])
         ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
         ds.ImageComments = str(volume.meta.get("note", ""))[:10240]
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in pos]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*d[:, 0], *d[:, 1])]
-        ds.PixelSpacing = [f"{volume.spacing[1]:.6g}", f"{volume.spacing[0]:.6g}"]  # row, column spacing
-        ds.SliceThickness = f"{volume.spacing[2]:.6g}"
-        ds.SliceLocation = f"{pos[2]:.6f}"
+        ds.ImagePositionPatient = [_ds(v) for v in pos]
+        ds.ImageOrientationPatient = [_ds(v) for v in (*d[:, 0], *d[:, 1])]
+        ds.PixelSpacing = [_ds(volume.spacing[1]), _ds(volume.spacing[0])]  # row, column spacing
+        ds.SliceThickness = _ds(volume.spacing[2])
+        ds.SliceLocation = _ds(pos[2])
         ds.Rows, ds.Columns = volume.shape[1], volume.shape[2]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated = ds.BitsStored = 16

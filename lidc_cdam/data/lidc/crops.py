@@ -1,17 +1,26 @@
 """1 mm isotropic resampling and the 32 x 32 x 32 crop per nodule, and where it sits in the scan.
 
-The resampled grid of a scan has the scan's origin and direction, 1 mm spacing, and covers the scan's
-extent: index ``r`` (x, y, z) is at ``origin + direction @ r`` mm. A nodule's crop is the 32^3 block of
-that grid centred on the centre of the consensus (clevel 0.5) bounding box; only that block is resampled
-(SimpleITK: linear for CT, nearest neighbour for the consensus mask), which gives exactly the values of
-resampling the whole scan and cropping. Crops that would leave the resampled grid are skipped
-(``crop_outside_volume``). HU are clipped to [-1000, 400].
+Crops are cut from the scan's **patient grid** (:meth:`Geometry.patient_grid`): 1 mm voxels aligned with the
+patient, not with the file, i.e. DICOM LPS axes (+x patient left, +y posterior, +z superior, an identity
+direction), anchored at the lowest corner (in LPS) of the box of the scan's voxel centres and covering that
+box: index ``r`` (x, y, z) is at ``grid_origin + r`` mm. The same anatomy stored in any voxel order (flipped,
+permuted, LPS / RAS / LAS NIfTI, DICOM with reversed rows, columns or slices) has the same box, so the same
+grid and the same crops to round-off. Standard axial scans (LIDC-IDRI, the phantoms) have an identity
+direction: their patient grid is the 1 mm grid at the scan's own origin, as before (their crops do not
+change). An oblique scan's grid is its rotated box's bounding box; its crops are resampled onto the patient
+axes (see ``docs/method.md``, "Patient axes").
+
+A nodule's crop is the 32^3 block of that grid centred on the centre of the consensus (clevel 0.5) bounding
+box; only that block is resampled (SimpleITK: linear for CT, nearest neighbour for the consensus mask), which
+gives exactly the values of resampling the whole scan and cropping. Crops that would leave the patient grid
+are skipped (``crop_outside_volume``). HU are clipped to [-1000, 400].
 
 One ``.npz`` per nodule (written atomically), arrays in numpy order ``[z, y, x]``:
 
 - ``image`` int16 HU [32, 32, 32]; ``mask`` uint8 consensus mask [32, 32, 32];
-- ``spacing`` (x, y, z) = 1 mm, ``origin`` (x, y, z) mm of voxel [0, 0, 0], ``direction`` 3 x 3;
-- ``start_resampled`` (z, y, x) index of voxel [0, 0, 0] in the scan's 1 mm grid, ``resampled_shape``;
+- ``spacing`` (x, y, z) = 1 mm, ``origin`` (x, y, z) mm of voxel [0, 0, 0], ``direction`` 3 x 3 (the identity:
+  the crop's axes are the patient's);
+- ``start_resampled`` (z, y, x) index of voxel [0, 0, 0] in the scan's patient grid, ``resampled_shape``;
 - ``crop_to_scan_ijk`` 4 x 4: crop index (z, y, x, 1) -> pylidc's scan voxel index (i row, j column,
   k slice, 1), continuous; ``crop_to_world`` 4 x 4: crop index (z, y, x, 1) -> patient mm (x, y, z, 1);
 - ``scan_spacing``, ``scan_origin`` (x, y, z), ``scan_shape`` (z, y, x) of the original series;
@@ -63,23 +72,50 @@ class Geometry:
         xyz_index = np.array([ijk[1], ijk[0], ijk[2]])
         return np.asarray(self.origin) + self.dmat @ (np.asarray(self.spacing) * xyz_index)
 
+    @property
+    def patient_aligned(self) -> bool:
+        """Whether the index axes x, y, z run along the patient's +x, +y, +z (an identity direction)."""
+        return bool(np.allclose(self.dmat, np.eye(3), atol=1e-6))
+
+    @property
+    def oblique(self) -> bool:
+        """Whether the grid is rotated in patient space (its direction is not a signed permutation)."""
+        return not all(np.isclose(np.abs(col), 1.0, atol=1e-3).any() for col in self.dmat.T)
+
+    def patient_grid(self, spacing: float = 1.0) -> Geometry:
+        """The grid crops are cut from (see the module docstring): ``spacing`` mm voxels along the patient's
+        LPS axes, origin at the LPS-lowest corner of the box of the voxel centres, covering that box."""
+        n = np.array(self.shape_zyx[::-1], dtype=float) - 1.0  # index extent along x, y, z
+        if self.patient_aligned:  # the scan's own origin, exactly (standard axial scans: crops as before)
+            low = np.asarray(self.origin, dtype=float)
+            extent = n * np.asarray(self.spacing)
+        else:
+            corners = np.array([[a, b, c] for a in (0.0, n[0]) for b in (0.0, n[1]) for c in (0.0, n[2])])
+            world = np.asarray(self.origin) + (corners * np.asarray(self.spacing)) @ self.dmat.T
+            low, extent = world.min(0), world.max(0) - world.min(0)
+        count = np.floor(extent / spacing + 1e-6).astype(int) + 1
+        return Geometry((spacing,) * 3, tuple(float(v) for v in low), IDENTITY,
+                        (int(count[2]), int(count[1]), int(count[0])))
+
     def resampled_shape_zyx(self, spacing: float = 1.0) -> tuple[int, int, int]:
-        extent = (np.array(self.shape_zyx[::-1]) - 1) * np.asarray(self.spacing)  # x, y, z mm
-        n = np.floor(extent / spacing + 1e-6).astype(int) + 1
-        return int(n[2]), int(n[1]), int(n[0])
+        """Shape (z, y, x) of the patient grid at ``spacing`` mm."""
+        return self.patient_grid(spacing).shape_zyx
+
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def box_at(geom: Geometry, world_xyz: np.ndarray, size: int = CROP) -> tuple[np.ndarray, np.ndarray]:
-    """(start index (z, y, x) in the 1 mm grid, centre there (z, y, x)) of the ``size`` box centred on a
-    point in patient mm (x, y, z), snapped to the 1 mm grid; no check that it stays inside."""
-    r_xyz = geom.dmat.T @ (np.asarray(world_xyz, dtype=float) - np.asarray(geom.origin))  # 1 mm grid, continuous
-    centre = r_xyz[::-1]
+    """(start index (z, y, x) in the scan's patient grid, centre there (z, y, x)) of the ``size`` box centred
+    on a point in patient mm (x, y, z), snapped to the 1 mm grid; no check that it stays inside."""
+    grid = geom.patient_grid()
+    centre = (np.asarray(world_xyz, dtype=float) - np.asarray(grid.origin))[::-1]  # continuous, 1 mm, LPS axes
     start = np.floor(centre - (size - 1) / 2.0 + 0.5).astype(int)
     return start, centre
 
 
 def crop_box(geom: Geometry, centre_ijk: np.ndarray, size: int = CROP) -> tuple[np.ndarray, np.ndarray]:
-    """(start index (z, y, x) in the 1 mm grid, centre there (z, y, x)); raises CropError if it leaves it."""
+    """(start index (z, y, x) in the patient grid, centre there (z, y, x)); raises CropError if it leaves it."""
     start, centre = box_at(geom, geom.ijk_to_world(centre_ijk), size)
     shape = np.array(geom.resampled_shape_zyx())
     if (start < 0).any() or (start + size > shape).any():
@@ -99,12 +135,12 @@ def _sitk_image(array_zyx: np.ndarray, spacing, origin, direction):
 
 
 def _resample(img, geom: Geometry, start_zyx: np.ndarray, size: int, linear: bool, default: float):
+    """The ``size``^3 block of ``geom``'s patient grid at ``start_zyx``, resampled from ``img`` (any direction)."""
     import SimpleITK as sitk
 
-    origin = np.asarray(geom.origin) + geom.dmat @ start_zyx[::-1].astype(float)
+    origin = np.asarray(geom.patient_grid().origin) + start_zyx[::-1].astype(float)
     out = sitk.Resample(img, [size] * 3, sitk.Transform(), sitk.sitkLinear if linear else sitk.sitkNearestNeighbor,
-                        origin.tolist(), [1.0, 1.0, 1.0], [float(d) for d in geom.direction], default,
-                        img.GetPixelID())
+                        origin.tolist(), [1.0, 1.0, 1.0], list(IDENTITY), default, img.GetPixelID())
     return sitk.GetArrayFromImage(out)
 
 
@@ -117,12 +153,13 @@ def mask_image(geom: Geometry, cmask_ijk: np.ndarray, cbbox_start_ijk: np.ndarra
 
 
 def affines(geom: Geometry, start_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(crop_to_scan_ijk, crop_to_world), both 4 x 4 acting on (z, y, x, 1)."""
+    """(crop_to_scan_ijk, crop_to_world), both 4 x 4 acting on (z, y, x, 1): a crop of ``geom``'s patient grid
+    at ``start_zyx`` to the scan's own voxel index and to patient mm."""
     perm = np.zeros((3, 3))
     perm[0, 2] = perm[1, 1] = perm[2, 0] = 1.0  # (z, y, x) -> (x, y, z)
     to_world = np.eye(4)
-    to_world[:3, :3] = geom.dmat @ perm
-    to_world[:3, 3] = np.asarray(geom.origin) + geom.dmat @ start_zyx[::-1].astype(float)
+    to_world[:3, :3] = perm  # the patient grid's axes are LPS
+    to_world[:3, 3] = np.asarray(geom.patient_grid().origin) + start_zyx[::-1].astype(float)
     # world -> scan index (x, y, z) -> pylidc (i = y, j = x, k = z)
     world_to_xyz = np.eye(4)
     world_to_xyz[:3, :3] = np.diag(1.0 / np.asarray(geom.spacing)) @ geom.dmat.T
@@ -159,7 +196,7 @@ def crop_record(crop: dict[str, np.ndarray], geom: Geometry, nodule_id: str, cen
     to_ijk, to_world = affines(geom, start)
     return {
         "image": crop["image"], "mask": crop["mask"],
-        "spacing": np.ones(3), "origin": to_world[:3, 3], "direction": np.asarray(geom.direction).reshape(3, 3),
+        "spacing": np.ones(3), "origin": to_world[:3, 3], "direction": np.eye(3),
         "start_resampled": start, "resampled_shape": np.array(geom.resampled_shape_zyx()),
         "crop_to_scan_ijk": to_ijk, "crop_to_world": to_world,
         "scan_spacing": np.asarray(geom.spacing), "scan_origin": np.asarray(geom.origin),

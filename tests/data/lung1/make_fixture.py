@@ -43,7 +43,7 @@ def build(archive: Path, out: Path = HERE) -> dict[str, str]:
     (x0, x1), (y0, y1), (z0, z1) = BOX
     hashes = {}
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(archive) as tar:
-        for key, member in MEMBERS.items():
+        for member in MEMBERS.values():
             tar.extract(member, tmp, filter="data")
         (out / "LICENSE-pyradiomics.txt").write_bytes((Path(tmp) / MEMBERS["licence"]).read_bytes())
         for key in ("image", "label"):

@@ -1,0 +1,45 @@
+"""Crops cut by the code of the moment, for ``tests/test_patient_axes.py``: ``python make_reference.py OUT.npz``.
+
+``before_patient_axes.npz`` was written with this script by the code before crops moved to the patient grid
+(commit ebdc273): phantom crops of 2 LIDC-IDRI scans, the synthetic chest scan's nodule crops and 3 point crops
+(one crossing the scan's edge). The test runs it again and requires the same arrays.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from lidc_cdam.ct.point import crop_at_point
+from lidc_cdam.ct.synthetic import synthetic_scan, write_synthetic
+from lidc_cdam.data.lidc.crops import read_crop
+from lidc_cdam.data.lidc.phantoms import build_phantoms
+
+POINTS = [(-20.0, 10.0, -200.0), (60.3, -40.7, -180.2), (-170.0, -185.0, -255.0)]
+
+
+def crops_now() -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build_phantoms(root / "ph", n_scans=2, progress=False)
+        write_synthetic(root / "syn", dicom=False)
+        for kind, folder in (("phantom", root / "ph"), ("synthetic", root / "syn")):
+            for f in sorted((folder / "crops").glob("*.npz")):
+                c = read_crop(f)
+                for key in ("image", "mask", "crop_to_world", "start_resampled"):
+                    out[f"{kind}/{f.stem}/{key}"] = c[key]
+    vol, _ = synthetic_scan()
+    for k, p in enumerate(POINTS):
+        pc = crop_at_point(vol, p)
+        out[f"point/{k}/image"] = pc.crop["image"]
+        out[f"point/{k}/crop_to_world"] = pc.crop["crop_to_world"]
+        out[f"point/{k}/padded"] = pc.padded.astype(np.uint8)
+    return out
+
+
+if __name__ == "__main__":
+    np.savez_compressed(sys.argv[1], **crops_now())
