@@ -247,10 +247,18 @@ def test_outputs_pass_the_dicom3tools_validator(series, tmp_path):
     cdam = np.zeros(vol.shape, np.float32)
     cdam[PEAK] = 2.0
     mask = cdam > 0
+    from lidc_cdam.ct.point import crop_at_point
+
+    crop = crop_at_point(vol, vol.index_to_world(np.array(PEAK, dtype=float))).crop  # the crop's own 1 mm grid
+    on_crop = np.zeros((32, 32, 32), np.float32)
+    on_crop[16, 16, 16] = 2.0
     written = [write_parametric_map(vol, cdam, "malignancy", tmp_path / "pm.dcm"),
                write_segmentation(vol, mask, "explained region", tmp_path / "seg.dcm"),
-               write_structured_report(_sources(vol), json.loads(json.dumps(POINTS)), tmp_path / "sr.dcm")]
-    for path, iod in zip(written, ["ParametricMap", "Segmentation", "Comprehensive3DSR"], strict=True):
+               write_structured_report(_sources(vol), json.loads(json.dumps(POINTS)), tmp_path / "sr.dcm"),
+               write_parametric_map(vol, on_crop, "malignancy", tmp_path / "pm_crop.dcm", crop=crop),
+               write_segmentation(vol, on_crop > 0, "explained region", tmp_path / "seg_crop.dcm", crop=crop)]
+    iods = ["ParametricMap", "Segmentation", "Comprehensive3DSR", "ParametricMap", "Segmentation"]
+    for path, iod in zip(written, iods, strict=True):
         done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
         report = done.stdout + done.stderr
         assert iod in report.splitlines(), report  # it recognised the object's IOD

@@ -159,7 +159,7 @@ def test_refusals_exit_2_naming_the_problem(tmp_path, capsys, folds, case):
                 "checkpoint": r"broken\.pt: not a readable PyTorch checkpoint",
                 "csv": r"p\.csv: no column\(s\) \['x', 'y', 'z'\].*--ijk",
                 "csv_values": r"q\.csv: row 3 has no number in \['x', 'y', 'z'\]",
-                "dicom": r"--dicom: .*the input must be a DICOM series"}[case]
+                "dicom": r"DICOM results \(--dicom\) .*the input must be a DICOM series"}[case]
     assert err.startswith("lidc-cdam explain-ct: error: ")
     assert re.search(expected, err), err
     assert not (tmp_path / "out" / "predictions.csv").exists()
@@ -185,10 +185,13 @@ def test_dicom_results_of_an_ensemble_read_back(tmp_path, scan, nodule_centre, f
         assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.SeriesInstanceUID != source.SeriesInstanceUID
         assert "research use, not for diagnostic use" in ds.SeriesDescription
     assert pm.FrameOfReferenceUID == seg.FrameOfReferenceUID == source.FrameOfReferenceUID
-    # the peak of |map| in the Parametric Map lands on the NIfTI map's peak voxel (same scan grid), through the
-    # map's own per-frame positions, orientation and pixel spacing
-    _, nifti = read_nifti(out / "p01" / "malignancy.nii.gz")
-    world_nifti = scan.index_to_world(np.array(np.unravel_index(np.abs(nifti).argmax(), nifti.shape), dtype=float))
+    # the Parametric Map covers the crop's own 1 mm grid (32 frames of 32 x 32), not the whole series; the peak of
+    # |map| lands, through its per-frame positions, orientation and pixel spacing, on the crop map's peak voxel
+    assert (pm.NumberOfFrames, pm.Rows, pm.Columns) == (32, 32, 32)
+    assert (out / "p01" / "dicom" / "cdam_malignancy_pm.dcm").stat().st_size < 300_000
+    crop_map = np.load(out / "p01" / "maps.npz")["malignancy"]
+    to_world = np.load(out / "p01" / "crop.npz")["crop_to_world"]
+    world_crop = (to_world @ [*np.unravel_index(np.abs(crop_map).argmax(), crop_map.shape), 1.0])[:3]
     frames = pm.pixel_array.reshape(-1, pm.Rows, pm.Columns)
     frame, row, col = np.unravel_index(np.abs(frames).argmax(), frames.shape)
     shared, per = pm.SharedFunctionalGroupsSequence[0], pm.PerFrameFunctionalGroupsSequence[frame]
@@ -196,8 +199,11 @@ def test_dicom_results_of_an_ensemble_read_back(tmp_path, scan, nodule_centre, f
     iop = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
     row_mm, col_mm = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
     world_pm = ipp + col * col_mm * iop[:3] + row * row_mm * iop[3:]
-    np.testing.assert_allclose(world_pm, world_nifti, atol=1e-3)
-    assert frames.max() == pytest.approx(nifti.max(), rel=1e-5)
+    np.testing.assert_allclose(world_pm, world_crop, atol=1e-3)
+    assert np.abs(world_pm - nodule_centre).max() <= 16.5  # inside the 32 mm box around the point
+    assert frames.max() == pytest.approx(crop_map.max(), rel=1e-5)
+    _, nifti = read_nifti(out / "p01" / "malignancy.nii.gz")  # the NIfTI stays on the scan's grid
+    assert nifti.shape == scan.shape
     # the SR's numbers are the JSON's (the ensemble's mean and its standard deviation)
     (group,) = hd.sr.srread(out / "dicom_sr.dcm").content.get_planar_roi_measurement_groups()
     assert str(group.tracking_identifier) == "p01"

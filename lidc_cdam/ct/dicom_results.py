@@ -154,6 +154,26 @@ def source_grid(source: Any) -> tuple[list[Any], dict[str, Any]]:
     return [lookup[i] for i in ordered], geometry
 
 
+def crop_grid(crop: Mapping[str, Any]) -> dict[str, Any]:
+    """The grid of a crop (its ``crop_to_world``: 1 mm, patient axes) as :func:`source_grid` describes a series:
+    one axial frame per crop slice ``[z]`` (rows along +y, columns along +x), on the source's Frame of Reference."""
+    to_world = np.asarray(crop["crop_to_world"], dtype=float)
+    shape = tuple(int(v) for v in np.asarray(crop["image"]).shape)
+    ipp = np.stack([(to_world @ [z, 0.0, 0.0, 1.0])[:3] for z in range(shape[0])])
+    row_cos, col_cos = to_world[:3, 2], to_world[:3, 1]  # along a row: + column index (x); down a column: + y
+    step = float(np.linalg.norm(to_world[:3, 0]))
+    return {"ipp": ipp, "iop": np.concatenate([row_cos, col_cos]),
+            "pixel_spacing": (float(np.linalg.norm(col_cos)), float(np.linalg.norm(row_cos))),
+            "slice_spacing": step, "shape": shape}
+
+
+def _grid_for(source: Any, crop: Mapping[str, Any] | None) -> tuple[list[Any], dict[str, Any]]:
+    """The source datasets and the grid the array is on: the crop's own grid when ``crop`` is given (a few MB
+    per map, whatever the series' size), else the whole source series'."""
+    datasets, grid = source_grid(source)
+    return datasets, (crop_grid(crop) if crop is not None else grid)
+
+
 def _spatial(grid: dict[str, Any]):
     from highdicom import CoordinateSystemNames, PixelMeasuresSequence, PlaneOrientationSequence, PlanePositionSequence
 
@@ -201,8 +221,10 @@ def _check_shape(array: np.ndarray, grid: dict[str, Any], what: str) -> None:
 
 
 def write_parametric_map(source: Any, map_zyx: np.ndarray, target_name: str, out_path: str | Path, *,
-                         series_number: int = 901, content_label: str = "CDAM") -> Path:
-    """One CDAM ``map_zyx`` (float, on the source series' grid) as a DICOM Parametric Map at ``out_path``.
+                         series_number: int = 901, content_label: str = "CDAM",
+                         crop: Mapping[str, Any] | None = None) -> Path:
+    """One CDAM ``map_zyx`` (float, on the source series' grid, or with ``crop`` on that crop's grid, e.g. the
+    ``[32, 32, 32]`` map of a point) as a DICOM Parametric Map at ``out_path``.
 
     Float32 pixel data with an identity real-world value mapping (LUT label ``content_label``, explanation
     "CDAM score, unitless: <target>", unit UCUM ``1``, quantity ``(CDAM, 99LIDCCDAM, "CDAM score")``); a
@@ -210,7 +232,7 @@ def write_parametric_map(source: Any, map_zyx: np.ndarray, target_name: str, out
     "research use, not for diagnostic use"."""
     import highdicom as hd
 
-    datasets, grid = source_grid(source)
+    datasets, grid = _grid_for(source, crop)
     arr = np.asarray(map_zyx, dtype=np.float32)
     _check_shape(arr, grid, "map")
     if not np.isfinite(arr).all():
@@ -240,13 +262,14 @@ def write_parametric_map(source: Any, map_zyx: np.ndarray, target_name: str, out
 
 
 def write_segmentation(source: Any, mask_zyx: np.ndarray, label: str, out_path: str | Path, *,
-                       series_number: int = 902) -> Path:
-    """The explained region ``mask_zyx`` (bool, on the source series' grid) as a binary DICOM Segmentation with
+                       series_number: int = 902, crop: Mapping[str, Any] | None = None) -> Path:
+    """The explained region ``mask_zyx`` (bool, on the source series' grid, or with ``crop`` on that crop's grid)
+    as a binary DICOM Segmentation with
     one segment (``label``; category SCT "Spatial and Relational Concept", type ``(EXPLREGION, 99LIDCCDAM,
     "Explained region")``, algorithm lidc-cdam). Every slice of the grid is a frame (empty ones kept)."""
     import highdicom as hd
 
-    datasets, grid = source_grid(source)
+    datasets, grid = _grid_for(source, crop)
     mask = np.asarray(mask_zyx).astype(bool)
     _check_shape(mask, grid, "mask")
     c = _codes()
@@ -342,7 +365,6 @@ def write_structured_report(source: Any, points: Sequence[Mapping[str, Any]], ou
 
 
 def _save(ds: Any, out_path: str | Path) -> Path:
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(out_path, enforce_file_format=True)
-    return out_path
+    from lidc_cdam.io import atomic_write
+
+    return atomic_write(out_path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))

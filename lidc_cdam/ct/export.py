@@ -1,4 +1,4 @@
-"""Results written for other tools: arrays on the scan's grid as NIfTI (3D Slicer, ITK-SNAP)."""
+"""Results written for other tools: arrays on the scan's grid as NIfTI (3D Slicer, ITK-SNAP), written atomically."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def export_nifti(array_zyx: np.ndarray, volume: CTVolume, path: str | Path) -> P
     CT in 3D Slicer or ITK-SNAP)."""
     import SimpleITK as sitk
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(volume.to_sitk(array_zyx), str(path), useCompression=True)
-    return path
+    from lidc_cdam.io import atomic_write
+
+    image = volume.to_sitk(array_zyx)
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True), keep_suffix=True)
