@@ -6,7 +6,8 @@ them. NIfTI's sform / qform map voxels to RAS mm; SimpleITK negates the first tw
 origin, spacing and direction are already LPS, the frame DICOM and :class:`CTVolume` use. NRRD and MetaImage
 come as SimpleITK gives them: LPS. Values are taken as HU (NIfTI after ``scl_slope`` / ``scl_inter``) through
 :mod:`lidc_cdam.ct.values` (NaN / inf voxels masked, implausible HU warned about, and a warning when no voxel is
-below -200). Refused with :class:`SeriesRefused`:
+below -200); SimpleITK's NIfTI reader turns NaN voxels into 0, so a float NIfTI's voxels are also read here
+(:func:`nifti_nonfinite`) to find them. Refused with :class:`SeriesRefused`:
 
 - ``bad_geometry``: before SimpleITK reads the file (it would turn a NIfTI pixdim 0 into 1 mm and a NaN
   qoffset or MetaImage Offset into 0), the header itself is checked: NIfTI ``pixdim[1..3]`` <= 0 or not
@@ -68,30 +69,68 @@ def _stem(path: Path) -> str:
 _NIFTI = {348: ("f", 76, 112, 252, 254, "h", 256, 280), 540: ("d", 104, 176, 344, 348, "i", 352, 400)}
 
 
-def _nifti_header(path: Path) -> bytes:
+# (dim format and offset, datatype offset, vox_offset format and offset) of NIfTI-1 and NIfTI-2
+_NIFTI_DATA = {348: ("8h", 40, 70, "f", 108), 540: ("8q", 16, 12, "q", 168)}
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # datatype codes of float voxels (what can hold NaN / inf)
+
+
+def _opener(path: Path):
     with open(path, "rb") as fh:
         magic = fh.read(2)
-    opener = gzip.open if magic == b"\x1f\x8b" else open
+    return gzip.open if magic == b"\x1f\x8b" else open
+
+
+def _nifti_header(path: Path) -> tuple[bytes, int, str] | None:
+    """``(header bytes, sizeof_hdr, byte order)`` of a NIfTI-1 / NIfTI-2 file, ``None`` when it is neither."""
     try:
-        with opener(path, "rb") as fh:
-            return fh.read(540)
+        with _opener(path)(path, "rb") as fh:
+            raw = fh.read(540)
     except (OSError, EOFError) as err:
         raise SeriesRefused(path, "undecodable", f"cannot be read as NIfTI ({err})") from None
+    for order in "<>":
+        if len(raw) >= 4:
+            size = struct.unpack(order + "i", raw[:4])[0]
+            if size in _NIFTI and len(raw) >= size:
+                return raw, size, order
+    return None
+
+
+def nifti_nonfinite(path: str | Path) -> np.ndarray | None:
+    """Where a NIfTI file's float voxels are NaN or infinite, bool ``[z, y, x]`` in SimpleITK's array order
+    (SimpleITK's NIfTI reader turns NaN into 0, so the voxels are read here); ``None`` when there are none or
+    the voxels are not float."""
+    path = Path(path)
+    found = _nifti_header(path)
+    if found is None:
+        return None
+    raw, size, endian = found
+    dim_fmt, dim_at, type_at, off_fmt, off_at = _NIFTI_DATA[size]
+    dims = struct.unpack_from(endian + dim_fmt, raw, dim_at)
+    dtype = _NIFTI_FLOATS.get(struct.unpack_from(endian + "h", raw, type_at)[0])
+    if dtype is None or not 3 <= dims[0] <= 7:
+        return None
+    shape = tuple(int(d) for d in dims[1:4])
+    count = int(np.prod([max(1, int(d)) for d in dims[1:dims[0] + 1]]))
+    offset = int(struct.unpack_from(endian + off_fmt, raw, off_at)[0])
+    with _opener(path)(path, "rb") as fh:
+        fh.seek(offset)
+        data = np.frombuffer(fh.read(count * int(dtype[1])), dtype=endian + dtype)
+    if data.size != count:
+        return None  # truncated: SimpleITK's reader says so
+    bad = ~np.isfinite(data[: int(np.prod(shape))])
+    if not bad.any():
+        return None
+    return bad.reshape(shape[::-1])  # NIfTI stores i fastest: [k, j, i] = SimpleITK's [z, y, x]
 
 
 def nifti_header_problem(path: str | Path) -> tuple[str, str] | None:
     """``(reason, detail)`` when a NIfTI file's header has an impossible geometry or rescale, else ``None``."""
     path = Path(path)
-    raw = _nifti_header(path)
-    layout = endian = None
-    for order in "<>":
-        if len(raw) >= 4:
-            size = struct.unpack(order + "i", raw[:4])[0]
-            if size in _NIFTI and len(raw) >= size:
-                layout, endian = _NIFTI[size], order
-                break
-    if layout is None:
+    found = _nifti_header(path)
+    if found is None:
         return "undecodable", "not a NIfTI-1 or NIfTI-2 header (sizeof_hdr is neither 348 nor 540)"
+    raw, size, endian = found
+    layout = _NIFTI[size]
     fl, pixdim_at, slope_at, qcode_at, scode_at, code, quat_at, srow_at = layout
 
     def floats(at: int, n: int) -> np.ndarray:
@@ -259,7 +298,12 @@ def read_image_file(path: str | Path) -> CTVolume:
     if size[2] < MIN_SLICES:
         raise SeriesRefused(path, "too_few_slices", f"{size[2]} slice(s); at least {MIN_SLICES} are needed for a "
                             "CT volume")
-    hu, invalid, clipped = to_hu(sitk.GetArrayFromImage(image))
+    values = sitk.GetArrayFromImage(image)
+    nonfinite = nifti_nonfinite(path) if fmt == "NIfTI" else None
+    if nonfinite is not None and nonfinite.shape == values.shape:
+        values = values.astype(np.float64)
+        values[nonfinite] = np.nan
+    hu, invalid, clipped = to_hu(values)
     warnings = value_warnings(hu, invalid, clipped, expect_air=True)
     if not all(np.isclose(np.abs(col), 1.0, atol=AXIS_TOL).any() for col in direction.T):
         warnings.append("oblique orientation: the grid is rotated in patient space (the models were trained on "
