@@ -111,12 +111,17 @@ def nifti_nonfinite(path: str | Path) -> np.ndarray | None:
         return None
     shape = tuple(int(d) for d in dims[1:4])
     count = int(np.prod([max(1, int(d)) for d in dims[1:dims[0] + 1]]))
-    offset = int(struct.unpack_from(endian + off_fmt, raw, off_at)[0])
-    with _opener(path)(path, "rb") as fh:
-        fh.seek(offset)
-        data = np.frombuffer(fh.read(count * int(dtype[1])), dtype=endian + dtype)
-    if data.size != count:
+    item = int(dtype[1])
+    try:
+        offset = int(struct.unpack_from(endian + off_fmt, raw, off_at)[0])
+        with _opener(path)(path, "rb") as fh:
+            fh.seek(offset)
+            block = fh.read(count * item)
+    except (OSError, EOFError, ValueError, OverflowError):
+        return None  # SimpleITK's reader says what is wrong
+    if len(block) != count * item:
         return None  # truncated: SimpleITK's reader says so
+    data = np.frombuffer(block, dtype=endian + dtype)
     bad = ~np.isfinite(data[: int(np.prod(shape))])
     if not bad.any():
         return None
@@ -128,7 +133,8 @@ def nifti_header_problem(path: str | Path) -> tuple[str, str] | None:
     path = Path(path)
     found = _nifti_header(path)
     if found is None:
-        return "undecodable", "not a NIfTI-1 or NIfTI-2 header (sizeof_hdr is neither 348 nor 540)"
+        return "undecodable", "cannot be read as NIfTI: not a NIfTI-1 or NIfTI-2 header (sizeof_hdr is neither " \
+                              "348 nor 540)"
     raw, size, endian = found
     layout = _NIFTI[size]
     fl, pixdim_at, slope_at, qcode_at, scode_at, code, quat_at, srow_at = layout
