@@ -19,8 +19,7 @@ pixel is decoded:
 - ``too_few_slices``: fewer than ``MIN_SLICES`` (8) distinct slice positions;
 - ``uneven_spacing``: gaps between slices differ from the median gap by more than
   :data:`lidc_cdam.data.lidc.dicom_series.SPACING_TOLERANCE` (5 %), e.g. a missing slice;
-- ``undecodable``: pixel data that cannot be decoded (the file and transfer syntax are named).
-
+- ``undecodable``: pixel data that cannot be decoded (the file and transfer syntax are named);
 - ``bad_geometry``: ImageOrientationPatient, ImagePositionPatient or PixelSpacing not finite, a pixel spacing
   <= 0;
 - ``bad_rescale``: RescaleSlope <= 0 or not finite (0 is not taken as 1), RescaleIntercept not finite (classic
