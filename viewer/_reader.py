@@ -1,5 +1,6 @@
 """npe2 reader: a CT as a layer - a DICOM series folder (or a patient folder above one, or one of its files,
-or a multi-frame file), compressed or not, or a NIfTI file (``.nii``, ``.nii.gz``), through
+or a multi-frame file), compressed or not, or a NIfTI, NRRD or MetaImage file (``.nii``, ``.nii.gz``, ``.nrrd``,
+``.nhdr``, ``.mha``, ``.mhd``), through
 :func:`lidc_cdam.ct.read_ct` (the largest CT series of a folder; MR, localizers, gantry tilt, too few slices
 and uneven spacing are refused with a clear message).
 
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 from lidc_cdam.viewer._overlays import META_KEY, cdam_colormap
 
-from lidc_cdam.ct.nifti import is_nifti
+from lidc_cdam.ct.image_file import is_image_file
 from lidc_cdam.ct.parametric_map import is_parametric_map, read_parametric_map
 from lidc_cdam.ct.read import read_ct
 from lidc_cdam.ct.volume import CTVolume, iter_dicom_folders, window_limits
@@ -52,8 +53,8 @@ def read_path(path: str | Path) -> list[tuple[Any, dict[str, Any], str]]:
 
 
 def get_reader(path: str | list[str]):
-    """npe2 ``get_reader``: a reader when ``path`` is a NIfTI file or is (or is in, or is above) a folder of
-    DICOM files."""
+    """npe2 ``get_reader``: a reader when ``path`` is a NIfTI, NRRD or MetaImage file or is (or is in, or is
+    above) a folder of DICOM files."""
     if isinstance(path, list):
         if len(path) != 1:
             return None
@@ -61,7 +62,7 @@ def get_reader(path: str | list[str]):
     p = Path(path)
     if p.is_file() and is_parametric_map(p):
         return lambda _path: [parametric_map_layer_data(read_parametric_map(p))]
-    if p.is_file() and is_nifti(p):
+    if p.is_file() and is_image_file(p):
         return lambda _path: read_path(p)
     if p.is_file() and not (p.suffix.lower() == ".dcm" or _dicom_header(p)):
         return None

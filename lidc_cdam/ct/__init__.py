@@ -8,10 +8,12 @@ Qt. From reading a scan to a map on its grid:
   the layer ``scale`` / ``translate`` / ``rotate`` a viewer needs), :func:`read_dicom_folder` (a DICOM series
   through SimpleITK), :func:`read_lidc_scan` (an LIDC-IDRI scan through pylidc, with consensus labels),
   window presets;
-- :mod:`.read` - any CT in: :func:`read_ct` (a DICOM series folder, a DICOM file, a NIfTI file; refusals as
-  :class:`SeriesRefused`) and :func:`list_series`, over :mod:`.series` (the series of a folder from their
-  headers, one chosen), :mod:`.dicom_reader` (one series decoded and checked, compressed transfer syntaxes
-  through pydicom + pylibjpeg) and :mod:`.nifti` (RAS -> LPS through SimpleITK);
+- :mod:`.read` - any CT in: :func:`read_ct` (a DICOM series folder, a DICOM file, a NIfTI, NRRD or MetaImage
+  file; refusals as :class:`SeriesRefused`) and :func:`list_series`, over :mod:`.series` (the series of a
+  folder from their headers, one chosen), :mod:`.dicom_reader` (one series decoded and checked, compressed
+  transfer syntaxes through pydicom + pylibjpeg), :mod:`.image_file` (NIfTI, NRRD, MetaImage through
+  SimpleITK, headers checked first; NIfTI RAS -> LPS) and :mod:`.values` (HU int16, NaN / inf voxels masked,
+  implausible values warned about);
 - :mod:`.crop` - a nodule's 32 mm crop at 1 mm (cut by :mod:`lidc_cdam.data.lidc.crops`) read back, its centre
   in patient mm;
 - :mod:`.nodules` - the nodules of a preprocessed folder whose crops lie in a scan, the nodule at a point;

@@ -19,9 +19,20 @@ pixel is decoded:
 - ``too_few_slices``: fewer than ``MIN_SLICES`` (8) distinct slice positions;
 - ``uneven_spacing``: gaps between slices differ from the median gap by more than
   :data:`lidc_cdam.data.lidc.dicom_series.SPACING_TOLERANCE` (5 %), e.g. a missing slice;
-- ``undecodable``: pixel data that cannot be decoded (the file and transfer syntax are named).
+- ``undecodable``: pixel data that cannot be decoded (the file and transfer syntax are named);
+- ``bad_geometry``: ImageOrientationPatient, ImagePositionPatient or PixelSpacing not finite, a pixel spacing
+  <= 0;
+- ``bad_rescale``: RescaleSlope <= 0 or not finite (0 is not taken as 1), RescaleIntercept not finite (classic
+  images and the Pixel Value Transformation of enhanced frames).
 
-Duplicate positions (the same slice twice) keep the first file and add a warning.
+Several images at one slice position (closer than ``DUPLICATE_MM`` along the normal): the one with the highest
+InstanceNumber is kept, ties broken by the latest acquisition time (AcquisitionDateTime, or AcquisitionDate +
+AcquisitionTime; FrameAcquisitionDateTime for enhanced frames), then the highest SOPInstanceUID (compared
+component by component as integers): the same volume whatever the files' names or listing order. A warning
+names how many were dropped and which (file names, at most five).
+
+Values (:mod:`lidc_cdam.ct.values`): NaN or infinite pixels (float pixel data) are stored as -1000 HU and
+marked in :attr:`CTVolume.invalid`, with a warning; implausible HU give a warning.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import numpy as np
 
 from lidc_cdam.ct.errors import SeriesRefused
 from lidc_cdam.ct.series import SeriesInfo
+from lidc_cdam.ct.values import set_warnings, to_hu, value_warnings
 from lidc_cdam.ct.volume import CTVolume
 from lidc_cdam.data.lidc.dicom_series import spacing_problem
 
@@ -48,12 +60,20 @@ def _seq_item(ds: Any, name: str) -> Any | None:
     return seq[0] if seq else None
 
 
+def _number(obj: Any, name: str, default: float) -> float:
+    """A numeric attribute of a dataset or item; ``default`` when absent or empty (0 stays 0)."""
+    value = obj.get(name) if obj is not None else None
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    return float(value)
+
+
 def _frame_geometry(ds: Any, shared: Any, frame: Any) -> tuple[list[float], list[float], list[float], float, float]:
     """(IOP, IPP, PixelSpacing, slope, intercept) of a classic image (``frame`` None) or an enhanced frame."""
     if frame is None:
         return ([float(v) for v in ds.ImageOrientationPatient], [float(v) for v in ds.ImagePositionPatient],
-                [float(v) for v in ds.PixelSpacing], float(ds.get("RescaleSlope", 1) or 1),
-                float(ds.get("RescaleIntercept", 0) or 0))
+                [float(v) for v in ds.PixelSpacing], _number(ds, "RescaleSlope", 1.0),
+                _number(ds, "RescaleIntercept", 0.0))
 
     def item(name: str) -> Any:
         for group in (frame, shared):
@@ -66,11 +86,49 @@ def _frame_geometry(ds: Any, shared: Any, frame: Any) -> tuple[list[float], list
                                 item("PixelMeasuresSequence"), item("PixelValueTransformationSequence"))
     if orient is None or pos is None or meas is None:
         raise KeyError("PlaneOrientation / PlanePosition / PixelMeasures functional groups")
-    slope = float(trans.get("RescaleSlope", 1) or 1) if trans is not None else float(ds.get("RescaleSlope", 1) or 1)
-    inter = (float(trans.get("RescaleIntercept", 0) or 0) if trans is not None
-             else float(ds.get("RescaleIntercept", 0) or 0))
+    rescale = trans if trans is not None else ds
     return ([float(v) for v in orient.ImageOrientationPatient], [float(v) for v in pos.ImagePositionPatient],
-            [float(v) for v in meas.PixelSpacing], slope, inter)
+            [float(v) for v in meas.PixelSpacing], _number(rescale, "RescaleSlope", 1.0),
+            _number(rescale, "RescaleIntercept", 0.0))
+
+
+def _check_values(path: Path, frame: int | None, iop: list[float], ipp: list[float], ps: list[float],
+                  slope: float, inter: float) -> None:
+    """``bad_geometry`` / ``bad_rescale`` refusals of one image (or frame) of ``path``."""
+    at = f" (frame {frame + 1})" if frame is not None else ""
+    for name, values, n in (("ImageOrientationPatient", iop, 6), ("ImagePositionPatient", ipp, 3),
+                            ("PixelSpacing", ps, 2)):
+        if len(values) != n or not np.all(np.isfinite(values)):
+            raise SeriesRefused(path, "bad_geometry", f"{name}{at} is {values}: not {n} finite numbers")
+    if min(ps) <= 0:
+        raise SeriesRefused(path, "bad_geometry", f"PixelSpacing{at} is {ps}: a pixel spacing must be > 0 mm")
+    if not np.isfinite(slope) or slope <= 0:
+        raise SeriesRefused(path, "bad_rescale", f"RescaleSlope{at} is {slope:g}: it must be a finite number > 0 "
+                            "(HU = stored value x RescaleSlope + RescaleIntercept)")
+    if not np.isfinite(inter):
+        raise SeriesRefused(path, "bad_rescale", f"RescaleIntercept{at} is {inter:g}: not a finite number")
+
+
+def _uid_key(uid: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in uid.split(".") if p.isdigit())
+
+
+def _acquired(ds: Any, frame: Any) -> str:
+    """When an image (or frame) was acquired, as DICOM DT text (a tie-break between duplicates)."""
+    content = _seq_item(frame, "FrameContentSequence") if frame is not None else None
+    if content is not None and content.get("FrameAcquisitionDateTime"):
+        return str(content.FrameAcquisitionDateTime).strip()
+    if ds.get("AcquisitionDateTime"):
+        return str(ds.AcquisitionDateTime).strip()
+    return (str(ds.get("AcquisitionDate", "") or "") + str(ds.get("AcquisitionTime", "") or "")).strip()
+
+
+def _preference(s: dict[str, Any]) -> tuple:
+    """Which of two images at one slice position is kept (the greater): InstanceNumber, then acquisition time,
+    then SOPInstanceUID (numerically, component by component), then the frame number; never the file name."""
+    instance = s["instance"]
+    return (instance is not None, instance if instance is not None else 0, s["acquired"], _uid_key(s["sop"]),
+            s["frame"] if s["frame"] is not None else -1)
 
 
 def _slices(info: SeriesInfo) -> list[dict[str, Any]]:
@@ -91,10 +149,37 @@ def _slices(info: SeriesInfo) -> list[dict[str, Any]]:
             if not enhanced and n > 1:
                 raise SeriesRefused(path, "mixed_series", f"a multi-frame image of {n} frames without per-frame "
                                     "positions (not a volume)")
+            _check_values(path, k if n > 1 else None, iop, ipp, ps, slope, inter)
+            number = ds.get("InstanceNumber")
+            try:
+                instance = int(number) if number not in (None, "") else None
+            except (TypeError, ValueError):
+                instance = None
             out.append({"path": path, "frame": k if n > 1 else None, "iop": np.array(iop), "ipp": np.array(ipp),
                         "ps": np.array(ps), "slope": slope, "inter": inter, "rows": int(ds.Rows),
-                        "cols": int(ds.Columns), "sop": str(ds.get("SOPInstanceUID", "") or "")})
+                        "cols": int(ds.Columns), "sop": str(ds.get("SOPInstanceUID", "") or "").strip(),
+                        "instance": instance, "acquired": _acquired(ds, frame if enhanced else None)})
     return out
+
+
+def _one_per_position(slices: list[dict[str, Any]], normal: np.ndarray) -> tuple[list[dict[str, Any]],
+                                                                                list[dict[str, Any]]]:
+    """``(kept, dropped)``: slices sorted along ``normal``; of images closer than ``DUPLICATE_MM`` along it the one
+    :func:`_preference` ranks first is kept, whatever the files' names or listing order."""
+    ordered = sorted(slices, key=lambda s: (float(s["ipp"] @ normal), _preference(s)))
+    kept: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    group: list[dict[str, Any]] = []
+    for s in [*ordered, None]:
+        if s is not None and group and float((s["ipp"] - group[0]["ipp"]) @ normal) < DUPLICATE_MM:
+            group.append(s)
+            continue
+        if group:
+            best = max(group, key=_preference)
+            kept.append(best)
+            dropped.extend(g for g in group if g is not best)
+        group = [s] if s is not None else []
+    return kept, dropped
 
 
 def check_series(info: SeriesInfo, where: object) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -127,15 +212,13 @@ def check_series(info: SeriesInfo, where: object) -> tuple[list[dict[str, Any]],
                             "orthogonal unit vectors: not a rectilinear grid")
     r, c = r / np.linalg.norm(r), c / np.linalg.norm(c)
     normal = np.cross(r, c)
-    slices.sort(key=lambda s: float(s["ipp"] @ normal))
     warnings: list[str] = []
-    kept = [slices[0]]
-    for s in slices[1:]:
-        if float((s["ipp"] - kept[-1]["ipp"]) @ normal) < DUPLICATE_MM:
-            continue
-        kept.append(s)
-    if len(kept) < len(slices):
-        warnings.append(f"{len(slices) - len(kept)} image(s) at an already seen slice position ignored")
+    kept, dropped = _one_per_position(slices, normal)
+    if dropped:
+        names = [s["path"].name + (f" (frame {s['frame'] + 1})" if s["frame"] is not None else "") for s in dropped]
+        warnings.append(f"{len(dropped)} image(s) at an already seen slice position dropped, keeping at each position "
+                        "the highest InstanceNumber (then the latest acquisition time, then the highest "
+                        f"SOPInstanceUID): {', '.join(names[:5])}" + (" ..." if len(names) > 5 else ""))
     if len(kept) < MIN_SLICES:
         raise SeriesRefused(where, "too_few_slices", f"series {info.uid} has {len(kept)} slice(s); at least "
                             f"{MIN_SLICES} are needed for a CT volume")
@@ -186,6 +269,8 @@ def read_series(info: SeriesInfo, where: object = None) -> CTVolume:
     where = info.folder if where is None else where
     kept, grid = check_series(info, where)
     hu = np.empty((len(kept), kept[0]["rows"], kept[0]["cols"]), dtype=np.int16)
+    invalid: np.ndarray | None = None
+    clipped = 0
     cache: dict[Path, Any] = {}
     for k, s in enumerate(kept):
         arr = _decode(s["path"], cache)
@@ -194,8 +279,12 @@ def read_series(info: SeriesInfo, where: object = None) -> CTVolume:
         if arr.ndim != 2 or arr.shape != hu.shape[1:]:
             raise SeriesRefused(s["path"], "mixed_series", f"decoded image of shape {arr.shape}, not a grey-level "
                                 f"{hu.shape[1]} x {hu.shape[2]} image")
-        values = arr.astype(np.float64) * s["slope"] + s["inter"]
-        hu[k] = np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+        hu[k], bad, n_clipped = to_hu(arr.astype(np.float64) * s["slope"] + s["inter"])
+        clipped += n_clipped
+        if bad is not None:
+            if invalid is None:
+                invalid = np.zeros(hu.shape, dtype=bool)
+            invalid[k] = bad
     ds = info.headers[0]
     patient = str(ds.get("PatientID", "") or "").strip()
     meta = {"source": str(where), "folder": str(info.folder), "n_files": len(info.files),
@@ -203,9 +292,7 @@ def read_series(info: SeriesInfo, where: object = None) -> CTVolume:
             "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")).strip(), "patient_id": patient,
             "modality": info.modality, "series_description": info.description,
             "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")),
-            "sop_instance_uids": [s["sop"] for s in kept],
-            "warnings": grid["warnings"]}
-    if grid["warnings"]:
-        meta["warning"] = "; ".join(grid["warnings"])
+            "sop_instance_uids": [s["sop"] for s in kept]}
+    set_warnings(meta, grid["warnings"] + value_warnings(hu, invalid, clipped))
     return CTVolume(hu, grid["spacing"], grid["origin"], grid["direction"], name=f"CT {patient}".strip(),
-                    meta=meta, source_files=tuple(dict.fromkeys(Path(s["path"]) for s in kept)))
+                    meta=meta, source_files=tuple(dict.fromkeys(Path(s["path"]) for s in kept)), invalid=invalid)

@@ -14,7 +14,8 @@ class SeriesRefused(CTError):
 
     The message names the folder or file and the problem; ``reason`` is a short code (``not_ct``, ``localizer``,
     ``gantry_tilt``, ``non_orthogonal``, ``too_few_slices``, ``uneven_spacing``, ``mixed_series``,
-    ``undecodable``, ``not_3d``, ``no_such_series``).
+    ``undecodable``, ``not_3d``, ``no_such_series``, ``bad_geometry`` (a spacing <= 0 or not finite, a NaN or
+    infinite origin or direction), ``bad_rescale`` (a rescale slope <= 0 or not finite, a non-finite intercept)).
     """
 
     def __init__(self, where: object, reason: str, detail: str):

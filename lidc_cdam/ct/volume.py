@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.values import set_warnings, to_hu, value_warnings
 from lidc_cdam.data.lidc.errors import LidcError
 
 #: window presets (width, level) in HU and as napari contrast limits
@@ -47,6 +48,13 @@ class CTVolume:
     #: by :func:`lidc_cdam.ct.read_ct`; empty when not read from DICOM through it (NIfTI, synthetic, SimpleITK).
     #: What :mod:`lidc_cdam.ct.dicom_results` references.
     source_files: tuple[Path, ...] = ()
+    #: bool ``[z, y, x]``, True where the source value was NaN or +-inf (the HU stored there is -1000), as the
+    #: readers fill it (:mod:`lidc_cdam.ct.values`); ``None`` when every voxel had a finite value.
+    invalid: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.invalid is not None and tuple(self.invalid.shape) != tuple(self.hu.shape):
+            raise ValueError(f"invalid mask of shape {self.invalid.shape} is not on the scan's grid {self.hu.shape}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -219,18 +227,15 @@ def read_dicom_folder(path: str | Path, series_uid: str | None = None) -> CTVolu
             return ""
 
     modality = tag("0008|0060")
-    hu = sitk.GetArrayFromImage(image)
-    if hu.dtype.kind == "f" or hu.min() < -32768 or hu.max() > 32767:
-        hu = np.clip(np.rint(hu), -32768, 32767)
-    hu = hu.astype(np.int16, copy=False)
+    hu, invalid, clipped = to_hu(sitk.GetArrayFromImage(image))
     patient = tag("0010|0020")
     meta = {"source": str(path), "folder": str(Path(files[0]).parent), "n_files": len(files),
             "series_instance_uid": uid, "study_instance_uid": tag("0020|000d"), "patient_id": patient,
             "modality": modality, "other_series": len(candidates) - 1}
-    if modality and modality != "CT":
-        meta["warning"] = f"modality {modality}, not CT: values are not HU"
+    warnings = [f"modality {modality}, not CT: values are not HU"] if modality and modality != "CT" else []
+    set_warnings(meta, warnings + value_warnings(hu, invalid, clipped))
     return CTVolume(hu, tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()),
-                    name=f"CT {patient}".strip(), meta=meta)
+                    name=f"CT {patient}".strip(), meta=meta, invalid=invalid)
 
 
 # ------------------------------------------------------------------------------------------ LIDC
@@ -264,6 +269,7 @@ def read_lidc_scan(scan: Any, dicom_root: str | Path | None = None, with_labels:
                             "scan_id": int(scan.id), "series_instance_uid": scan.series_instance_uid,
                             "study_instance_uid": scan.study_instance_uid, "modality": "CT",
                             "warnings": list(series.warnings)}
+    set_warnings(meta, meta["warnings"])
     vol = CTVolume(series.hu, series.spacing, series.origin, series.direction,
                    name=f"CT {scan.patient_id}", meta=meta)
     if with_labels:

@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,19 +63,90 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else ""
 
 
-def _unsafe_detail(err: BaseException) -> str:
-    """The useful part of torch's weights-only refusal ("Unsupported global: GLOBAL os.system")."""
+#: globals a plain torch.save of tensors and containers pickles (what torch's weights-only reader allows)
+_PLAIN_GLOBALS = re.compile(r"^(torch\.|collections\.OrderedDict$|argparse\.Namespace$|_codecs\.encode$)")
+_MAX_PICKLE_OPS = 2_000_000
+
+
+def pickled_globals(path: str | os.PathLike) -> list[str]:
+    """The globals (``module.name``) the pickles of a checkpoint would import, in order, without running any:
+    read with :mod:`pickletools` from a zip checkpoint's ``data.pkl`` or a legacy file's leading pickles."""
+    import io
+    import pickletools
+    import zipfile
+
+    path = Path(path)
+    streams: list[io.BufferedIOBase] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                streams = [io.BytesIO(zf.read(n)) for n in zf.namelist() if n.endswith("data.pkl")]
+        else:
+            with open(path, "rb") as fh:
+                streams = [io.BytesIO(fh.read(64 << 20))]
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return []
+    found: list[str] = []
+    for stream in streams:
+        strings: list[str | None] = []  # values pushed, strings only (None for anything else)
+        memo: dict[int, str | None] = {}
+        ops = 0
+        for _ in range(8):  # a legacy file is several pickles in a row, then raw storage bytes
+            try:
+                for op, arg, _pos in pickletools.genops(stream):
+                    ops += 1
+                    if ops > _MAX_PICKLE_OPS:
+                        return list(dict.fromkeys(found))
+                    name = op.name
+                    if name in ("GLOBAL", "INST"):
+                        found.append(".".join(str(arg).split(" ", 1)))
+                    elif name == "STACK_GLOBAL" and len(strings) >= 2 and None not in strings[-2:]:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif name == "MEMOIZE":
+                        memo[len(memo)] = strings[-1] if strings else None
+                    elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[int(arg)] = strings[-1] if strings else None
+                    elif name in ("GET", "BINGET", "LONG_BINGET"):
+                        strings.append(memo.get(int(arg)))
+                    elif isinstance(arg, str) and ("UNICODE" in name or "STRING" in name):
+                        strings.append(str(arg))
+                    elif op.stack_after:
+                        strings.append(None)
+            except Exception:  # the end of the pickles, or garbage: what was found so far
+                break
+    return list(dict.fromkeys(found))
+
+
+def _read_error(path: Path, err: BaseException) -> CheckpointError:
+    """What torch's refusal (or failure) to read ``path`` means for the user: code carried, or not a checkpoint.
+    torch's own text (which suggests loading unsafely) is never passed on."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    match = re.search(r"WeightsUnpickler error:\s*(.*)", text)
-    detail = match.group(1) if match else _first_line(err)
-    return detail.split(" was not an allowed global")[0].strip()
+    named = list(dict.fromkeys(re.findall(r"GLOBAL\s+([\w.]+)", text)))  # what torch refused
+    code = [g for g in pickled_globals(path) if not _PLAIN_GLOBALS.match(g)] or named
+    if code:
+        shown = ", ".join(code[:3]) + (" ..." if len(code) > 3 else "")
+        return CheckpointError(
+            f"{path}: refused for safety: the file carries code (pickled Python objects; loading it would "
+            f"import {shown}), and a checkpoint is read only when it holds tensors and plain values. "
+            "Re-save the weights where the file was made, e.g. torch.save(model.state_dict(), path).")
+    if isinstance(err, pickle.UnpicklingError):  # a bad opcode: garbage, or a pickle torch.save did not write
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
+        detail_text = (detail.group(1) if detail else _first_line(err)).split(" was not an allowed")[0].strip()
+        return CheckpointError(f"{path}: not a readable PyTorch checkpoint, corrupted or not written by "
+                               f"torch.save ({detail_text})")
+    first = _first_line(err)
+    if "weights_only" in first or "Weights only" in first:
+        first = "unreadable pickle data"
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupted "
+                           f"({err.__class__.__name__}: {first})")
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` with errors that name the file and say what to do.
 
     ``.safetensors`` files are read with ``safetensors``; ``argparse.Namespace`` (the ``args`` in
-    DINO training checkpoints) is the only class allowed besides tensors and plain containers.
+    DINO training checkpoints) is the only class allowed besides tensors and plain containers. A file that
+    carries code (pickled Python objects) is refused naming what it would import (:func:`pickled_globals`).
     """
     path = Path(path)
     if not path.is_file():
@@ -89,25 +161,11 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
                 f"{path}: not a readable safetensors file ({err.__class__.__name__}: {err})"
             ) from None
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # then refused: said below
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        detail = _unsafe_detail(err)
-        if not re.search(r"GLOBAL|allowlist|safe_globals|reduce", detail, re.IGNORECASE):
-            raise CheckpointError(  # a bad opcode: garbage, or a pickle torch.save did not write
-                f"{path}: not a readable PyTorch checkpoint, corrupted or not written by "
-                f"torch.save ({detail})"
-            ) from None
-        raise CheckpointError(
-            f"{path}: refused to load: the file contains pickled Python objects that could run "
-            f"code when loaded ({detail}). Checkpoints must hold only tensors and "
-            "plain containers; re-save it with torch.save(model.state_dict(), ...)."
-        ) from None
-    except Exception as err:  # truncated / not a torch file
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint, truncated or corrupted "
-            f"({err.__class__.__name__}: {_first_line(err)})"
-        ) from None
+    except Exception as err:  # refused (code), truncated, garbage, not a torch file
+        raise _read_error(path, err) from None
 
 
 def build_backbone(build: dict[str, Any]) -> nn.Module:
