@@ -41,7 +41,7 @@ def variants(tmp_path_factory) -> dict[str, CTVolume]:
     """Every storage variant, read back through :func:`read_ct` from the files a user would have."""
     root = tmp_path_factory.mktemp("variants")
     image = sitk.ReadImage(str(FIXTURE))
-    out = {"NRRD (LPS)": volume_of(image, "lung1")}  # TEMP until read_ct reads NRRD
+    out = {"NRRD (LPS)": read_ct(FIXTURE)}
     for what, code in NIFTI_ORDERS.items():
         path = root / f"{code}.nii.gz"
         sitk.WriteImage(sitk.DICOMOrient(image, code), str(path))
