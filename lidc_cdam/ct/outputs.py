@@ -236,7 +236,7 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
         for w in [*pc.warnings, *trust_warnings(pid, result)]:
             warn(w)
         entry = point_entry(pid, result, given=given, given_as="ijk" if ijk else "lps_mm", method=method,
-                            ratings=(ratings or {}).get(pid), warnings=[*warnings, *trust_warnings(pid, result)])
+                            ratings=(ratings or {}).get(pid), warnings=warnings)
         with folder.point(pid, world) as partial:
             entry = write_point(partial, entry, result, volume, nifti=nifti, report=report, dicom_source=dicom_source,
                                 series_base=1000 * (n + 1), checkpoint_hashes=hashes, series_label=series_label)

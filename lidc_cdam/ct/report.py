@@ -5,7 +5,8 @@ arrays and its ``maps.npz`` arrays: the crop's central slices in the lung window
 per target with the signed CDAM over the CT (the project's diverging colormap centred on zero: orange =
 evidence for a higher value, blue = counter-evidence; symmetric limits), the predictions with their
 ensemble spread (sd, number of folds) and the radiologists' ratings where the caller knows them, the trust
-flag per task, the padded share, the models and their checkpoints' SHA-256, and "Research use, not for
+flag per task, the padded share, the warnings about the scan and the crop (``warnings``), the models and their
+checkpoints' SHA-256, and "Research use, not for
 diagnostic use". Matplotlib only (no pyplot, no GUI: the figure is drawn with the Agg and PDF backends).
 """
 
@@ -312,6 +313,11 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
         text(margin + 1.3, y, f"{100 * share:.1f}% of the crop lies outside the scan (padded with -1000 HU; dashed "
                               "outline)", fontsize=7, color="#b35806")
         y += 0.16
+    for warning in entry.get("warnings") or []:  # about the scan and the crop (the reader's, an oblique grid...)
+        text(margin, y, "scan:", fontsize=7)
+        lines = textwrap.wrap(str(warning), 110)[:3]
+        text(margin + 1.3, y, "\n".join(lines), fontsize=7, color="#b35806", linespacing=1.25)
+        y += 0.16 + 0.11 * (len(lines) - 1)
     text(margin, y, "trust: percentile of the crop's latent among the training crops' own Mahalanobis distances "
                     "(the largest over the folds)", fontsize=6, color=GREY)
     y += 0.25
