@@ -22,15 +22,23 @@ Qt. From reading a scan to a map on its grid:
 - :mod:`.inputs` - model inputs of a crop's slices, as the training transforms build them;
 - :mod:`.maps` - the 2.5D maps of a crop (every slice along a view explained) for several targets;
 - :mod:`.point` - explain at a point of any CT: :func:`crop_at_point` (the 32 mm crop at 1 mm around a point in
-  patient mm or a voxel index (i, j, k), cut as the preprocessing cuts a nodule's, padded with -1000 HU, the
-  padded share reported; a point outside the volume refused as :class:`PointOutside`) and :func:`explain_point`;
+  patient mm or a voxel index (i, j, k), on the patient's axes whatever the file's voxel order, cut as the
+  preprocessing cuts a nodule's, padded with -1000 HU, the padded share reported; a point outside the volume
+  refused as :class:`PointOutside`, NaN voxels in the crop as :class:`InvalidVoxels`) and :func:`explain_point`;
+- :mod:`.outputs` - the one route from points to every file written (:func:`explain_points`: crops, maps,
+  predictions, NIfTI, report, DICOM results, streaming point by point), over :mod:`.run_folder` (a checked output
+  folder: atomic point folders, the manifest, resume, stale folders, safe unique ids) and :mod:`.concepts` (the
+  one concept resolver: each fold model's concepts from its own training fold);
 - :mod:`.ensemble` - fold ensembles: checkpoints grouped by task, mean prediction and sd, mean map and the sign
   agreement per target;
 - :mod:`.cache` - computed maps in memory and on disk;
 - :mod:`.placement` - crop-grid arrays (maps, masks) resampled onto the scan's grid;
-- :mod:`.export` - arrays on the scan's grid as NIfTI;
+- :mod:`.export` - arrays on the scan's grid as NIfTI (atomically);
 - :mod:`.dicom_results` - results for a PACS through highdicom: a CDAM as a Parametric Map, the explained region
-  as a Segmentation, predictions / spread / trust flag as a TID 1500 Structured Report, on the source series;
+  as a Segmentation (on the whole series or a crop's own grid), predictions / spread / trust flag as a TID 1500
+  Structured Report, on the source series' Frame of Reference;
+- :mod:`.report` - a report page per point (PNG and PDF); :mod:`.parametric_map` - a Parametric Map read back
+  onto its grid (the viewer's overlays);
 - :mod:`.synthetic` - a synthetic chest scan with phantom nodules (DICOM series, crops, nodule table): **not CT**;
 - :mod:`.testing` - tiny random checkpoints for tests and the viewer's screenshot and benchmark.
 
@@ -44,6 +52,7 @@ Qt. From reading a scan to a map on its grid:
 
 from lidc_cdam.ct.cache import MapCache, cached_compute, cached_steps
 from lidc_cdam.ct.checkpoint import MALIGNANCY, LoadedModel, load_checked_model, predictions
+from lidc_cdam.ct.concepts import ConceptResolver
 from lidc_cdam.ct.crop import CROP, crop_centre_world, read_crop
 from lidc_cdam.ct.ensemble import EnsembleResult, explain_crop, explain_tasks_steps, group_checkpoints
 from lidc_cdam.ct.errors import CTError, SeriesRefused
@@ -51,8 +60,10 @@ from lidc_cdam.ct.export import export_nifti
 from lidc_cdam.ct.inputs import CENTRE, VIEWS, model_inputs, slices_for
 from lidc_cdam.ct.maps import METHODS, SIGNED, MapRequest, MapResult, compute_maps, compute_steps
 from lidc_cdam.ct.nodules import NoduleRef, list_nodules, nodule_at
+from lidc_cdam.ct.outputs import explain_points
 from lidc_cdam.ct.placement import nodule_labels, place_on_scan
 from lidc_cdam.ct.point import (
+    InvalidVoxels,
     PointCrop,
     PointOutside,
     PointResult,
@@ -74,7 +85,9 @@ __all__ = [
     "WINDOWS",
     "CTError",
     "CTVolume",
+    "ConceptResolver",
     "EnsembleResult",
+    "InvalidVoxels",
     "LoadedModel",
     "MapCache",
     "MapRequest",
@@ -94,6 +107,7 @@ __all__ = [
     "explain_crop",
     "explain_point",
     "explain_point_steps",
+    "explain_points",
     "explain_tasks_steps",
     "export_nifti",
     "group_checkpoints",

@@ -377,13 +377,18 @@ def save_concepts(path: Path, vectors: dict[str, list[Concept]]) -> Path:
 
 def load_concepts(path: str | Path) -> dict[str, list[Concept]]:
     """:func:`save_concepts`' file, read with ``weights_only=True``; :class:`CohortError` naming the file."""
+    from lidc_cdam.models.checkpoint_format import CheckpointError, read_checkpoint
+
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = read_checkpoint(path)  # weights only; a file that carries code is refused and named so
+    except CheckpointError as err:
+        raise CohortError(str(err)) from None
+    try:
         return {key: [Concept(v, similarity=sim, name=name) for name, sim, v in
                       zip(entry["names"], entry["similarity"], entry["vectors"], strict=True)]
                 for key, entry in payload.items()}
-    except Exception as err:  # any unreadable file is reported the same way
-        raise CohortError(f"{path}: not a concepts file of a cohort run ({err})") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise CohortError(f"{path}: not a concepts file of a cohort run ({err.__class__.__name__}: {err})") from None
 
 
 def attach_concepts(models: list[CohortModel], fold: int, data_root: Path, table: pd.DataFrame,
