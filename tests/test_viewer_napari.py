@@ -3,6 +3,7 @@ screenshots, bad input. Uses napari's ``make_napari_viewer`` (show=False) and py
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -156,10 +157,14 @@ def test_several_targets_views_and_export(viewer, qtbot, biomarker_checkpoint, t
     lo, hi = widget.overlays["spiculation"].contrast_limits
     assert lo == 0 and hi == 1  # attention is unsigned; each slice scaled on its own by default
     assert widget.results[0].targets == ["lobulation", "spiculation", "diameter_mm"]
-    written = widget.export_nifti(tmp_path / "export")
-    assert len(written) == 3 and all(p.name.endswith("_attention_coronal_" + p.name.split("_coronal_")[1])
-                                     for p in written)
-    img = sitk.ReadImage(str(written[0]))
+    written = widget.export_nifti(tmp_path / "export")  # the point's files, as explain-ct writes them
+    folder = tmp_path / "export" / "SYNTHETIC-0001_n01"
+    niftis = sorted(p.name for p in written if p.name.endswith(".nii.gz"))
+    assert niftis == ["diameter_mm.nii.gz", "lobulation.nii.gz", "spiculation.nii.gz"]
+    entry = json.loads((folder / "predictions.json").read_text())
+    assert entry["method"] == "attention" and entry["view"] == "coronal" and entry["ratings"]["diameter_mm"] == 14.0
+    assert (folder / "report.png").is_file() and "wrote" in widget.status.value
+    img = sitk.ReadImage(str(folder / "lobulation.nii.gz"))
     assert img.GetSize() == SHAPE[::-1]
     np.testing.assert_allclose(img.GetSpacing(), SPACING)
     np.testing.assert_allclose(img.GetOrigin(), ORIGIN)

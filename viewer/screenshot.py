@@ -50,7 +50,7 @@ def make_screenshot(out: str | Path, checkpoints: list[str] | None = None, nodul
         if "nodule contours" in viewer.layers:
             viewer.layers["nodule contours"].opacity = 0.6
         viewer.screenshot(canvas_only=False)  # the off-screen canvas renders only after one window grab
-        widget._focus(widget.explained.crop, widget.view.value)  # again, for the resized canvas
+        widget.focus(widget.explained.crop, widget.view.value)  # again, for the resized canvas
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         viewer.screenshot(str(out), canvas_only=canvas_only, flash=False)
