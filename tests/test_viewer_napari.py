@@ -258,3 +258,26 @@ def test_demo_viewer_opens_on_the_demo_models(make_napari_viewer, tmp_path):
     viewer, widget = open_demo_viewer(summary, show=False, run=False, viewer=viewer)
     assert len(widget.models) == 9  # malignancy and the eight biomarkers
     assert len(widget.overlays) == 9 and "malignancy: p = " in widget.predictions.value
+
+
+def test_status_line_shows_the_scans_and_the_crops_warnings(viewer, checkpoint):
+    """The volume's warnings on opening (and after), a crop's padding warning, a crop of NaN voxels refused."""
+    from lidc_cdam.ct.read import read_ct
+
+    volume = read_ct(synthetic()["dicom"])
+    volume.meta["warnings"] = ["most of the body reads below -1100 HU: is the rescale right?"]
+    widget = make_widget(viewer)
+    assert all(f"*{s}" in widget.scan_file.filter for s in (".nrrd", ".nhdr", ".mha", ".mhd", ".nii.gz", ".dcm"))
+    widget.add_ct(volume)
+    assert "Warning: most of the body reads below -1100 HU" in widget.status.value
+    widget.load_checkpoints([checkpoint], block=True)
+    corner = volume.index_to_world(np.zeros(3))[::-1]  # world (z, y, x) of the first voxel: the crop is mostly outside
+    widget.add_point(corner, block=True)
+    assert widget.overlays and "Warning: P1: the crop crosses the volume's edge" in widget.status.value
+    assert "Warning: most of the body reads below -1100 HU" in widget.status.value
+    invalid = np.zeros(volume.shape, dtype=bool)
+    invalid[tuple(np.array(volume.shape) // 2)] = True
+    volume.invalid = invalid
+    widget.add_point(volume.index_to_world(np.array(volume.shape) // 2)[::-1], block=True)
+    assert widget.status.value.startswith("Error: P2: 1 voxel(s)") and "NaN or infinite" in widget.status.value
+    assert widget.explained.label.startswith("P1")  # what is shown stays
