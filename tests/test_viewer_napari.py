@@ -3,6 +3,7 @@ screenshots, bad input. Uses napari's ``make_napari_viewer`` (show=False) and py
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -156,10 +157,14 @@ def test_several_targets_views_and_export(viewer, qtbot, biomarker_checkpoint, t
     lo, hi = widget.overlays["spiculation"].contrast_limits
     assert lo == 0 and hi == 1  # attention is unsigned; each slice scaled on its own by default
     assert widget.results[0].targets == ["lobulation", "spiculation", "diameter_mm"]
-    written = widget.export_nifti(tmp_path / "export")
-    assert len(written) == 3 and all(p.name.endswith("_attention_coronal_" + p.name.split("_coronal_")[1])
-                                     for p in written)
-    img = sitk.ReadImage(str(written[0]))
+    written = widget.export_nifti(tmp_path / "export")  # the point's files, as explain-ct writes them
+    folder = tmp_path / "export" / "SYNTHETIC-0001_n01"
+    niftis = sorted(p.name for p in written if p.name.endswith(".nii.gz"))
+    assert niftis == ["diameter_mm.nii.gz", "lobulation.nii.gz", "spiculation.nii.gz"]
+    entry = json.loads((folder / "predictions.json").read_text())
+    assert entry["method"] == "attention" and entry["view"] == "coronal" and entry["ratings"]["diameter_mm"] == 14.0
+    assert (folder / "report.png").is_file() and "wrote" in widget.status.value
+    img = sitk.ReadImage(str(folder / "lobulation.nii.gz"))
     assert img.GetSize() == SHAPE[::-1]
     np.testing.assert_allclose(img.GetSpacing(), SPACING)
     np.testing.assert_allclose(img.GetOrigin(), ORIGIN)
@@ -253,3 +258,26 @@ def test_demo_viewer_opens_on_the_demo_models(make_napari_viewer, tmp_path):
     viewer, widget = open_demo_viewer(summary, show=False, run=False, viewer=viewer)
     assert len(widget.models) == 9  # malignancy and the eight biomarkers
     assert len(widget.overlays) == 9 and "malignancy: p = " in widget.predictions.value
+
+
+def test_status_line_shows_the_scans_and_the_crops_warnings(viewer, checkpoint):
+    """The volume's warnings on opening (and after), a crop's padding warning, a crop of NaN voxels refused."""
+    from lidc_cdam.ct.read import read_ct
+
+    volume = read_ct(synthetic()["dicom"])
+    volume.meta["warnings"] = ["most of the body reads below -1100 HU: is the rescale right?"]
+    widget = make_widget(viewer)
+    assert all(f"*{s}" in widget.scan_file.filter for s in (".nrrd", ".nhdr", ".mha", ".mhd", ".nii.gz", ".dcm"))
+    widget.add_ct(volume)
+    assert "Warning: most of the body reads below -1100 HU" in widget.status.value
+    widget.load_checkpoints([checkpoint], block=True)
+    corner = volume.index_to_world(np.zeros(3))[::-1]  # world (z, y, x) of the first voxel: the crop is mostly outside
+    widget.add_point(corner, block=True)
+    assert widget.overlays and "Warning: P1: the crop crosses the volume's edge" in widget.status.value
+    assert "Warning: most of the body reads below -1100 HU" in widget.status.value
+    invalid = np.zeros(volume.shape, dtype=bool)
+    invalid[tuple(np.array(volume.shape) // 2)] = True
+    volume.invalid = invalid
+    widget.add_point(volume.index_to_world(np.array(volume.shape) // 2)[::-1], block=True)
+    assert widget.status.value.startswith("Error: P2: 1 voxel(s)") and "NaN or infinite" in widget.status.value
+    assert widget.explained.label.startswith("P1")  # what is shown stays
