@@ -32,23 +32,13 @@ LUNG1 = Path(__file__).resolve().parents[1] / "tests" / "data" / "lung1"
 
 
 def read_lung1() -> tuple[Any, list[float], np.ndarray]:
-    """The real chest CT fixture, the LPS mm of its nodule label's centroid, and the label on the CT's grid.
-
-    NRRD goes through :func:`lidc_cdam.ct.read_ct` once it reads it (issue 18, item 8); until then the volume is
-    built here with SimpleITK (NRRD is LPS, as :class:`~lidc_cdam.ct.volume.CTVolume`)."""
+    """The real chest CT fixture (NRRD, through :func:`lidc_cdam.ct.read_ct`), the LPS mm of its nodule label's
+    centroid, and the label on the CT's grid."""
     import SimpleITK as sitk
 
-    from lidc_cdam.ct.errors import CTError
     from lidc_cdam.ct.read import read_ct
-    from lidc_cdam.ct.volume import CTVolume
 
-    path = LUNG1 / "lung1_thorax.nrrd"
-    try:
-        volume = read_ct(path)
-    except CTError:  # read_ct without NRRD yet: SimpleITK directly
-        image = sitk.ReadImage(str(path))
-        volume = CTVolume(sitk.GetArrayFromImage(image).astype(np.int16), image.GetSpacing(), image.GetOrigin(),
-                          image.GetDirection())
+    volume = read_ct(LUNG1 / "lung1_thorax.nrrd")
     volume.name = "CT lung1 (pyradiomics: a real chest CT)"
     label = sitk.ReadImage(str(LUNG1 / "lung1_thorax_label.nrrd"))
     mask = sitk.GetArrayFromImage(label) > 0
