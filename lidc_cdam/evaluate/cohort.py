@@ -172,7 +172,7 @@ def blur_planes(hu: np.ndarray, sigma_mm: float, spacing_mm: float = 1.0) -> np.
     if len(hu) == 0:
         return hu
     planes = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[:, None]
-    return gaussian_blur(planes, sigma=sigma_mm / spacing_mm)[:, 0].numpy()
+    return gaussian_blur(planes, sigma=sigma_mm / spacing_mm)[:, 0].cpu().numpy()
 
 
 def model_regions(mask: np.ndarray, ring_mm: float, size: int) -> dict[str, torch.Tensor]:

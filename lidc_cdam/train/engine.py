@@ -350,7 +350,7 @@ def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, task: str, names: 
     if task == "malignancy":
         from sklearn.metrics import roc_auc_score
 
-        y, logit = labels.view(-1).numpy(), outputs.view(-1).numpy()
+        y, logit = labels.view(-1).cpu().numpy(), outputs.view(-1).cpu().numpy()
         auc = float(roc_auc_score(y, logit)) if len(set(y.tolist())) == 2 else math.nan
         return {"accuracy": float(((logit > 0) == (y > 0.5)).mean()), "auc": auc}
     per = ((outputs - labels) ** 2).mean(0)
@@ -365,8 +365,8 @@ def evaluate_model(model: ViTModel, dataset: Dataset, config: TrainConfig, devic
     names = list(model.output_names or [])
     frame = pd.DataFrame({"nodule_id": ids})
     for k, name in enumerate(names):
-        frame[f"true_{name}"] = labels[:, k].numpy()
-        frame[f"pred_{name}"] = outputs[:, k].numpy()
+        frame[f"true_{name}"] = labels[:, k].cpu().numpy()
+        frame[f"pred_{name}"] = outputs[:, k].cpu().numpy()
     return task_metrics(outputs, labels, config.task, names), frame
 
 
