@@ -215,6 +215,30 @@ def test_3d_config_builds_a_monai_vit_with_our_head():
     assert not any(n.startswith(("backbone.blocks.0.", "backbone.patch_embedding.")) for n in trainable)
 
 
+@pytest.mark.parametrize("trainable", [{}, {"trainable_blocks": 1}, {"trainable_last_params": 6}])
+@pytest.mark.parametrize("view", ["2d", "3d"])
+def test_every_trainable_parameter_gets_a_gradient(view, trainable):
+    """DDP's default settings (no find_unused_parameters) fail at the 2nd iteration on a trainable parameter
+    without a gradient: MONAI's ViT builds norm_cross_attn in every block and never uses it (issue 23)."""
+    from lidc_cdam.train.backbones import build_model, set_trainable
+
+    if view == "3d":
+        config = config_from_dict({"name": "x", "task": "malignancy", **trainable,
+                                   "backbone": {"random_init": True, "monai_kwargs": {**MONAI_3D, "num_layers": 2}},
+                                   "data": {"root": "d", "view": "3d", "image_size": 32}}, "x.yaml")
+        images = torch.randn(2, 1, 32, 32, 32)
+    else:
+        config, images = toy_config(**trainable), torch.randn(2, 3, 32, 32)
+    model = build_model(config, ["malignant"]).train()
+    params = set_trainable(model, config)
+    assert params and all(p.requires_grad for p in params)
+    model(images).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"trainable but unused: {missing}"
+    if "trainable_last_params" in trainable:
+        assert len(params) == 6
+
+
 DDP_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {root!r})

@@ -95,6 +95,11 @@ class BackboneAdapter(ABC):
         """Convert an external state dict to this family's keys (default: unchanged)."""
         return state_dict
 
+    def unused_parameters(self) -> set[str]:
+        """Names (in the backbone) of parameters the forward pass never uses, e.g. layers built but switched off.
+        Training freezes them: DDP's default settings fail on trainable parameters without gradients."""
+        return set()
+
     def build_spec(self) -> dict[str, Any] | None:
         """How to rebuild this backbone (``ViTModel.build``, saved in checkpoints) when the module itself says
         (a Hugging Face config, a MONAI ViT from :func:`build_monai_vit`); ``None`` otherwise."""
