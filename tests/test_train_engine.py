@@ -80,6 +80,44 @@ def test_an_interrupted_run_resumes_to_the_same_result(trained, toy, tmp_path):
     assert torch.equal(load_model(out / "best.pt")(images), load_model(reference / "best.pt")(images))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_mixed_precision_resumes_exactly_with_its_scaler(toy, tmp_path, amp):
+    """fp16 trains with a gradient scaler whose scale is saved in state.pt and restored on resume (a fresh
+    scaler would skip other steps); bf16 has none. Both run on the CPU here, as they would on a GPU."""
+    config = toy_config(epochs=3, amp=amp)
+    reference = train_fold(config, fold_data(toy, 0), tmp_path / "whole", progress=False)
+    state = read_checkpoint(tmp_path / "whole" / "state.pt")
+    assert state["precision"] == amp
+    if amp == "fp16":
+        assert 0 < state["scaler"]["scale"] < 65536.0  # backed off from its initial scale: it matters on resume
+    else:
+        assert state["scaler"] == {}
+    train_fold(config, fold_data(toy, 0), tmp_path / "cut", progress=False, stop_after_epochs=1)
+    resumed = train_fold(config, fold_data(toy, 0), tmp_path / "cut", progress=False)
+    assert resumed["resumed_from_epoch"] == 1
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cut" / "history.csv"),
+                                  pd.read_csv(tmp_path / "whole" / "history.csv"))
+    assert resumed["best"] == reference["best"]
+
+
+def test_precision_policy(monkeypatch):
+    from lidc_cdam.train.step import choose_precision
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert choose_precision(True, cpu).name == "fp32" and choose_precision("none", gpu).name == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    bf16 = choose_precision(True, gpu)
+    assert bf16.name == "bf16" and bf16.scaler is None and bf16.device_type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    fp16 = choose_precision("auto", torch.device("cpu"))
+    assert fp16.name == "fp32"
+    fp16 = choose_precision("fp16", cpu)
+    assert fp16.name == "fp16" and fp16.scaler is not None and fp16.state_dict()["scale"] == 65536.0
+    with pytest.raises(TrainConfigError, match="amp must be"):
+        toy_config(amp="fp8")
+
+
 def test_resuming_another_config_is_refused(trained, toy, tmp_path):
     config, _, _ = trained
     train_fold(config, fold_data(toy, 0), tmp_path, progress=False, stop_after_epochs=1)
