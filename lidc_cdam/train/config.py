@@ -81,7 +81,9 @@ class TrainConfig:
     trainable_blocks: int | None = None  # fine-tune the last N blocks (+ final norm + head); None: all
     trainable_last_params: int | None = None  # the authors' variant: the last N parameter tensors
     early_stopping: int = 0  # patience in epochs (0: off)
-    amp: bool | str = True  # True / "auto": bf16 (fp16 + scaler without bf16) on a GPU, float32 on the CPU; "bf16", "fp16", "none"
+    # True / "auto": bf16 autocast (fp16 + gradient scaler without bf16) on a GPU, float32 on the CPU;
+    # "bf16", "fp16" (any device), "none" / False: float32
+    amp: bool | str = True
     seed: int = 0
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     max_train_batches: int | None = None  # cap per epoch (quick checks)
