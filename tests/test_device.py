@@ -121,3 +121,19 @@ def test_memory_budget_follows_the_gpus_free_memory(monkeypatch):
     assert memory_budget(torch.device("cuda", 0), 2**30) == int(0.4 * 100 * 2**30)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 140 * 2**30))
     assert memory_budget(torch.device("cuda", 0), 2**30) == 2**30  # never below the CPU size
+
+
+def test_a_forward_pass_on_a_device_does_not_wait_for_it():
+    """The NaN check of every forward pass was a host sync on a GPU (training steps, metric batches)."""
+    import timm
+    from fake_device import FakeCudaTensor
+
+    from lidc_cdam.models.vit import ModelInputError, ViTModel
+
+    model = ViTModel(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                                       num_classes=2))
+    FakeCudaTensor.syncs.clear()
+    model(fake_cuda(torch.randn(2, 3, 32, 32))).sum().backward()
+    assert FakeCudaTensor.syncs == []
+    with pytest.raises(ModelInputError, match="NaN"):  # still checked on the CPU
+        model(torch.full((1, 3, 32, 32), float("nan")))
