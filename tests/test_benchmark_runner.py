@@ -99,6 +99,40 @@ def test_tidy_table_equals_a_direct_computation(finished_run):
     assert (attention["delta_a_lif_mif"].abs() < 1e-9).all() and (attention["delta_a_box"].abs() < 1e-9).all()
 
 
+def test_metric_work_stays_on_the_device(finished_run, monkeypatch):
+    """Images, maps, blurred images, box masks and scores stay where the model is until the part's rows are
+    made: one host copy per part (the targets' logits), not one per scored batch, map or image (issue 23)."""
+    from lidc_cdam.evaluate import perturbation
+    from lidc_cdam.evaluate.runner import evaluate_part
+
+    config, _, _ = finished_run
+    model = load_model_for(config)
+    items = [x for x in (open_image_set(config.image_sets[0], model, {"size": 64}).load(i) for i in range(2))]
+    copies, masks_on = [], []
+    real_cpu, real_box_masks = torch.Tensor.cpu, perturbation.box_masks
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(tuple(self.shape))
+                        or real_cpu(self, *a, **k))
+
+    def box_masks(*args, device=None, **kwargs):
+        masks_on.append(device)
+        return real_box_masks(*args, device=device, **kwargs)
+
+    monkeypatch.setattr("lidc_cdam.evaluate.metrics.box_masks", box_masks)
+    rows, curves = evaluate_part(model, config, items, torch.device("cpu"))
+    assert len(rows) == 2 * len(METHODS) and curves
+    assert copies == [(2, 10)], copies
+    assert masks_on == [torch.device("cpu")] * 2  # built on the images' device
+
+
+def test_box_masks_are_built_on_the_given_device():
+    from lidc_cdam.evaluate.perturbation import box_masks, sample_boxes
+
+    corners = sample_boxes((32, 32), 8, [1, 2], 5, torch.Generator().manual_seed(0))
+    on_meta = box_masks(corners, [1, 2], 8, (32, 32), device="meta")
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 5, 32, 32)
+    assert torch.equal(box_masks(corners, [1, 2], 8, (32, 32), device="cpu"), box_masks(corners, [1, 2], 8, (32, 32)))
+
+
 def load_model_for(config):
     from lidc_cdam.evaluate.runner import load_benchmark_model
 

@@ -94,9 +94,10 @@ def load_benchmark_model(config: BenchmarkConfig, progress: bool = False) -> tup
 
 
 def _score_fn(model: ViTModel, device: torch.device):
+    """Outputs of a batch, float32, left on the device (the metrics run there: no copy per batch)."""
     def score(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(x.to(device)).float().cpu()
+            return model(x.to(device, non_blocking=True)).float()
 
     return score
 
@@ -147,14 +148,14 @@ def evaluate_part(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds[method] = (time.perf_counter() - start) / len(idx)
-            pixel_maps[method] = attribution.upsample("nearest").detach().float().cpu()
-            native_maps[method] = attribution.maps.detach().float().cpu()
-        blurred = gaussian_blur(images.cpu(), sigma=config.metrics.blur_sigma)
+            pixel_maps[method] = attribution.upsample("nearest").detach().float()  # on the device
+            native_maps[method] = attribution.maps.detach().float()
+        blurred = gaussian_blur(images, sigma=config.metrics.blur_sigma)
         score = _score_fn(model, device)
         for j, i in enumerate(idx):
             item = items[i]
             results = evaluate_image(
-                score, item.image, blurred[j], {m: maps[j] for m, maps in pixel_maps.items()},
+                score, images[j], blurred[j], {m: maps[j] for m, maps in pixel_maps.items()},
                 targets[i][0], patch=patch, native_maps={m: maps[j] for m, maps in native_maps.items()},
                 box_sizes=config.metrics.box_sizes, n_boxes=config.metrics.n_boxes,
                 generator=box_generator(config.metrics.seed, item.image_id), percents=config.metrics.percents,
@@ -188,7 +189,7 @@ def _localisation(c1_map: torch.Tensor, item: BenchImage, target: list[int]) -> 
     """Where the map explaining c1 puts its positive evidence: on c1's object, on c2's, and does
     its maximum hit c1's object."""
     assert item.masks is not None
-    mask_of = {c: item.masks[k] for k, c in enumerate(item.classes)}
+    mask_of = {c: item.masks[k].to(c1_map.device, non_blocking=True) for k, c in enumerate(item.classes)}
     own = mask_of.get(target[0])
     other = mask_of.get(target[1]) if len(target) > 1 else None
     row = {"share_in_own_mask": math.nan, "share_in_other_mask": math.nan, "pointing_hit": math.nan}
