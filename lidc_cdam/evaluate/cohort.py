@@ -432,7 +432,7 @@ def attach_concepts(models: list[CohortModel], fold: int, data_root: Path, table
 def run_cohort(checkpoints: Sequence[str | Path], data_root: str | Path, out: str | Path, *,
                folds: Sequence[int] | None = None, settings: CohortSettings | None = None,
                folds_table: str | Path | None = None, restart: bool = False, progress: bool = True,
-               device: str | torch.device = "cpu", max_parts: int | None = None,
+               device: str | torch.device | None = "cpu", max_parts: int | None = None,
                concepts_from: str | Path | None = None) -> dict[str, Any] | None:
     """Run (or resume) the cohort evaluation into ``out``; returns the summary (``None`` when ``max_parts``
     stopped it early, which tests use to simulate an interruption). ``concepts_from``: the ``concepts.pt``
@@ -449,7 +449,9 @@ def run_cohort(checkpoints: Sequence[str | Path], data_root: str | Path, out: st
     unknown = sorted(set(settings.methods) - set(_methods()))
     if unknown:
         raise CohortError(f"unknown method(s) {unknown}; available: {', '.join(_methods())}")
-    out, data_root, device = Path(out), Path(data_root), torch.device(device)
+    from lidc_cdam.device import resolve_device
+
+    out, data_root, device = Path(out), Path(data_root), resolve_device(device)
     models = load_cohort_models(checkpoints)
     plan = plan_folds(models, folds)
     if folds_table is not None and not Path(folds_table).is_file():

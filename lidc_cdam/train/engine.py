@@ -62,11 +62,13 @@ class Process:
         return self.rank == 0
 
 
-def current_process() -> Process:
-    """Join ``torchrun``'s process group once (gloo on CPU, NCCL on GPUs)."""
+def current_process(device: str | torch.device | None = "auto") -> Process:
+    """Join ``torchrun``'s process group once (gloo on CPU, NCCL on GPUs). ``device`` as
+    :func:`lidc_cdam.device.resolve_device` (``auto``: this rank's GPU, ``cuda:LOCAL_RANK``, where there is one)."""
+    from lidc_cdam.device import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    device = resolve_device(device)
     if world == 1:
         return Process(device=device)
     import torch.distributed as dist
