@@ -279,6 +279,29 @@ def test_torchrun_two_processes_give_the_single_process_table(tmp_path, checkpoi
 
 
 @pytest.mark.slow
+def test_torchrun_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path, checkpoint):
+    """Only rank 0 checks the output folder: its ConfigError used to leave rank 1 waiting at a barrier (on NCCL)
+    or crashing with "Connection closed by peer" (gloo). Now both ranks stop with the message (issue 23)."""
+    import time
+
+    from helpers import torchrun
+
+    path = write_config(tmp_path, checkpoint)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text('{"fingerprint": "another", "config_file": "other.yaml"}')
+    start = time.perf_counter()
+    result = subprocess.run(
+        [*torchrun(2), "-m", "lidc_cdam.pipelines.cli", "benchmark", "--config", str(path), "--out", str(out),
+         "--no-progress", "--device", "cpu"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode != 0 and time.perf_counter() - start < 120
+    assert result.stderr.count("lidc-cdam benchmark: error: ") == 2, result.stderr[-3000:]
+    assert result.stderr.count("holds results of another config (other.yaml") == 2
+    assert "Connection closed" not in result.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.committed_results
 def test_offline_preset_reproduces_the_committed_results(tmp_path, demo_model):
     """The first part (8 images, all ten methods) of the offline preset, recomputed with the shipped

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -280,28 +278,39 @@ def test_every_trainable_parameter_gets_a_gradient(view, trainable):
 DDP_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-from train_helpers import ToyNodules, fold_data, toy_config
+from train_helpers import ToyNodules, ToyVolumes, fold_data, toy_config, toy_config_3d
 from lidc_cdam.train.engine import current_process, train_fold
-process = current_process()
-result = train_fold(toy_config(epochs=3), fold_data(ToyNodules(120), 0), {out!r}, progress=False, process=process)
+process = current_process("cpu")
+if {view!r} == "3d":  # MONAI's ViT: its unused norm_cross_attn failed DDP at the 2nd iteration (issue 23)
+    config, data = toy_config_3d(epochs=2, batch_size=8), fold_data(ToyVolumes(40), 0)
+else:
+    config, data = toy_config(epochs=3), fold_data(ToyNodules(120), 0)
+result = train_fold(config, data, {out!r}, progress=False, process=process)
 print("RANK", process.rank, process.world, json.dumps(result.get("test_metrics", {{}})))
 """
 
 
 @pytest.mark.slow
-def test_torchrun_ddp_with_two_cpu_processes(tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+@pytest.mark.parametrize("view", ["2d", "3d"])
+def test_torchrun_ddp_with_two_cpu_processes(tmp_path, view):
+    from helpers import torchrun
+
     script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT.format(root=str(Path(__file__).resolve().parent), out=str(tmp_path / "out")))
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
+    script.write_text(DDP_SCRIPT.format(root=str(Path(__file__).resolve().parent), out=str(tmp_path / "out"),
+                                        view=view))
+    result = subprocess.run([*torchrun(2), str(script)], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RANK 0 2" in result.stdout and "RANK 1 2" in result.stdout
     history = pd.read_csv(tmp_path / "out" / "history.csv")
-    assert len(history) == 3 and history["val_loss"].iloc[-1] < history["val_loss"].iloc[0]
+    assert len(history) == (3 if view == "2d" else 2)
     saved = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert saved["train_size"] == 72 and saved["test_metrics"]["accuracy"] > 0.5
     assert load_model(tmp_path / "out" / "best.pt").output_names == ["malignant"]
+    if view == "2d":
+        assert history["val_loss"].iloc[-1] < history["val_loss"].iloc[0]
+        assert saved["train_size"] == 72 and saved["test_metrics"]["accuracy"] > 0.5
+    else:
+        assert saved["train_size"] == 24 and load_model(tmp_path / "out" / "best.pt").layout().grid == (2, 2, 2)
 
 
 def test_a_timm_backbone_by_name_starts_from_the_local_weights_file(tmp_path):
