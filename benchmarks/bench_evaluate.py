@@ -60,9 +60,11 @@ def resolve_source(source: str) -> str:
     """``auto``: ``skimage`` where scikit-image imports (it is not a dependency of lidc-cdam), else ``digits``."""
     if source != "auto":
         return source
-    import importlib.util
-
-    return "skimage" if importlib.util.find_spec("skimage") is not None else "digits"
+    try:
+        import skimage.data  # noqa: F401
+    except ImportError:
+        return "digits"
+    return "skimage"
 
 
 def sample_images(source: str, n: int, size: int) -> torch.Tensor:
