@@ -10,7 +10,11 @@ the full metric set) and the ratio of the metrics' time to the whole lower bound
 ``--device cuda`` runs on a GPU (clocks read after ``torch.cuda.synchronize()``), ``--amp bf16``
 under bf16 autocast. ``--config paper-imagenet`` takes the methods with their options and the
 metric settings (box sizes, boxes, blur) from that preset in ``pipelines/configs/``; flags given
-explicitly win. ``--source skimage`` uses scikit-image's bundled photographs instead of noise.
+explicitly win. ``--source skimage`` uses scikit-image's bundled photographs instead of noise,
+``--source digits`` generated two-digit images (X_multi-like, no extra package), ``--source auto``
+the photographs where scikit-image is installed, else the digits. Under ``--amp bf16`` the metric
+values are not meaningful (bf16 maps; box changes below float32's round-off floor): the JSON and the
+printout label such a run "timing only".
 The paper's size (ViT-S/8, 224 px, 27 box sizes x 100 boxes, 20 levels, ten methods) is a GPU
 job: ``benchmarks/device_check.sh`` runs it.
 
@@ -45,15 +49,35 @@ from lidc_cdam.evaluate.perturbation import (
     sample_boxes,
 )
 
+#: what a bf16 run's metric values are worth (bf16 maps; box changes below the float32 round-off floor)
+TIMING_ONLY = "timing only: under bf16 the metric values are not meaningful"
+
 #: scikit-image's bundled RGB photographs (no download needed)
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")
 
 
+def resolve_source(source: str) -> str:
+    """``auto``: ``skimage`` where scikit-image imports (it is not a dependency of lidc-cdam), else ``digits``."""
+    if source != "auto":
+        return source
+    try:
+        import skimage.data  # noqa: F401
+    except ImportError:
+        return "digits"
+    return "skimage"
+
+
 def sample_images(source: str, n: int, size: int) -> torch.Tensor:
-    """``n`` images ``[n, 3, size, size]``: Gaussian noise (``random``) or scikit-image's photographs
-    (``skimage``: centre-cropped square, resized, ImageNet-normalised, cycled when ``n`` is larger)."""
+    """``n`` images ``[n, 3, size, size]``: Gaussian noise (``random``), scikit-image's photographs
+    (``skimage``: centre-cropped square, resized, ImageNet-normalised, cycled when ``n`` is larger) or
+    generated two-digit images (``digits``: two coloured objects each, as X_multi's images have)."""
     if source == "random":
         return torch.randn(n, 3, size, size)
+    if source == "digits":
+        from lidc_cdam.data.multi_digits import make_multi_digits
+
+        return make_multi_digits(n, split="test", seed=1, size=size, scale=max(1, min(12, (size - 2) // 16)),
+                                 colour=True).images
     import skimage.data
 
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -87,7 +111,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="default: the preset's methods, else all")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=224, help="side in px of the timm models' inputs")
-    parser.add_argument("--source", choices=("random", "skimage"), default="random", help="timm models' images")
+    parser.add_argument("--source", choices=("random", "skimage", "digits", "auto"), default="random",
+                        help="timm models' images (auto: skimage where installed, else digits)")
     parser.add_argument("--box-sizes", nargs="+", type=int, help="box sides in patch units (default: 1..27)")
     parser.add_argument("--n-boxes", type=int, help="boxes per size (default: the preset's, else 100)")
     parser.add_argument("--blur-sigma", type=float, help="default: the preset's, else 14 (4 for the demo)")
@@ -100,6 +125,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = resolve_device(args.device)
+    args.source = resolve_source(args.source)
     preset = load_preset(args.config)
     preset_metrics = preset.get("metrics") or {}
     if preset.get("methods"):
@@ -200,10 +226,13 @@ def main() -> None:
     summary.update(model=args.model, device=str(device), amp=args.amp, image_size=int(H), patch=patch,
                    images=len(images), source=args.source if args.model != "demo" else "demo",
                    config=args.config, methods=list(args.methods), box_sizes=sizes, n_boxes=args.n_boxes,
-                   percents=len(PERCENTS), forward_s_batch64=forward, forward_s_curve_batch=curve_forward)
+                   percents=len(PERCENTS), forward_s_batch64=forward, forward_s_curve_batch=curve_forward,
+                   metric_values=TIMING_ONLY if args.amp == "bf16" else "valid")
     print(f"{summary['images_per_minute']:.1f} images/min (explanations + metrics, {len(rows)} methods); "
           f"metrics {summary['metrics_s_per_image']:.2f} s/image = {summary['ratio_to_lower_bound']:.2f} x the "
           f"lower bound {summary['lower_bound_s_per_image']:.2f} s ({summary['forwards_per_image']} forwards)")
+    if args.amp == "bf16":
+        print(f"bf16: {TIMING_ONLY}")
     if args.out:
         result = {"environment": environment(device), "summary": summary, "rows": rows}
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -6,9 +6,12 @@
 #                          Integrated CDAM as multiples of one forward pass, ViT-S/16 and ViT-S/8, 224 px
 #   evaluate_fp32/_bf16    benchmarks/bench_evaluate.py at the paper's size: random ViT-S/8, 224 px, the
 #                          paper-imagenet preset's ten methods and options, 27 box sizes x 100 boxes,
-#                          20 perturbation levels, scikit-image's photographs; images per minute and the
-#                          ratio of the metrics' time to the forward-pass lower bound
-#   train                  benchmarks/train_step.py: ViT-S/16 fine-tuning steps per second, AdamW,
+#                          20 perturbation levels, scikit-image's photographs where it is installed, else
+#                          generated two-digit images; images per minute and the ratio of the metrics'
+#                          time to the forward-pass lower bound (bf16: timing only)
+#   runner                 benchmarks/bench_runner.py: the real `lidc-cdam benchmark` runner at the same
+#                          size on RUNNER_IMAGES (4) X_multi-like two-digit images: images per minute
+#   train                  benchmarks/train_step.py: the training engine's own step (TrainStep), ViT-S/16,
 #                          batch 64, 224 px, bf16 autocast (and float32 beside it), warm-up excluded
 #
 # Each part runs under `timeout` with its own limit, writes <part>.json and <part>.txt, and the run
@@ -25,14 +28,17 @@
 # Options (or environment variables): --smoke (SMOKE=1); --device DEV (DEVICE; default cuda, cpu when
 # smoke); --results DIR (RESULTS_DIR; default benchmarks/results/gpu, a new temp folder when smoke);
 # --python PY (PYTHON: that interpreter, no setup); --images N (EVAL_IMAGES, default 5); --archive FILE
-# (a .tgz of the results folder at the end). Part limits in seconds: T_CDAM (75 each), T_EVAL (150),
-# T_EVAL_BF16 (90), T_TRAIN (60): 7.5 minutes if every part ran to its limit; T_SETUP (420) for pip.
+# (a .tgz of the results folder at the end). Part limits in seconds: T_CDAM (60 each), T_EVAL (120),
+# T_EVAL_BF16 (60), T_RUNNER (90), T_TRAIN (60): 7.5 minutes if every part ran to its limit; T_SETUP (420)
+# for pip. RUNNER_IMAGES (4): the runner part's images.
 #
 # Python, first that works: $PYTHON; .venv/bin/python (when .venv exists but lidc_cdam does not import
 # from it, the script says how to install and stops); python3 with PYTHONPATH=<repo> when torch, timm
 # and lidc_cdam's few needs are already installed (the GPU image: no install, nothing to download);
 # else, .venv being absent, it makes one (`python3 -m venv --system-site-packages .venv`, reusing an
-# installed torch) and runs `.venv/bin/pip install -e . -q`, printing both commands.
+# installed torch) and runs `.venv/bin/pip install -e . -q`, printing both commands; without an index it
+# falls back to `pip install -e . --no-deps --no-build-isolation` (the machine's setuptools, nothing
+# downloaded), then to the source tree on PYTHONPATH. scikit-image is never needed.
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -44,6 +50,7 @@ DEVICE=${DEVICE:-}
 RESULTS=${RESULTS_DIR:-}
 PYTHON=${PYTHON:-}
 EVAL_IMAGES=${EVAL_IMAGES:-5}
+RUNNER_IMAGES=${RUNNER_IMAGES:-4}
 ARCHIVE=
 SETUP_ONLY=0
 while [ $# -gt 0 ]; do
@@ -64,10 +71,12 @@ if [ "$SMOKE" = 1 ]; then
     DEVICE=${DEVICE:-cpu}
     RESULTS=${RESULTS:-$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")}
     T_CDAM=${T_CDAM:-150}; T_EVAL=${T_EVAL:-150}; T_EVAL_BF16=${T_EVAL_BF16:-150}; T_TRAIN=${T_TRAIN:-150}
+    T_RUNNER=${T_RUNNER:-150}
 else
     DEVICE=${DEVICE:-cuda}
     RESULTS=${RESULTS:-$repo/benchmarks/results/gpu}
-    T_CDAM=${T_CDAM:-75}; T_EVAL=${T_EVAL:-150}; T_EVAL_BF16=${T_EVAL_BF16:-90}; T_TRAIN=${T_TRAIN:-60}
+    T_CDAM=${T_CDAM:-60}; T_EVAL=${T_EVAL:-120}; T_EVAL_BF16=${T_EVAL_BF16:-60}; T_TRAIN=${T_TRAIN:-60}
+    T_RUNNER=${T_RUNNER:-90}
 fi
 T_SETUP=${T_SETUP:-420}
 mkdir -p "$RESULTS" || exit 2
@@ -126,10 +135,17 @@ else
         echo "+ .venv/bin/pip install -e . -q    (limit ${T_SETUP}s)"
         if ! limit "$T_SETUP" "$PY" -m pip install -e . -q >"$RESULTS/setup.log" 2>&1; then
             tail -n 15 "$RESULTS/setup.log"
-            echo "+ .venv/bin/pip install -e . -q --no-deps --ignore-requires-python    (the machine's torch / timm)"
-            limit 120 "$PY" -m pip install -e . -q --no-deps --ignore-requires-python >>"$RESULTS/setup.log" 2>&1
+            echo "+ .venv/bin/pip install -e . -q --no-deps --no-build-isolation --ignore-requires-python" \
+                 "   (the machine's torch / timm / setuptools: no index needed)"
+            limit 120 "$PY" -m pip install -e . -q --no-deps --no-build-isolation --ignore-requires-python \
+                >>"$RESULTS/setup.log" 2>&1
         fi
         info=$(probe "$PY")
+        if [ -z "$info" ]; then  # no setuptools either: the source tree itself
+            info=$(PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" probe "$PY")
+            [ -n "$info" ] && export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" \
+                && echo "device_check: not installed; using the source tree (PYTHONPATH=$repo)"
+        fi
         if [ -z "$info" ]; then
             echo "device_check: lidc_cdam still does not import: removing the .venv made just now"
             rm -rf "$repo/.venv"
@@ -168,16 +184,19 @@ if [ "$SMOKE" = 1 ]; then
     echo "device_check: SMOKE run on $DEVICE, tiny sizes, results in $RESULTS"
     cdam=(--models vit_tiny_patch16_224 --image-size 32 --targets 2 --repeats 1 --naive-points 1 --n 4)
     evaluate=(--model vit_tiny_patch16_224 --image-size 48 --images 1 --box-sizes 1 2 --n-boxes 3 --forward-repeats 2)
+    runner=(--model vit_tiny_patch16_224 --image-size 64 --images 2 --box-sizes 1 2 --n-boxes 3)
     train=(--model vit_tiny_patch16_224 --image-size 32 --batch-size 4 --steps 2 --warmup 1)
     bf16_methods=(--methods cdam smooth-cdam relevance-propagation)  # bf16 is slow on most CPUs
 else
     echo "device_check: on $DEVICE, results in $RESULTS"
     cdam=(--models vit_small_patch16_224 vit_small_patch8_224 --image-size 224 --targets 1 9 --repeats 5)
     evaluate=(--model vit_small_patch8_224 --image-size 224 --images "$EVAL_IMAGES")
+    runner=(--model vit_small_patch8_224 --image-size 224 --images "$RUNNER_IMAGES")
     train=(--model vit_small_patch16_224 --image-size 224 --batch-size 64 --steps 50 --warmup 10)
 fi
 common=(--device "$DEVICE" --threads "$THREADS")
-evaluate+=(--config paper-imagenet --source skimage)
+evaluate+=(--config paper-imagenet --source auto)  # scikit-image's photographs where installed, else digits
+runner+=(--config paper-imagenet)
 
 run_part cdam_fp32 "$T_CDAM" "$PY" $b/bench_cdam.py "${cdam[@]}" "${common[@]}" --amp none \
     --out "$RESULTS/cdam_fp32.json"
@@ -187,6 +206,7 @@ run_part evaluate_fp32 "$T_EVAL" "$PY" $b/bench_evaluate.py "${evaluate[@]}" "${
     --out "$RESULTS/evaluate_fp32.json"
 run_part evaluate_bf16 "$T_EVAL_BF16" "$PY" $b/bench_evaluate.py "${evaluate[@]}" "${bf16_methods[@]}" \
     "${common[@]}" --amp bf16 --out "$RESULTS/evaluate_bf16.json"
+run_part runner "$T_RUNNER" "$PY" $b/bench_runner.py "${runner[@]}" "${common[@]}" --out "$RESULTS/runner.json"
 run_part train "$T_TRAIN" "$PY" $b/train_step.py "${train[@]}" "${common[@]}" --amp bf16 none \
     --out "$RESULTS/train.json"
 
@@ -235,7 +255,14 @@ def evaluate_line(data):
     return (f"{s['images_per_minute']:.1f} images/min ({len(s['methods'])} methods, {s['images']} images, "
             f"{len(s['box_sizes'])}x{s['n_boxes']} boxes); metrics {s['metrics_s_per_image']:.2f} s/image = "
             f"{s['ratio_to_lower_bound']:.2f} x lower bound ({s['forwards_per_image']} forwards, "
-            f"{s['lower_bound_s_per_image']:.2f} s); explanations {s['explain_s_per_image']:.2f} s/image")
+            f"{s['lower_bound_s_per_image']:.2f} s); explanations {s['explain_s_per_image']:.2f} s/image"
+            + ("; metric values: timing only (bf16)" if s.get("metric_values", "valid") != "valid" else ""))
+
+
+def runner_line(data):
+    s = data["summary"]
+    return (f"{s['images_per_minute']:.1f} images/min through lidc-cdam benchmark's runner ({len(s['methods'])} "
+            f"methods, {s['images']} images, {len(s['box_sizes'])}x{s['n_boxes']} boxes); {s['s_per_image']:.2f} s/image")
 
 
 def train_line(data):
@@ -243,7 +270,7 @@ def train_line(data):
                      f"{r['batch_size']}, {r['ms_per_step']:.1f} ms/step)" for r in data["rows"])
 
 
-describe = {"cdam": cdam_line, "evaluate": evaluate_line, "train": train_line}
+describe = {"cdam": cdam_line, "evaluate": evaluate_line, "runner": runner_line, "train": train_line}
 environment = None
 for name, part in parts.items():
     data = load(name)
@@ -257,7 +284,7 @@ for name, part in parts.items():
         part["line"] = describe[name.split("_")[0]](data)
     except (KeyError, ValueError, TypeError) as err:
         part["line"] = f"(could not summarise: {err!r})"
-    if name.startswith("evaluate"):
+    if name.startswith(("evaluate", "runner")):
         part["result"] = data["summary"]
     elif name == "train":
         part["result"] = data["rows"]

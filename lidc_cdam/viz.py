@@ -36,7 +36,7 @@ def symmetric_limit(values: np.ndarray | torch.Tensor) -> float:
 def to_display(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """A normalised ``[C, H, W]`` model input back to an ``[H, W, 3]`` array in [0, 1]."""
     img = image.detach().cpu().float() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
-    img = img.clamp(0, 1).permute(1, 2, 0).numpy()
+    img = img.clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lidc_cdam.device import add_device_argument
     from lidc_cdam.resources import config_dir
 
     presets = sorted(p.stem for p in config_dir().glob("*.yaml"))
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--set image_sets.xval.root=/data/imagenet/val (repeatable)")
     parser.add_argument("--restart", action="store_true", help="discard earlier results in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device_argument(parser)
 
 
 def resolve_config_path(name: str) -> Path:
@@ -46,7 +48,8 @@ def run(args: argparse.Namespace) -> dict | None:
 
     config = load_config(resolve_config_path(args.config), args.overrides)
     out = args.out or Path(f"benchmark-{config.name}")
-    summary = run_benchmark(config, out, restart=args.restart, progress=not args.no_progress and sys.stderr.isatty())
+    summary = run_benchmark(config, out, restart=args.restart, progress=not args.no_progress and sys.stderr.isatty(),
+                            device=args.device)
     if summary is not None:
         print((out / "tables.md").read_text())
         print(f"\nResults in {out}/ (metrics.csv, tables.md, tables/, figures/)")

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from lidc_cdam.data.imagenet import ManifestError
     from lidc_cdam.data.images import ImageReadError
     from lidc_cdam.data.lidc.errors import LidcError
+    from lidc_cdam.device import DeviceError
     from lidc_cdam.evaluate.benchmark_config import ConfigError
     from lidc_cdam.explain.targets import TargetError
     from lidc_cdam.models.loading import CheckpointError
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (CheckpointError, ConfigError, ImageReadError, TargetError, ModelInputError, LidcError,
-            ManifestError, TrainConfigError) as err:
+            ManifestError, TrainConfigError, DeviceError) as err:
         print(f"lidc-cdam {args.job}: error: {err}", file=sys.stderr)
         return 2
     return 0

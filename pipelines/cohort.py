@@ -19,6 +19,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lidc_cdam.device import add_device_argument
+
     parser.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
                         help="checkpoints (lidc-cdam train output) or shipped names (phantom-malignancy, "
                              "phantom-biomarkers); each is evaluated on the test fold it records")
@@ -42,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-nodules", type=int, default=16, help="nodules per part (default 16)")
     parser.add_argument("--randomization-nodules", type=int, default=16,
                         help="nodules of the randomisation check (0: skip)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_argument(parser)
     parser.add_argument("--restart", action="store_true", help="discard earlier results in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -19,6 +19,7 @@ from lidc_cdam.data.images import (
     load_image,
     model_normalization,
 )
+from lidc_cdam.device import add_device_argument, resolve_device
 from lidc_cdam.explain.api import default_targets
 from lidc_cdam.io import write_json, write_npz
 from lidc_cdam.viz import plot_explanation_grid, save_figure, to_display
@@ -60,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("lidc-cdam-explain"), help="output folder")
     parser.add_argument("--no-figures", action="store_true", help="write arrays and JSON only")
+    add_device_argument(parser)
 
 
 def load_cli_model(name: str | None, checkpoint: Path | None, pretrained: bool) -> ViTModel:
@@ -106,7 +108,8 @@ def method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, di
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    model = load_cli_model(args.model, args.checkpoint, args.pretrained)
+    device = resolve_device(args.device)
+    model = load_cli_model(args.model, args.checkpoint, args.pretrained).to(device)
     mean, std = model_normalization(model)
     size = (args.image_size[0], args.image_size[-1]) if args.image_size else model.default_image_size
     methods = resolve_methods(args.method)
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         targets = concept_targets(model, args.concept_data, args.fold, args.concept, similarity=args.similarity)
     if args.concept_images is not None:
-        examples = torch.stack([load_image(p, size, mean, std) for p in list_images(args.concept_images)])
+        examples = torch.stack([load_image(p, size, mean, std) for p in list_images(args.concept_images)]).to(device)
         targets = Concept.from_images(model, examples, similarity=args.similarity, name=args.concept_name)
 
     files, skipped, tensors = [], [], []
@@ -137,8 +140,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("error: none of the images could be read: " + "; ".join(s["reason"] for s in skipped))
 
     images = torch.stack(tensors)
-    if targets is None:  # the predicted class, fixed once for every method
-        targets = default_targets(model, images)
+    if targets is None:  # the predicted class, fixed once for every method (batch by batch on the device)
+        found = [default_targets(model, images[i : i + args.batch_size].to(device))
+                 for i in range(0, len(images), args.batch_size)]
+        targets = torch.cat([t.cpu() for t in found]) if isinstance(found[0], torch.Tensor) else found[0]
     show_attention = model.has_class_token and "attention" not in methods
     panels = (["attention"] if show_attention else []) + methods
     maps: dict[str, list[torch.Tensor]] = {m: [] for m in panels}
@@ -148,8 +153,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tqdm(total=len(batches) * len(panels), desc="explaining", unit="map batch",
               disable=not sys.stderr.isatty()) as bar:
         for start in batches:
-            batch = images[start : start + args.batch_size]
-            batch_targets = targets[start : start + args.batch_size] if isinstance(targets, torch.Tensor) else targets
+            batch = images[start : start + args.batch_size].to(device)
+            batch_targets = (targets[start : start + args.batch_size].to(device) if isinstance(targets, torch.Tensor)
+                             else targets)
             for method in panels:
                 attr = explain(model, batch, batch_targets, method=method, **options.get(method, {}))
                 maps[method].append(attr.maps.detach().cpu())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lidc_cdam.device import add_device_argument
     from lidc_cdam.resources import config_dir
 
     presets = sorted(p.stem for p in config_dir("train").glob("*.yaml"))
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set epochs=10 --set backbone.checkpoint=dino.pth")
     parser.add_argument("--restart", action="store_true", help="discard earlier results in --out")
     parser.add_argument("--no-progress", action="store_true")
+    add_device_argument(parser)
 
 
 def resolve_config_path(name: str) -> Path:
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace):
     import shutil
 
     from lidc_cdam.train.cross_validation import run_cross_validation
+    from lidc_cdam.train.engine import current_process
     from lidc_cdam.train.lidc_data import fold_split, lidc_fold_data, nodule_table
 
     config = load_cli_config(args)
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace):
         shutil.rmtree(out)
     per_fold = run_cross_validation(config, out, lambda fold: lidc_fold_data(config, fold), nodule_table(config),
                                     lambda fold: fold_split(config, fold),
-                                    progress=not args.no_progress and sys.stderr.isatty())
+                                    progress=not args.no_progress and sys.stderr.isatty(),
+                                    process=current_process(args.device))
     if per_fold is not None:
         print((out / "summary.md").read_text())
         print(f"Checkpoints: {out}/fold<k>/best.pt; learning curves: {out}/learning_curves.png")

@@ -44,3 +44,10 @@ def pdf_text(data: bytes) -> str:
     found = [b"".join(re.findall(string, arr)) for arr in re.findall(array, data)]
     found += re.findall(string + rb"\s*Tj", data)
     return "\n".join(re.sub(rb"\\(.)", rb"\1", s).decode("latin-1") for s in found)
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The ``torchrun --standalone --nproc_per_node N`` command of this interpreter (no script on PATH needed)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]

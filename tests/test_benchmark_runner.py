@@ -99,6 +99,40 @@ def test_tidy_table_equals_a_direct_computation(finished_run):
     assert (attention["delta_a_lif_mif"].abs() < 1e-9).all() and (attention["delta_a_box"].abs() < 1e-9).all()
 
 
+def test_metric_work_stays_on_the_device(finished_run, monkeypatch):
+    """Images, maps, blurred images, box masks and scores stay where the model is until the part's rows are
+    made: one host copy per part (the targets' logits), not one per scored batch, map or image (issue 23)."""
+    from lidc_cdam.evaluate import perturbation
+    from lidc_cdam.evaluate.runner import evaluate_part
+
+    config, _, _ = finished_run
+    model = load_model_for(config)
+    items = [x for x in (open_image_set(config.image_sets[0], model, {"size": 64}).load(i) for i in range(2))]
+    copies, masks_on = [], []
+    real_cpu, real_box_masks = torch.Tensor.cpu, perturbation.box_masks
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(tuple(self.shape))
+                        or real_cpu(self, *a, **k))
+
+    def box_masks(*args, device=None, **kwargs):
+        masks_on.append(device)
+        return real_box_masks(*args, device=device, **kwargs)
+
+    monkeypatch.setattr("lidc_cdam.evaluate.metrics.box_masks", box_masks)
+    rows, curves = evaluate_part(model, config, items, torch.device("cpu"))
+    assert len(rows) == 2 * len(METHODS) and curves
+    assert copies == [(2, 10)], copies
+    assert masks_on == [torch.device("cpu")] * 2  # built on the images' device
+
+
+def test_box_masks_are_built_on_the_given_device():
+    from lidc_cdam.evaluate.perturbation import box_masks, sample_boxes
+
+    corners = sample_boxes((32, 32), 8, [1, 2], 5, torch.Generator().manual_seed(0))
+    on_meta = box_masks(corners, [1, 2], 8, (32, 32), device="meta")
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 5, 32, 32)
+    assert torch.equal(box_masks(corners, [1, 2], 8, (32, 32), device="cpu"), box_masks(corners, [1, 2], 8, (32, 32)))
+
+
 def load_model_for(config):
     from lidc_cdam.evaluate.runner import load_benchmark_model
 
@@ -242,6 +276,29 @@ def test_torchrun_two_processes_give_the_single_process_table(tmp_path, checkpoi
     parts = sorted((out / "parts" / "digits").glob("part_*.json"))
     assert len(parts) == 3
     pd.testing.assert_frame_equal(sorted_metrics(out), sorted_metrics(reference))
+
+
+@pytest.mark.slow
+def test_torchrun_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path, checkpoint):
+    """Only rank 0 checks the output folder: its ConfigError used to leave rank 1 waiting at a barrier (on NCCL)
+    or crashing with "Connection closed by peer" (gloo). Now both ranks stop with the message (issue 23)."""
+    import time
+
+    from helpers import torchrun
+
+    path = write_config(tmp_path, checkpoint)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text('{"fingerprint": "another", "config_file": "other.yaml"}')
+    start = time.perf_counter()
+    result = subprocess.run(
+        [*torchrun(2), "-m", "lidc_cdam.pipelines.cli", "benchmark", "--config", str(path), "--out", str(out),
+         "--no-progress", "--device", "cpu"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode != 0 and time.perf_counter() - start < 120
+    assert result.stderr.count("lidc-cdam benchmark: error: ") == 2, result.stderr[-3000:]
+    assert result.stderr.count("holds results of another config (other.yaml") == 2
+    assert "Connection closed" not in result.stderr
 
 
 @pytest.mark.slow

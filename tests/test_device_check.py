@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "device_check.sh"
-PARTS = ("cdam_fp32", "cdam_bf16", "evaluate_fp32", "evaluate_bf16", "train")
+PARTS = ("cdam_fp32", "cdam_bf16", "evaluate_fp32", "evaluate_bf16", "runner", "train")
 
 
 def run_script(*args: str, timeout: float = 840, **env: str) -> subprocess.CompletedProcess:
@@ -34,9 +34,15 @@ def test_script_parses_and_documents_its_options():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_smoke_run_writes_every_part(tmp_path):
+    """Also without scikit-image (not a dependency; a GPU image may have torch and timm alone): an
+    ``import skimage`` that fails stands in for it being uninstalled (issue 23)."""
     results = tmp_path / "gpu"
     archive = tmp_path / "gpu.tgz"
-    run = run_script("--smoke", "--results", str(results), "--archive", str(archive))
+    blocker = tmp_path / "no_skimage" / "skimage"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('scikit-image is not installed (blocked by the test)')\n")
+    path = os.pathsep.join(p for p in (str(blocker.parent), os.environ.get("PYTHONPATH", "")) if p)
+    run = run_script("--smoke", "--results", str(results), "--archive", str(archive), PYTHONPATH=path)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert archive.stat().st_size > 0
     for part in PARTS:
@@ -61,13 +67,17 @@ def test_smoke_run_writes_every_part(tmp_path):
     assert cdam["amp"] == "bf16" and cdam["check_rel_error"]
     assert {"model", "method", "targets", "forward_s", "ours_s", "ours_ratio", "naive_ratio"} <= set(cdam["rows"][0])
     evaluate = json.loads((results / "evaluate_fp32.json").read_text())["summary"]
+    assert evaluate["source"] == "digits" and evaluate["metric_values"] == "valid"  # no scikit-image
+    assert json.loads((results / "evaluate_bf16.json").read_text())["summary"]["metric_values"].startswith("timing")
+    runner = json.loads((results / "runner.json").read_text())["summary"]
+    assert runner["images"] == 2 and runner["images_per_minute"] > 0 and len(runner["methods"]) == 10
     for key in ("images_per_minute", "ratio_to_lower_bound", "lower_bound_s_per_image", "forwards_per_image",
                 "metrics_s_per_image", "explain_s_per_image", "box_sizes", "n_boxes", "methods"):
         assert key in evaluate
     assert len(evaluate["methods"]) == 10  # the paper-imagenet preset's ten methods
     assert evaluate["forwards_per_image"] == len(evaluate["box_sizes"]) * evaluate["n_boxes"] + 1 + 10 * 2 * 20 * 2
     train = json.loads((results / "train.json").read_text())["rows"]
-    assert [r["amp"] for r in train] == ["bf16", "none"]
+    assert [r["amp"] for r in train] == ["bf16", "none"] and train[0]["step"] == "lidc_cdam.train.step.TrainStep"
     assert all(r["steps_per_s"] > 0 and r["loss_finite"] for r in train)
 
 

@@ -71,3 +71,22 @@ def toy_config(**changes):
             "epochs": 4, "batch_size": 16, "lr": 1e-3, "schedule": {"type": "exponential", "gamma": 0.9},
             "amp": False, **changes}
     return config_from_dict(data, "toy.yaml")
+
+
+MONAI_3D_TINY = {"img_size": [16, 16, 16], "patch_size": [8, 8, 8], "hidden_size": 32, "mlp_dim": 64,
+                 "num_layers": 2, "num_heads": 2}
+
+
+class ToyVolumes(ToyNodules):
+    """The same task in 3D: 1-channel 16^3 volumes, malignant ones brighter in one octant."""
+
+    def __init__(self, n: int = 60, seed: int = 0) -> None:
+        super().__init__(n, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.image = torch.randn(n, 1, 16, 16, 16, generator=g)
+        self.image[:, :, :8, :8, :8] += 1.5 * self.size.view(-1, 1, 1, 1, 1)
+
+
+def toy_config_3d(**changes):
+    return toy_config(backbone={"random_init": True, "monai_kwargs": MONAI_3D_TINY},
+                      data={"root": "unused", "view": "3d", "image_size": 16}, **changes)

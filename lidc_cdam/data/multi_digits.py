@@ -162,7 +162,7 @@ def _upscaled_digits(scale: int) -> np.ndarray:
         return images
     up = F.interpolate(torch.from_numpy(images)[:, None], scale_factor=scale, mode="bicubic",
                        align_corners=False)
-    return up[:, 0].clamp_(0, 1).numpy()
+    return up[:, 0].clamp_(0, 1).cpu().numpy()
 
 
 @lru_cache(maxsize=4)
@@ -252,7 +252,7 @@ def _augment_tiles(tiles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     warped = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     warped = warped.clamp_(0, 1).pow_(torch.from_numpy(gamma).float()[:, None, None, None])
     warped /= warped.amax((2, 3), keepdim=True).clamp_(min=1e-6)
-    return warped.numpy().reshape(shape)
+    return warped.cpu().numpy().reshape(shape)
 
 
 def make_multi_digits(

@@ -172,7 +172,7 @@ def blur_planes(hu: np.ndarray, sigma_mm: float, spacing_mm: float = 1.0) -> np.
     if len(hu) == 0:
         return hu
     planes = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[:, None]
-    return gaussian_blur(planes, sigma=sigma_mm / spacing_mm)[:, 0].numpy()
+    return gaussian_blur(planes, sigma=sigma_mm / spacing_mm)[:, 0].cpu().numpy()
 
 
 def model_regions(mask: np.ndarray, ring_mm: float, size: int) -> dict[str, torch.Tensor]:
@@ -437,7 +437,7 @@ def attach_concepts(models: list[CohortModel], fold: int, data_root: Path, table
 def run_cohort(checkpoints: Sequence[str | Path], data_root: str | Path, out: str | Path, *,
                folds: Sequence[int] | None = None, settings: CohortSettings | None = None,
                folds_table: str | Path | None = None, restart: bool = False, progress: bool = True,
-               device: str | torch.device = "cpu", max_parts: int | None = None,
+               device: str | torch.device | None = "cpu", max_parts: int | None = None,
                concepts_from: str | Path | None = None) -> dict[str, Any] | None:
     """Run (or resume) the cohort evaluation into ``out``; returns the summary (``None`` when ``max_parts``
     stopped it early, which tests use to simulate an interruption). ``concepts_from``: the ``concepts.pt``
@@ -454,7 +454,9 @@ def run_cohort(checkpoints: Sequence[str | Path], data_root: str | Path, out: st
     unknown = sorted(set(settings.methods) - set(_methods()))
     if unknown:
         raise CohortError(f"unknown method(s) {unknown}; available: {', '.join(_methods())}")
-    out, data_root, device = Path(out), Path(data_root), torch.device(device)
+    from lidc_cdam.device import resolve_device
+
+    out, data_root, device = Path(out), Path(data_root), resolve_device(device)
     models = load_cohort_models(checkpoints)
     plan = plan_folds(models, folds)
     if folds_table is not None and not Path(folds_table).is_file():

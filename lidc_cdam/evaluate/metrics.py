@@ -99,7 +99,7 @@ def evaluate_image(
     sizes = list(box_sizes)
     check_box_sizes(sizes, patch, hw)
     corners = sample_boxes(hw, patch, sizes, n_boxes, generator or torch.Generator().manual_seed(0))
-    masks = box_masks(corners, sizes, patch, hw)
+    masks = box_masks(corners, sizes, patch, hw, device=image.device)
     changes, output_scale = box_output_changes(score_fn, image, blurred, masks, record, return_scale=True)
     results = {}
     for method, m in maps.items():
@@ -149,7 +149,7 @@ def evaluate_targets(
     sizes = list(box_sizes)
     check_box_sizes(sizes, patch, hw)
     corners = sample_boxes(hw, patch, sizes, n_boxes, generator or torch.Generator().manual_seed(0))
-    masks = box_masks(corners, sizes, patch, hw)
+    masks = box_masks(corners, sizes, patch, hw, device=image.device)
     records = [int(r) for r in records]
     changes, output_scale = box_output_changes(score_fn, image, blurred, masks, records, batch_size,
                                                return_scale=True)  # [K, S, n], [K, S]

@@ -136,12 +136,16 @@ def sample_boxes(
     return torch.stack(corners)
 
 
-def box_masks(corners: torch.Tensor, sizes: Sequence[int], patch: int, image_hw: tuple[int, int]) -> torch.Tensor:
-    """``[S, n, H, W]`` bool masks of the boxes from :func:`sample_boxes`."""
+def box_masks(corners: torch.Tensor, sizes: Sequence[int], patch: int, image_hw: tuple[int, int],
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """``[S, n, H, W]`` bool masks of the boxes from :func:`sample_boxes`, built on ``device`` (default: the
+    corners'; the corners are drawn on the CPU, from a CPU generator, and the masks built where they are used)."""
     H, W = image_hw
-    yy = torch.arange(H).view(1, 1, H, 1)
-    xx = torch.arange(W).view(1, 1, 1, W)
-    side = (torch.as_tensor(list(sizes)) * patch).view(-1, 1, 1, 1)
+    device = corners.device if device is None else torch.device(device)
+    corners = corners.to(device)
+    yy = torch.arange(H, device=device).view(1, 1, H, 1)
+    xx = torch.arange(W, device=device).view(1, 1, 1, W)
+    side = (torch.as_tensor(list(sizes), device=device) * patch).view(-1, 1, 1, 1)
     y0 = corners[..., 0].view(*corners.shape[:2], 1, 1)
     x0 = corners[..., 1].view(*corners.shape[:2], 1, 1)
     return (yy >= y0) & (yy < y0 + side) & (xx >= x0) & (xx < x0 + side)

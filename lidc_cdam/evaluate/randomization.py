@@ -88,7 +88,7 @@ def cascading_randomization(
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten().double().numpy(), b.flatten().double().numpy()
+    a, b = a.flatten().double().cpu().numpy(), b.flatten().double().cpu().numpy()
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 1.0 if np.allclose(a, b) else 0.0
     return float(spearmanr(a, b).statistic)

@@ -4,8 +4,10 @@ Images are processed in parts of ``batch_images``; each part's rows are written 
 (``parts/<image set>/part_NNNNN.*``, the ``.json`` last, as the part's done-marker), so an
 interrupted run continues where it stopped and recomputes nothing. Under
 ``torchrun --nproc_per_node N`` every process takes the parts ``index % N == rank`` and rank 0
-merges all parts once the others are done. Results are independent of the number of processes and
-of interruptions: every random draw (boxes; seeded noise of the methods) is keyed to the image.
+merges all parts once the others are done; an error on any rank ends every rank with its message
+(:func:`lidc_cdam.distributed.agree`), and the wait for the others is sized to this rank's own work.
+Results are independent of the number of processes and of interruptions: every random draw (boxes;
+seeded noise of the methods) is keyed to the image.
 What the config check cannot know without the model (box sides smaller than the model's images) is
 checked once the model is loaded, before the output folder is touched or any image is processed.
 
@@ -16,6 +18,7 @@ tables and figures of :mod:`lidc_cdam.evaluate.report`.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -30,6 +33,8 @@ from typing import Any
 import pandas as pd
 import torch
 
+from lidc_cdam.device import resolve_device
+from lidc_cdam.distributed import agree
 from lidc_cdam.evaluate.benchmark_config import BenchmarkConfig, ConfigError, check_against_model
 from lidc_cdam.evaluate.image_sets import BenchImage, ImageSet, open_image_set
 from lidc_cdam.evaluate.localisation import pointing_game, positive_share_in_mask
@@ -53,17 +58,18 @@ class Shard:
     def owns(self, part: int) -> bool:
         return part % self.world == self.rank
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
+    def barrier(self, error: BaseException | None = None,
+                timeout: datetime.timedelta = datetime.timedelta(minutes=10)) -> None:
+        """Wait for the other ranks (at most ``timeout``); any rank's ``error`` is raised on every rank."""
+        agree(error, timeout)
 
 
 @contextmanager
-def sharding() -> Iterator[Shard]:
-    """Join the process group ``torchrun`` set up (gloo on CPU, NCCL on GPUs); plain runs are one shard."""
+def sharding(device: str | torch.device | None = "auto") -> Iterator[Shard]:
+    """Join the process group ``torchrun`` set up (gloo on CPU, NCCL on GPUs); plain runs are one shard.
+    ``device`` as :func:`lidc_cdam.device.resolve_device` (``auto``: this rank's GPU where there is one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    device = resolve_device(device)
     if world == 1:
         yield Shard(device=device)
         return
@@ -94,9 +100,10 @@ def load_benchmark_model(config: BenchmarkConfig, progress: bool = False) -> tup
 
 
 def _score_fn(model: ViTModel, device: torch.device):
+    """Outputs of a batch, float32, left on the device (the metrics run there: no copy per batch)."""
     def score(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(x.to(device)).float().cpu()
+            return model(x.to(device, non_blocking=True)).float()
 
     return score
 
@@ -147,14 +154,14 @@ def evaluate_part(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds[method] = (time.perf_counter() - start) / len(idx)
-            pixel_maps[method] = attribution.upsample("nearest").detach().float().cpu()
-            native_maps[method] = attribution.maps.detach().float().cpu()
-        blurred = gaussian_blur(images.cpu(), sigma=config.metrics.blur_sigma)
+            pixel_maps[method] = attribution.upsample("nearest").detach().float()  # on the device
+            native_maps[method] = attribution.maps.detach().float()
+        blurred = gaussian_blur(images, sigma=config.metrics.blur_sigma)
         score = _score_fn(model, device)
         for j, i in enumerate(idx):
             item = items[i]
             results = evaluate_image(
-                score, item.image, blurred[j], {m: maps[j] for m, maps in pixel_maps.items()},
+                score, images[j], blurred[j], {m: maps[j] for m, maps in pixel_maps.items()},
                 targets[i][0], patch=patch, native_maps={m: maps[j] for m, maps in native_maps.items()},
                 box_sizes=config.metrics.box_sizes, n_boxes=config.metrics.n_boxes,
                 generator=box_generator(config.metrics.seed, item.image_id), percents=config.metrics.percents,
@@ -188,7 +195,7 @@ def _localisation(c1_map: torch.Tensor, item: BenchImage, target: list[int]) -> 
     """Where the map explaining c1 puts its positive evidence: on c1's object, on c2's, and does
     its maximum hit c1's object."""
     assert item.masks is not None
-    mask_of = {c: item.masks[k] for k, c in enumerate(item.classes)}
+    mask_of = {c: item.masks[k].to(c1_map.device, non_blocking=True) for k, c in enumerate(item.classes)}
     own = mask_of.get(target[0])
     other = mask_of.get(target[1]) if len(target) > 1 else None
     row = {"share_in_own_mask": math.nan, "share_in_other_mask": math.nan, "pointing_hit": math.nan}
@@ -253,39 +260,57 @@ def _start_run_folder(out: Path, config: BenchmarkConfig, restart: bool) -> None
 
 
 def run_benchmark(config: BenchmarkConfig, out: str | Path, *, restart: bool = False, progress: bool = True,
-                  max_parts: int | None = None) -> dict[str, Any] | None:
-    """Run (or resume) a benchmark into ``out``; returns the summary on rank 0 (``None`` elsewhere,
-    and when ``max_parts`` stopped the run early, which tests use to simulate an interruption)."""
-    from tqdm.auto import tqdm
-
+                  max_parts: int | None = None, device: str | torch.device | None = "auto"
+                  ) -> dict[str, Any] | None:
+    """Run (or resume) a benchmark into ``out`` on ``device`` (``auto``: the GPU where there is one);
+    returns the summary on rank 0 (``None`` elsewhere, and when ``max_parts`` stopped the run early,
+    which tests use to simulate an interruption)."""
     out = Path(out)
-    with sharding() as shard:
-        if shard.rank == 0:
-            _check_run_folder(out, config, restart)
-        model, data_kwargs = load_benchmark_model(config, progress=progress and shard.rank == 0)
-        for hw in sorted(_image_sizes(config, model, data_kwargs)):
-            check_against_model(config, int(model.patch_size[0]), hw)  # every rank: none waits for a failed one
-        if shard.rank == 0:
-            _start_run_folder(out, config, restart)
-        shard.barrier()
+    with sharding(device) as shard:
+        error = None
+        try:
+            if shard.rank == 0:
+                _check_run_folder(out, config, restart)
+            model, data_kwargs = load_benchmark_model(config, progress=progress and shard.rank == 0)
+            for hw in sorted(_image_sizes(config, model, data_kwargs)):
+                check_against_model(config, int(model.patch_size[0]), hw)
+            if shard.rank == 0:
+                _start_run_folder(out, config, restart)
+        except Exception as err:  # every rank ends with it, none waits for a failed one
+            error = err
+        shard.barrier(error)
         model = model.to(shard.device).eval()
-        done_here = 0
-        for spec in config.image_sets:
-            images = open_image_set(spec, model, data_kwargs)
-            n_parts = math.ceil(len(images) / config.batch_images)
-            folder = out / "parts" / spec.name
-            todo = [p for p in range(n_parts) if shard.owns(p) and not (folder / f"part_{p:05d}.json").exists()]
-            bar = tqdm(todo, desc=f"{spec.name} (rank {shard.rank})" if shard.world > 1 else spec.name,
-                       unit="part", disable=not progress, position=shard.rank)
-            for part in bar:
-                if max_parts is not None and done_here >= max_parts:
-                    return None
-                _run_part(model, config, images, spec.targets, part, folder, shard.device)
-                done_here += 1
-        shard.barrier()
-        if shard.rank != 0:
+        start, stopped, error = time.perf_counter(), False, None
+        try:
+            stopped = _run_parts(model, config, data_kwargs, out, shard, progress, max_parts)
+        except Exception as err:
+            error = err
+        # the others have about as much work left as this rank did (parts are dealt round-robin)
+        shard.barrier(error, datetime.timedelta(seconds=600 + 3 * (time.perf_counter() - start)))
+        if shard.rank != 0 or stopped:
             return None
         return finish(config, out, model, data_kwargs)
+
+
+def _run_parts(model: ViTModel, config: BenchmarkConfig, data_kwargs: dict[str, Any], out: Path, shard: Shard,
+               progress: bool, max_parts: int | None) -> bool:
+    """This rank's parts not yet written; True when ``max_parts`` stopped it early."""
+    from tqdm.auto import tqdm
+
+    done_here = 0
+    for spec in config.image_sets:
+        images = open_image_set(spec, model, data_kwargs)
+        n_parts = math.ceil(len(images) / config.batch_images)
+        folder = out / "parts" / spec.name
+        todo = [p for p in range(n_parts) if shard.owns(p) and not (folder / f"part_{p:05d}.json").exists()]
+        bar = tqdm(todo, desc=f"{spec.name} (rank {shard.rank})" if shard.world > 1 else spec.name,
+                   unit="part", disable=not progress, position=shard.rank)
+        for part in bar:
+            if max_parts is not None and done_here >= max_parts:
+                return True
+            _run_part(model, config, images, spec.targets, part, folder, shard.device)
+            done_here += 1
+    return False
 
 
 def _run_part(model: ViTModel, config: BenchmarkConfig, images: ImageSet, mode: str, part: int, folder: Path,

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from lidc_cdam.device import memory_budget
 from lidc_cdam.explain.api import register
 from lidc_cdam.explain.attribution import Attribution
 from lidc_cdam.explain.targets import TargetSpec
@@ -72,6 +73,11 @@ def mean_sample_gradients(
     return total / count
 
 
+def _budget(images: torch.Tensor, options: dict) -> int:
+    """``chunk_bytes`` if given, else :data:`DEFAULT_CHUNK_BYTES` (CPU), a share of the free GPU memory (CUDA)."""
+    return options.get("chunk_bytes") or memory_budget(images.device, DEFAULT_CHUNK_BYTES)
+
+
 def _pixel_attribution(maps: torch.Tensor, method: str, images: torch.Tensor, spec: TargetSpec, options) -> Attribution:
     return Attribution(maps.detach(), method, "pixels", tuple(images.shape[2:]), spec.names, options=options)
 
@@ -79,7 +85,7 @@ def _pixel_attribution(maps: torch.Tensor, method: str, images: torch.Tensor, sp
 @register("input-x-grad", {}, "Input x Gradient: x . dF/dx, mean over colour channels")
 def input_x_grad(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **options) -> Attribution:
     grads = mean_sample_gradients(model, images, spec, lambda rows, sl: images[rows, None], 1,
-                                  options.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
+                                  _budget(images, options))
     return _pixel_attribution((images[:, None] * grads).mean(dim=2), "input-x-grad", images, spec, options)
 
 
@@ -104,7 +110,7 @@ def smoothgrad(model: ViTModel, images: torch.Tensor, spec: TargetSpec, *, n: in
     def samples(rows: slice, sl: slice) -> torch.Tensor:
         return images[rows, None] + noise[rows, sl]
 
-    grads = mean_sample_gradients(model, images, spec, samples, n, options.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
+    grads = mean_sample_gradients(model, images, spec, samples, n, _budget(images, options))
     return _pixel_attribution(grads.mean(dim=2), "smoothgrad", images, spec, {"n": n, "sigma": sigma, "seed": seed,
                                                                              **options})
 
@@ -118,5 +124,5 @@ def intgrad(model: ViTModel, images: torch.Tensor, spec: TargetSpec, *, n: int, 
     def samples(rows: slice, sl: slice) -> torch.Tensor:
         return alphas[sl].view(1, -1, *([1] * (images.ndim - 1))) * images[rows, None]
 
-    grads = mean_sample_gradients(model, images, spec, samples, n, options.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
+    grads = mean_sample_gradients(model, images, spec, samples, n, _budget(images, options))
     return _pixel_attribution((images[:, None] * grads).mean(dim=2), "intgrad", images, spec, {"n": n, **options})

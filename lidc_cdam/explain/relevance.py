@@ -231,7 +231,10 @@ def relevance_propagation_scores(
     signed=False,
 )
 def relevance_propagation(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **options: Any) -> Attribution:
-    chunk_bytes = options.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
+    from lidc_cdam.device import memory_budget
+
+    # a share of the GPU's free memory on CUDA, the CPU-sized default elsewhere
+    chunk_bytes = options.get("chunk_bytes") or memory_budget(images.device, DEFAULT_CHUNK_BYTES)
     scores, values = relevance_propagation_scores(model, images, spec, chunk_bytes=chunk_bytes)
     layout = model.layout(tuple(images.shape[2:]))
     return Attribution(layout.patch_grid(scores), "relevance-propagation", "tokens", tuple(images.shape[2:]),

@@ -117,15 +117,15 @@ def mahalanobis(stats: dict[str, Any], latents: Any) -> torch.Tensor:
     """Mahalanobis distances ``[N]`` (float64) of ``latents [N, D]`` to the training crops' latents."""
     x = _as_array(latents)
     _check_stats(stats, x.shape[1])
-    mean = torch.as_tensor(stats["mean"], dtype=torch.float64).numpy()
-    precision = torch.as_tensor(stats["precision"], dtype=torch.float64).numpy()
+    mean = torch.as_tensor(stats["mean"], dtype=torch.float64).cpu().numpy()
+    precision = torch.as_tensor(stats["precision"], dtype=torch.float64).cpu().numpy()
     return torch.from_numpy(_distances(x, mean, precision))
 
 
 def percentile_of_distance(stats: dict[str, Any], distances: Any) -> torch.Tensor:
     """Percentiles in [0, 100] of distances among the training crops' own (linear interpolation between the
     sorted training distances: the smallest is 0, the largest 100; beyond them 0 and 100)."""
-    reference = torch.as_tensor(stats["train_distances"], dtype=torch.float64).numpy()
+    reference = torch.as_tensor(stats["train_distances"], dtype=torch.float64).cpu().numpy()
     d = np.atleast_1d(np.asarray(distances, dtype=np.float64))
     ranks = np.linspace(0.0, 100.0, len(reference))
     return torch.from_numpy(np.interp(d, reference, ranks))

@@ -217,9 +217,10 @@ class ViTModel(nn.Module):
         """Token layout for images of ``(H, W)`` (default: the model's configured size)."""
         return self.adapter.layout(image_size)
 
-    def check_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Raise :class:`ModelInputError` with a clear message if the model cannot take ``images``."""
-        return self.adapter.check_images(images)
+    def check_images(self, images: torch.Tensor, finite: bool = True) -> torch.Tensor:
+        """Raise :class:`ModelInputError` with a clear message if the model cannot take ``images``
+        (``finite``: also NaN / infinite values, a host sync on a GPU)."""
+        return self.adapter.check_images(images, finite)
 
     # ----------------------------------------------------------- split forward
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
@@ -273,8 +274,10 @@ class ViTModel(nn.Module):
         return self.adapter.final(self.adapter.block(resid, t, grid))
 
     def latent(self, images: torch.Tensor) -> torch.Tensor:
-        """The latent ``l`` (CLS' for token pooling) that the head and concepts read (Eq. 3)."""
-        self.check_images(images)
+        """The latent ``l`` (CLS' for token pooling) that the head and concepts read (Eq. 3). NaN / infinite
+        values are checked on CPU inputs only: on a GPU that check would wait for the device on every forward
+        pass (training steps, metric batches); :func:`lidc_cdam.explain` checks once per call."""
+        self.check_images(images, finite=images.device.type == "cpu")
         return self.last(self.trunk(images), grid=self.layout(tuple(images.shape[2:])).grid)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -49,9 +49,15 @@ def set_trainable(model: ViTModel, config: TrainConfig) -> list[torch.nn.Paramet
 
     ``trainable_blocks = N``: the last N transformer blocks, the final norm and the head;
     ``trainable_last_params = N``: the last N parameter tensors in registration order (how the
-    authors counted "trainable layers"); neither: everything.
+    authors counted "trainable layers"); neither: everything. Parameters the forward pass never uses
+    (``BackboneAdapter.unused_parameters``, e.g. MONAI's ``norm_cross_attn``) are always frozen and not
+    counted: DDP's default settings fail at the second iteration on trainable parameters without gradients.
     """
-    named = list(model.named_parameters())
+    unused = {f"backbone.{n}" for n in model.adapter.unused_parameters()}
+    for name, p in model.named_parameters():
+        if name in unused:
+            p.requires_grad_(False)
+    named = [(n, p) for n, p in model.named_parameters() if n not in unused]
     if config.trainable_blocks is not None:
         depth = len(model.backbone.blocks)
         first = depth - config.trainable_blocks

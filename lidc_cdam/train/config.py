@@ -81,7 +81,9 @@ class TrainConfig:
     trainable_blocks: int | None = None  # fine-tune the last N blocks (+ final norm + head); None: all
     trainable_last_params: int | None = None  # the authors' variant: the last N parameter tensors
     early_stopping: int = 0  # patience in epochs (0: off)
-    amp: bool = True  # mixed precision, on GPU only
+    # True / "auto": bf16 autocast (fp16 + gradient scaler without bf16) on a GPU, float32 on the CPU;
+    # "bf16", "fp16" (any device), "none" / False: float32
+    amp: bool | str = True
     seed: int = 0
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     max_train_batches: int | None = None  # cap per epoch (quick checks)
@@ -158,6 +160,8 @@ def check(config: TrainConfig) -> None:
         raise TrainConfigError(f"{file}: schedule.type must be one of {SCHEDULES}")
     if config.data.view not in VIEWS:
         raise TrainConfigError(f"{file}: data.view must be one of {VIEWS}")
+    if config.amp not in (True, False, "auto", "bf16", "fp16", "none"):
+        raise TrainConfigError(f"{file}: amp must be true, false, auto, bf16, fp16 or none, got {config.amp!r}")
     if not (config.backbone.name or config.backbone.timm_kwargs or config.backbone.checkpoint
             or config.backbone.monai_kwargs):
         raise TrainConfigError(f"{file}: backbone needs a timm name, a checkpoint, timm_kwargs or monai_kwargs")

@@ -28,6 +28,7 @@ from lidc_cdam.models.loading import read_checkpoint, save_checkpoint
 from lidc_cdam.models.vit import ViTModel
 from lidc_cdam.train.backbones import build_model, set_trainable
 from lidc_cdam.train.config import TrainConfig
+from lidc_cdam.train.step import AutocastInferer, Precision, TrainStep, choose_precision
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,13 @@ class Process:
         return self.rank == 0
 
 
-def current_process() -> Process:
-    """Join ``torchrun``'s process group once (gloo on CPU, NCCL on GPUs)."""
+def current_process(device: str | torch.device | None = "auto") -> Process:
+    """Join ``torchrun``'s process group once (gloo on CPU, NCCL on GPUs). ``device`` as
+    :func:`lidc_cdam.device.resolve_device` (``auto``: this rank's GPU, ``cuda:LOCAL_RANK``, where there is one)."""
+    from lidc_cdam.device import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    device = resolve_device(device)
     if world == 1:
         return Process(device=device)
     import torch.distributed as dist
@@ -125,7 +128,7 @@ class FoldKeeper:
         self.best_epoch = 0
         self.stale = 0
         self.history: list[dict[str, Any]] = []
-        self.epoch_losses: list[float] = []
+        self.epoch_losses: list[torch.Tensor] = []  # detached, on the device: read once per epoch
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_loss": self.best_loss, "best_epoch": self.best_epoch, "stale": self.stale,
@@ -140,7 +143,8 @@ class FoldKeeper:
         """After each validation: record, keep the best model, stop early when stale."""
         metrics = {k: _plain(v) for k, v in evaluator.state.metrics.items()}
         epoch = trainer.state.epoch
-        row = {"epoch": epoch, "train_loss": float(np.mean(self.epoch_losses)) if self.epoch_losses else math.nan,
+        train_loss = float(torch.stack(self.epoch_losses).double().mean()) if self.epoch_losses else math.nan
+        row = {"epoch": epoch, "train_loss": train_loss,
                "lr": trainer.optimizer.param_groups[0]["lr"], **metrics}
         self.history.append(row)
         self.epoch_losses = []
@@ -203,13 +207,16 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
             model, device_ids=[process.device.index] if process.device.type == "cuda" else None)
     sampler = DistributedSampler(data.train, num_replicas=process.world, rank=process.rank, shuffle=True,
                                  seed=config.seed, drop_last=False)
+    pin = process.device.type == "cuda"  # page-locked batches: asynchronous (non_blocking) copies to the GPU
     train_loader = DataLoader(data.train, batch_size=config.batch_size, sampler=sampler,
-                              num_workers=config.data.num_workers)
-    val_loader = DataLoader(data.val, batch_size=config.batch_size, shuffle=False, num_workers=config.data.num_workers)
+                              num_workers=config.data.num_workers, pin_memory=pin)
+    val_loader = DataLoader(data.val, batch_size=config.batch_size, shuffle=False, num_workers=config.data.num_workers,
+                            pin_memory=pin)
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler, per_epoch = _scheduler(config, optimizer)
     loss_fn = _loss(config)
-    amp = config.amp and process.device.type == "cuda"
+    precision = choose_precision(config.amp, process.device)
+    train_step = TrainStep(network, optimizer, loss_fn, precision)
 
     if config.task == "malignancy":
         key, higher = "val_auc", True
@@ -240,7 +247,8 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
     keeper = FoldKeeper(config, out, key, higher, process, model_meta)
     evaluator = SupervisedEvaluator(
         device=process.device, val_data_loader=val_loader, network=network, key_val_metric=key_metric,
-        additional_metrics=extra, amp=amp, decollate=False, prepare_batch=prepare_batch,
+        additional_metrics=extra, amp=False, inferer=AutocastInferer(precision), decollate=False,
+        prepare_batch=prepare_batch, non_blocking=pin,
         metric_cmp_fn=(lambda current, prev: current > prev) if higher else (lambda current, prev: current < prev),
     )
     train_handlers = []
@@ -249,8 +257,8 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
     train_handlers.append(ValidationHandler(interval=1, validator=evaluator, epoch_level=True))
     trainer = SupervisedTrainer(
         device=process.device, max_epochs=config.epochs, train_data_loader=train_loader, network=network,
-        optimizer=optimizer, loss_function=loss_fn, train_handlers=train_handlers, amp=amp, decollate=False,
-        prepare_batch=prepare_batch,
+        optimizer=optimizer, loss_function=loss_fn, train_handlers=train_handlers, amp=False, decollate=False,
+        prepare_batch=prepare_batch, non_blocking=pin, iteration_update=train_step.iteration,
         epoch_length=min(len(train_loader), config.max_train_batches or len(train_loader)),
     )
     from ignite.engine import Events
@@ -262,8 +270,8 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
         set_rnd(data.train, seed)
 
     @trainer.on(Events.ITERATION_COMPLETED)
-    def _record_loss(engine) -> None:
-        keeper.epoch_losses.append(float(engine.state.output["loss"].detach()))
+    def _record_loss(engine) -> None:  # no host sync per iteration: the mean is read once per epoch
+        keeper.epoch_losses.append(engine.state.output["loss"].detach())
 
     # after ValidationHandler (attached first, so it runs first at EPOCH_COMPLETED)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: keeper.validated(engine, evaluator, model))
@@ -275,7 +283,8 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
             state = {"format": "lidc-cdam-train-state", "fingerprint": config.fingerprint(),
                      "network": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                     "trainer": dict(engine.state_dict()), "keeper": keeper.state_dict()}
+                     "trainer": dict(engine.state_dict()), "keeper": keeper.state_dict(),
+                     "precision": precision.name, "scaler": precision.state_dict()}
             atomic_write(state_file, lambda tmp: torch.save(state, tmp))
             _write_history(out, keeper.history)
         if stop_after_epochs is not None and engine.state.epoch >= stop_after_epochs:
@@ -289,7 +298,7 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
 
     resumed_from = 0
     if state_file.exists():
-        resumed_from = _resume(state_file, config, model, optimizer, scheduler, trainer, keeper)
+        resumed_from = _resume(state_file, config, model, optimizer, scheduler, trainer, keeper, precision)
     start = time.perf_counter()
     if resumed_from < config.epochs and keeper.stale < (config.early_stopping or math.inf):
         trainer.run()
@@ -350,7 +359,7 @@ def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, task: str, names: 
     if task == "malignancy":
         from sklearn.metrics import roc_auc_score
 
-        y, logit = labels.view(-1).numpy(), outputs.view(-1).numpy()
+        y, logit = labels.view(-1).cpu().numpy(), outputs.view(-1).cpu().numpy()
         auc = float(roc_auc_score(y, logit)) if len(set(y.tolist())) == 2 else math.nan
         return {"accuracy": float(((logit > 0) == (y > 0.5)).mean()), "auc": auc}
     per = ((outputs - labels) ** 2).mean(0)
@@ -365,13 +374,13 @@ def evaluate_model(model: ViTModel, dataset: Dataset, config: TrainConfig, devic
     names = list(model.output_names or [])
     frame = pd.DataFrame({"nodule_id": ids})
     for k, name in enumerate(names):
-        frame[f"true_{name}"] = labels[:, k].numpy()
-        frame[f"pred_{name}"] = outputs[:, k].numpy()
+        frame[f"true_{name}"] = labels[:, k].cpu().numpy()
+        frame[f"pred_{name}"] = outputs[:, k].cpu().numpy()
     return task_metrics(outputs, labels, config.task, names), frame
 
 
 def _resume(state_file: Path, config: TrainConfig, model: ViTModel, optimizer, scheduler, trainer,
-            keeper: FoldKeeper) -> int:
+            keeper: FoldKeeper, precision: Precision) -> int:
     state = read_checkpoint(state_file)  # weights_only=True
     if state.get("fingerprint") != config.fingerprint():
         raise ValueError(f"{state_file}: a training state of another config; use another --out or --restart")
@@ -381,6 +390,7 @@ def _resume(state_file: Path, config: TrainConfig, model: ViTModel, optimizer, s
         scheduler.load_state_dict(state["scheduler"])
     trainer.load_state_dict(state["trainer"])
     keeper.load_state_dict(state["keeper"])
+    precision.load_state_dict(state.get("scaler", {}))  # fp16: the gradient scaler's scale and growth tracker
     epoch = int(state["trainer"]["iteration"]) // int(state["trainer"]["epoch_length"])
     log.info("resuming %s from epoch %d", state_file.parent, epoch)
     return epoch

@@ -95,6 +95,11 @@ class BackboneAdapter(ABC):
         """Convert an external state dict to this family's keys (default: unchanged)."""
         return state_dict
 
+    def unused_parameters(self) -> set[str]:
+        """Names (in the backbone) of parameters the forward pass never uses, e.g. layers built but switched off.
+        Training freezes them: DDP's default settings fail on trainable parameters without gradients."""
+        return set()
+
     def build_spec(self) -> dict[str, Any] | None:
         """How to rebuild this backbone (``ViTModel.build``, saved in checkpoints) when the module itself says
         (a Hugging Face config, a MONAI ViT from :func:`build_monai_vit`); ``None`` otherwise."""
@@ -165,8 +170,9 @@ class BackboneAdapter(ABC):
             return (side,) * len(default)
         raise ValueError(f"cannot tell the patch grid of {patches} patch tokens; pass grid=")
 
-    def check_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Raise :class:`ModelInputError` with a clear message if the model cannot take ``images``."""
+    def check_images(self, images: torch.Tensor, finite: bool = True) -> torch.Tensor:
+        """Raise :class:`ModelInputError` with a clear message if the model cannot take ``images``;
+        ``finite``: also check for NaN / infinite values (on a GPU a host sync: not on every forward pass)."""
         dims = len(self.patch_size)
         if not isinstance(images, torch.Tensor) or images.ndim != 2 + dims:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -187,7 +193,7 @@ class BackboneAdapter(ABC):
                 f"image size {'x'.join(map(str, size))} is not a multiple of the patch size "
                 f"{'x'.join(map(str, self.patch_size))}"
             )
-        if not torch.isfinite(images).all():
+        if finite and not torch.isfinite(images).all():
             raise ModelInputError("images contain NaN or infinite values")
         return images
 

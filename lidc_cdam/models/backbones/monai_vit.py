@@ -51,6 +51,11 @@ class MonaiViTAdapter(BackboneAdapter):
                 raise TypeError(f"MONAI ViT: block {i} has cross-attention; CDAM needs self-attention blocks")
         cls.image_size_of(backbone)
 
+    def unused_parameters(self) -> set[str]:
+        """Every block's ``norm_cross_attn``: MONAI builds it even without cross-attention, and never uses it."""
+        return {f"blocks.{i}.norm_cross_attn.{name}" for i, blk in enumerate(self.backbone.blocks)
+                if not blk.with_cross_attention for name, _ in blk.norm_cross_attn.named_parameters()}
+
     @staticmethod
     def patch_size_of(backbone: nn.Module) -> tuple[int, ...]:
         proj = backbone.patch_embedding.patch_embeddings
