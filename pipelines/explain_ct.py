@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rated example nodules for --concept: a preprocess or phantoms folder (nodules.csv + "
                              "crops/); each checkpoint uses its own training fold only")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    from lidc_cdam.device import add_device_argument
+
+    add_device_argument(parser)
     parser.add_argument("--dicom", action="store_true",
                         help="also write DICOM results for a PACS (DICOM input only): each CDAM as a Parametric Map, "
                              "the explained region as a Segmentation, the predictions as a TID 1500 SR")
@@ -142,9 +145,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lidc_cdam.ct.outputs import explain_points
     from lidc_cdam.ct.read import read_ct
     from lidc_cdam.ct.run_folder import RunFolder
+    from lidc_cdam.device import resolve_device
 
     if args.n < 1 or args.margin < 0:
         raise CTError("--n must be >= 1 and --margin >= 0")
+    device = resolve_device(args.device)  # an unavailable device stops here
     RunFolder(args.out, {})  # an unusable --out stops here, before any reading or computing
     points, ratings = read_points(args)
     concepts = ConceptResolver(args.concept, args.concept_data)
@@ -163,7 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  view=args.view, slices="nodule" if args.slices == "centre" else "all",
                                  margin=args.margin, options=options, concepts=concepts, ratings=ratings,
                                  dicom=args.dicom, series_label=label, source={"series": str(args.series)},
-                                 warn=lambda m: tqdm.write(f"warning: {m}", file=sys.stderr), progress=progress)
+                                 warn=lambda m: tqdm.write(f"warning: {m}", file=sys.stderr), progress=progress,
+                                 device=device)
     n_models = len(summary["checkpoints"])
     resumed = f", {len(summary['resumed'])} resumed from an earlier run" if summary["resumed"] else ""
     print(f"explained {len(points)} point(s) with {n_models} checkpoint(s){resumed}; results in {args.out}/")

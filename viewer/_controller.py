@@ -233,12 +233,19 @@ class CdamController:
                 return stop.value
 
     def plan(self, chosen: Sequence[str], jobs: Sequence[Job], *, method: str = "cdam", view: str | None = None,
-             slices: str = "nodule", margin: int = 3, samples: int = 50, concept_data: Path | None = None
-             ) -> Generator[float, None, Explained | None]:
+             slices: str = "nodule", margin: int = 3, samples: int = 50, concept_data: Path | None = None,
+             device: Any = "auto") -> Generator[float, None, Explained | None]:
         """Check a request and return its work: a generator of progress fractions that returns the last job
         :class:`Explained`. ``chosen``: targets and ``concept: <name>`` entries; ``jobs``: (label, LPS point or
-        NoduleRef). Every check (scan, targets, concepts, every point inside the scan) runs here, before any work."""
+        NoduleRef). Every check (scan, targets, concepts, every point inside the scan, the device) runs here, before
+        any work; the models run on ``device`` (:func:`lidc_cdam.device.resolve_device`)."""
         from lidc_cdam.ct.point import to_world
+        from lidc_cdam.device import DeviceError, resolve_device
+
+        try:
+            where = resolve_device(device)
+        except DeviceError as err:
+            raise CTError(str(err)) from None
 
         self.check(chosen)
         volume = self.volume
@@ -251,7 +258,8 @@ class CdamController:
             if not hasattr(what, "crop_path"):
                 to_world(volume, what)
         concept_task = ConceptResolver.task(self.loaded)
-        models = [m for m in self.loaded if set(m.targets) & set(targets) or (concepts and m.task == concept_task)]
+        models = [m.to(where) for m in self.loaded
+                  if set(m.targets) & set(targets) or (concepts and m.task == concept_task)]
         settings = {"method": method, "view": view, "slices": slices, "margin": margin,
                     "options": {"n": int(samples)} if method not in ("cdam", "attention") else None,
                     "cache": self.cache, "concept_task": concept_task, **concepts.for_explain()}

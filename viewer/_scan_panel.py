@@ -92,6 +92,13 @@ class ScanPanel:
         return layer
 
 
+def device_choices() -> list[str]:
+    """``auto``, ``cpu`` and each CUDA device of this machine (the device policy of :mod:`lidc_cdam.device`)."""
+    import torch
+
+    return ["auto", "cpu", *(f"cuda:{k}" for k in range(torch.cuda.device_count()))]
+
+
 class ModelPanel:
     """Checkpoint(s) / Targets / Concept examples / Method / Samples / View / Slices, bound to ``owner``."""
 
@@ -111,17 +118,20 @@ class ModelPanel:
         self.view = ComboBox(label="View", choices=list(VIEWS), value="axial")
         self.slices = ComboBox(label="Slices", choices=list(SLICE_MODES), value="nodule +- 3 slices",
                                tooltip="at a point: its centre slice +- 3")
+        self.device = ComboBox(label="Device", choices=device_choices(), value="auto",
+                               tooltip="where the models run: auto takes the GPU where there is one")
         with contextlib.suppress(AttributeError):
             self.targets.native.setMaximumHeight(150)
         self.widgets = [self.checkpoints, self.targets, self.concept_data, self.method, self.samples, self.view,
-                        self.slices]
+                        self.slices, self.device]
         self.checkpoints.changed.connect(lambda: self.load_checkpoints())
         self._loader: Any = None
 
     def settings(self) -> dict[str, Any]:
         """The keyword arguments of :meth:`CdamController.plan` chosen here."""
         return {"method": METHODS[self.method.value], "view": self.view.value,
-                "slices": SLICE_MODES[self.slices.value], "samples": int(self.samples.value)}
+                "slices": SLICE_MODES[self.slices.value], "samples": int(self.samples.value),
+                "device": self.device.value}
 
     def load_checkpoints(self, paths: Any = None, block: bool = False) -> Any:
         """Load and check the checkpoints (in a worker thread unless ``block``); fill the targets."""

@@ -45,6 +45,17 @@ class LoadedModel:
     def view(self) -> str:
         return str(self.input_stats.get("view", "axial"))
 
+    @property
+    def device(self) -> Any:
+        """The device the model's weights are on (inputs go there)."""
+        return next(self.model.parameters()).device
+
+    def to(self, device: Any) -> LoadedModel:
+        """The model moved to ``device`` (a :class:`torch.device`, e.g. from :func:`lidc_cdam.device.resolve_device`),
+        in place: the loaded model is shared by everyone who loaded this file."""
+        self.model.to(device)
+        return self
+
 
 def file_fingerprint(path: str | Path) -> str:
     """sha256 (16 hex digits) of a file's bytes."""

@@ -205,15 +205,15 @@ def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[Any]
     done = 0
     for b in range(0, len(indices), batch):
         chunk = indices[b : b + batch]
-        x = model_inputs(crop["image"], view, chunk, loaded.input_stats, size)
+        x = model_inputs(crop["image"], view, chunk, loaded.input_stats, size).to(loaded.device, non_blocking=True)
         token_maps, lat, similarity = explain_targets(loaded, x, targets, method, options)
         with torch.no_grad():
             out = model.head(lat)
         for j, s in enumerate(chunk):
-            values[s] = _with_concepts(predictions(loaded, out[j].float().numpy()), similarity, j)
-            latents[s] = lat[j].float().numpy()
+            values[s] = _with_concepts(predictions(loaded, out[j].float().cpu().numpy()), similarity, j)
+            latents[s] = lat[j].float().cpu().numpy()
         planes = F.interpolate(token_maps, size=(CROP, CROP), mode="bilinear",
-                               align_corners=False).numpy()  # [B, K, 32, 32]
+                               align_corners=False).cpu().numpy()  # [B, K, 32, 32]
         for j, s in enumerate(chunk):
             index: list[Any] = [slice(None)] * 3
             index[axis] = s
@@ -221,12 +221,13 @@ def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[Any]
         done += len(chunk)
         yield done, len(indices)
     if CENTRE not in values:  # the central slice was not explained: one pass for its predictions
-        x = model_inputs(crop["image"], view, [CENTRE], loaded.input_stats, size)
+        x = model_inputs(crop["image"], view, [CENTRE], loaded.input_stats, size).to(loaded.device)
         with torch.no_grad():
             lat = model.latent(x)
             similarity = {c.name: c.score(lat).float() for c in targets if not isinstance(c, str)}
-            values[CENTRE] = _with_concepts(predictions(loaded, model.head(lat)[0].float().numpy()), similarity, 0)
-        latents[CENTRE] = lat[0].float().numpy()
+            head = model.head(lat)[0].float().cpu().numpy()
+            values[CENTRE] = _with_concepts(predictions(loaded, head), similarity, 0)
+        latents[CENTRE] = lat[0].float().cpu().numpy()
     return MapResult(maps, [target_name(t) for t in targets], method, view, indices, values[CENTRE],
                      SIGNED[method], str(crop.get("nodule_id", "")), time.perf_counter() - start,
                      slice_predictions=[values[s] for s in indices], central_latent=latents[CENTRE])
@@ -240,16 +241,17 @@ def volume_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[st
     import torch.nn.functional as F
 
     yield 0, 1
-    x = volume_input(crop["image"], loaded.input_stats, loaded.image_size)
+    x = volume_input(crop["image"], loaded.input_stats, loaded.image_size).to(loaded.device)
     token_maps, latent, similarity = explain_targets(loaded, x, targets, method, options)
     with torch.no_grad():
-        out = loaded.model.head(latent)[0].float().numpy()
-    maps = F.interpolate(token_maps, size=(CROP,) * 3, mode="trilinear", align_corners=False)[0].numpy()
+        out = loaded.model.head(latent)[0].float().cpu().numpy()
+    maps = F.interpolate(token_maps, size=(CROP,) * 3, mode="trilinear", align_corners=False)[0].cpu().numpy()
     yield 1, 1
     return MapResult(maps.astype(np.float32), [target_name(t) for t in targets], method, VOLUME, list(range(CROP)),
                      _with_concepts(predictions(loaded, out), similarity, 0), SIGNED[method],
                      str(crop.get("nodule_id", "")),
-                     time.perf_counter() - start, slice_predictions=None, central_latent=latent[0].float().numpy())
+                     time.perf_counter() - start, slice_predictions=None,
+                     central_latent=latent[0].float().cpu().numpy())
 
 
 def compute_maps(request: MapRequest, progress: Callable[[int, int], None] | None = None) -> MapResult:

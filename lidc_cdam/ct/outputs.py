@@ -178,11 +178,12 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
                    concepts: ConceptResolver | None = None, ratings: dict[str, dict[str, float]] | None = None,
                    dicom: bool = False, nifti: bool = True, report: bool = True, series_label: str | None = None,
                    source: dict[str, Any] | None = None, warn: Warn = _stderr,
-                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[int, int], None] | None = None, device: Any = "auto") -> dict[str, Any]:
     """Explain ``points`` (``(id, point)``; ids already unique and safe: :func:`~lidc_cdam.ct.run_folder.point_ids`)
     of ``volume`` with ``checkpoints`` and write everything under ``out``; returns the summary (also written to
     ``summary.json``). Every check (the folder, the points, the checkpoints, the concepts) runs before any work.
-    ``source`` describes the input for the summary; ``progress(done, total)`` counts explained slices batches."""
+    ``source`` describes the input for the summary; ``progress(done, total)`` counts explained slices batches;
+    ``device`` (``auto``, ``cpu``, ``cuda[:N]``: :func:`lidc_cdam.device.resolve_device`) runs the models there."""
     import pandas as pd
 
     from lidc_cdam.ct.ensemble import explain_tasks_steps, group_checkpoints
@@ -195,9 +196,12 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
     if dicom and not volume.source_files:
         raise CTError("DICOM results (--dicom) reference the source series' instances, so the input must be a DICOM "
                       "series (this one has no DICOM source files, e.g. NIfTI or NRRD); run without DICOM results")
+    from lidc_cdam.device import resolve_device
+
+    device = resolve_device(device)
     groups = group_checkpoints(checkpoints)
     worlds = [to_world(volume, p, ijk) for _, p in points]  # every point checked before any work
-    models = [m for g in groups.values() for m in g]
+    models = [m.to(device) for g in groups.values() for m in g]
     hashes = {str(m.path): sha256_of(m.path) for m in models}
     settings = {"volume": {"name": volume.name, "shape_zyx": list(volume.shape),
                            "series_instance_uid": volume.meta.get("series_instance_uid"),
