@@ -242,8 +242,8 @@ def crop_trust(models: Sequence[LoadedModel], crop: dict[str, Any], view: str,
         return None
     worst, threshold = max(known_p, key=lambda pt: pt[0] - pt[1])
     version = min(versions)
-    note = ("percentile of the crop among the training crops' own mean Mahalanobis distances (features of the "
-            "block before the last, centre +- 3 slices)" if version >= 2 else
+    note = ("percentile of the crop's mean Mahalanobis distance (block before the last, centre +- 3 slices) among "
+            "the training crops'" if version >= 2 else
             "percentile of the input among the training crops' own Mahalanobis distances (latent CLS')")
     return {"percentile": worst, "per_model": per_model, "threshold": threshold, "version": version,
             "unlike_training": bool(any(p > t for p, t in known_p)), "note": note}

@@ -169,6 +169,19 @@ def measured_rates(method: str = "domain") -> tuple[float, float] | None:
     return float(pooled["in_domain_flagged"]), float(pooled["real_ct_flagged"])
 
 
+def rates_text(trust: dict[str, Any] | None) -> str | None:
+    """``"flags 2 % of unseen training-like crops, 90 % of real-CT crops"``: the measured rates of the method of
+    a trust flag (:func:`lidc_cdam.ct.ensemble.crop_trust`'s dict; version 1 without a ``version``), or None when
+    the evaluation is not shipped."""
+    if not trust:
+        return None
+    rates = measured_rates("domain" if int(trust.get("version", 1)) >= 2 else "latent")
+    if rates is None:
+        return None
+    return (f"flags {100 * rates[0]:.0f} % of unseen training-like crops, "
+            f"{100 * rates[1]:.0f} % of real-CT crops")
+
+
 def trust_explanation(trust: dict[str, Any] | None) -> str | None:
     """The trust flag in words, with the percentile, the threshold and the measured rates:
     ``"unlike the training data: 99.9th percentile of the training crops' distances (flagged above the
@@ -180,11 +193,8 @@ def trust_explanation(trust: dict[str, Any] | None) -> str | None:
     verdict = "unlike the training data" if trust.get("unlike_training") else "like the training data"
     text = (f"{verdict}: {_ordinal(p)} percentile of the training crops' distances "
             f"(flagged above the {_ordinal(threshold)})")
-    rates = measured_rates("domain" if int(trust.get("version", 1)) >= 2 else "latent")
-    if rates is not None:
-        text += (f"; this flag flags {100 * rates[0]:.0f} % of unseen training-like crops, "
-                 f"{100 * rates[1]:.0f} % of real-CT crops")
-    return text
+    rates = rates_text(trust)
+    return f"{text}; this flag {rates}" if rates else text
 
 
 def _ordinal(value: float) -> str:
