@@ -72,17 +72,111 @@ def ship_phantom_models(out: Path, progress: bool) -> dict[str, dict[str, Any]]:
     return entries
 
 
+def _weights_commit_date(path: Path) -> tuple[str | None, str | None]:
+    """``(commit, ISO date)`` of the first git commit of ``path``: when its weights were trained (None outside git)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(path.parent), "log", "--reverse", "--format=%h %cI", "--", path.name],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return (out[0], out[1]) if len(out) >= 2 else (None, None)
+
+
+def _save_payload(payload: dict[str, Any], path: Path, before: dict[str, torch.Tensor]) -> None:
+    from lidc_cdam.io import atomic_write
+
+    after = payload["state_dict"]
+    if set(after) != set(before) or any(not torch.equal(after[k], before[k]) for k in before):
+        raise RuntimeError(f"{path}: the weights would change; refusing")
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def add_provenance(out: Path, progress: bool) -> dict[str, dict[str, Any]]:
+    """Add ``meta["provenance"]`` to every shipped file, and the version-2 trust flag to the phantom models
+    (fitted on their fold-0 training crops, the 120-scan phantoms; the version-1 statistics move to
+    ``meta["trust_latent"]``), their weights unchanged. Returns the manifest entries' changes."""
+    from lidc_cdam.pipelines.demo_lidc import DEMO_SCANS, demo_phantoms
+
+    from lidc_cdam import __version__
+    from lidc_cdam.data.lidc.folds import read_folds
+    from lidc_cdam.evaluate.trust_shift import fold_crops
+    from lidc_cdam.models.demo_weights import sha256_of
+    from lidc_cdam.models.domain_trust import fit_from_crops, is_domain_stats
+    from lidc_cdam.models.loading import load_model
+    from lidc_cdam.models.provenance import file_sha256, training_provenance
+
+    changes: dict[str, dict[str, Any]] = {}
+    phantoms = None
+    for name in ("digits-vit", "phantom-malignancy", "phantom-biomarkers"):
+        path = out / f"{name}.pt"
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        before = {k: v.clone() for k, v in payload["state_dict"].items()}
+        meta = payload["meta"]
+        commit, date = _weights_commit_date(path)
+        version = f"lidc-cdam {__version__}" + (f"+g{commit}" if commit else "")
+        if name == "digits-vit":
+            meta["provenance"] = {"kind": "other", "nodule_table_sha256": None, "counts": {},
+                                  "fold": None, "preset": "two-digit images (lidc_cdam.train.digits, default config)",
+                                  "code_version": version, "date": date}
+        else:
+            if phantoms is None:
+                phantoms = demo_phantoms(progress, DEMO_SCANS)
+            info = dict(meta.get("data") or {})
+            folds = read_folds()
+            sizes = {part: len(fold_crops(phantoms, 0, part).ids) for part in ("train", "val", "test")} \
+                if not info.get("sizes") else info["sizes"]
+            info.update({"kind": "phantom", "sizes": sizes,
+                         "nodule_table_sha256": file_sha256(phantoms / "nodules.csv")})
+            meta["provenance"] = training_provenance(info, fold=int(meta.get("fold", 0)),
+                                                     preset=f"tiny-phantom-{name.split('-', 1)[1]}", date=date)
+            meta["provenance"]["code_version"] = version
+            meta["provenance"]["folds_table_sha256"] = sha256_of_frame(folds)
+            if meta.get("trust") and not is_domain_stats(meta["trust"]):
+                meta["trust_latent"] = meta.pop("trust")
+            model = load_model(path)
+            train = fold_crops(phantoms, 0, "train")
+            meta["trust"] = fit_from_crops(model, train.crops, meta["input_stats"])
+            meta["trust"]["data"] = {"phantom_scans": DEMO_SCANS, "fold": 0, "part": "train"}
+        _save_payload(payload, path, before)
+        changes[name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+    return changes
+
+
+def sha256_of_frame(frame: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
+
+
 def main(argv: list[str] | None = None) -> int:
     from lidc_cdam.io import write_json
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the weights folder (lidc_cdam/models/weights)")
     parser.add_argument("--only", choices=("digits", "phantoms"), help="rebuild one family, keep the other's entries")
+    parser.add_argument("--add-provenance", action="store_true",
+                        help="no training: add the provenance (and the phantom models' version-2 trust flag) to the "
+                             "files in --out, weights unchanged, and re-record their SHA-256")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_file = args.out / "MANIFEST.json"
     manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
     progress = sys.stderr.isatty()
+    if args.add_provenance:
+        for name, change in add_provenance(args.out, progress).items():
+            manifest[name].update(change)
+            trained = manifest[name].setdefault("trained", {})
+            trained["provenance"] = ("meta['provenance'] added afterwards (ship_demo_weights --add-provenance); "
+                                     "weights unchanged")
+            if name.startswith("phantom-"):
+                trained["trust"] = ("meta['trust']: version 2 (lidc_cdam.models.domain_trust), fitted afterwards "
+                                    "on the fold 0 training crops of the same 120-scan phantoms; "
+                                    "meta['trust_latent']: the version-1 statistics (lidc_cdam.models.trust); "
+                                    "weights unchanged")
+        write_json(manifest_file, dict(sorted(manifest.items())))
+        return 0
     if args.only in (None, "digits"):
         manifest["digits-vit"] = ship_digits(args.out, progress)
     if args.only in (None, "phantoms"):

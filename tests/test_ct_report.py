@@ -116,3 +116,30 @@ def test_trust_states_and_the_table():
     assert len(lines) == 10 and lines[0].startswith("target")
     column = lines[0].index("prediction")
     assert all(line.index(r["prediction"]) == column for line, r in zip(lines[1:], rows, strict=True))
+
+
+def test_the_training_data_the_phantom_line_and_the_flags_measured_rates(tmp_path, crop_and_maps, uncompressed_pdf):
+    """A phantom-trained model's page says what it was trained on, carries the red phantom line, and quotes the
+    flag's measured rates from the committed evaluation (TRUST_RATES.json)."""
+    from lidc_cdam.models.demo_weights import load_shipped
+    from lidc_cdam.models.provenance import PHANTOM_WARNING, measured_rates, training_data
+
+    shipped = shipped_checkpoint("phantom-malignancy")
+    entry = entry_for([shipped], trust={"percentile": 100.0, "per_model": [100.0], "threshold": 97.5,
+                                        "unlike_training": True, "version": 2}, pid="p04")
+    entry["training_data"] = training_data([load_shipped("phantom-malignancy"), load_shipped("phantom-biomarkers")])
+    assert entry["training_data"]["kind"] == "phantom" and entry["training_data"]["phantom_warning"] == PHANTOM_WARNING
+    crop, maps = crop_and_maps
+    _, pdf = write_point_report(entry, crop, maps, tmp_path)
+    text = pdf_text(pdf.read_bytes())
+    assert PHANTOM_WARNING in text
+    assert ("trained on synthetic phantoms (fold 0 of tiny-phantom-malignancy, 133 train / 36 val / 49 test "
+            "nodules") in text
+    in_domain, real = measured_rates("domain")
+    assert (f"the flag flags {100 * in_domain:.0f} % of unseen training-like crops, {100 * real:.0f} % of "
+            "real-CT crops") in text
+    assert f"{UNLIKE} (percentile 100.0, flag above 97.5)" in text
+
+    entry.pop("training_data")  # no training data known: no red line
+    _, pdf = write_point_report(entry, crop, maps, tmp_path / "plain")
+    assert PHANTOM_WARNING not in pdf_text(pdf.read_bytes())

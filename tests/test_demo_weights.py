@@ -101,8 +101,9 @@ def test_shipped_phantom_models_carry_the_trust_flag():
     folder = phantoms_of_patients(patients, progress=False)
     for name in ("phantom-malignancy", "phantom-biomarkers"):
         model = load_shipped(name)
-        stats, input_stats = model.meta["trust"], model.meta["input_stats"]
+        stats, input_stats = model.meta["trust_latent"], model.meta["input_stats"]  # version 1
         assert stats["n_train"] == shipped_manifest()[name]["test_metrics"]["train_size"]
+        assert model.meta["trust"]["version"] == 2 and model.meta["trust"]["n_train"] == stats["n_train"]
         size = int(input_stats["image_size"])
         real = torch.cat([model_inputs(c, "axial", [16], input_stats, size) for c in real_ct_crops()])
         noise = model_inputs(np.random.default_rng(0).uniform(-1000, 400, (32, 32, 32)), "axial", [16],
@@ -111,3 +112,41 @@ def test_shipped_phantom_models_carry_the_trust_flag():
         assert is_unlike_training(trust_percentile(stats, model_latents(model, noise))).all()
         held_out = trust_percentile(stats, dataset_latents(model, checkpoint_dataset(folder, nodules, input_stats)))
         assert int(is_unlike_training(held_out).sum()) <= 1, held_out
+
+
+def test_shipped_models_say_what_they_were_trained_on():
+    from lidc_cdam.models.provenance import PHANTOM_WARNING, phantom_warning, provenance_of, training_data
+
+    for name in SHIPPED:
+        provenance = provenance_of(load_shipped(name))
+        assert provenance and set(provenance) >= {"kind", "nodule_table_sha256", "counts", "fold", "preset",
+                                                  "code_version", "date"}
+        assert provenance["kind"] == ("other" if name == "digits-vit" else "phantom")
+    mal = load_shipped("phantom-malignancy")
+    assert mal.meta["provenance"]["counts"] == {"train": 133, "val": 36, "test": 49}
+    assert phantom_warning(mal.meta["provenance"]) == PHANTOM_WARNING
+    assert training_data([mal])["phantom_warning"] == PHANTOM_WARNING
+    assert training_data([load_shipped("digits-vit")])["phantom_warning"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.committed_results
+def test_the_committed_trust_evaluation_is_rebuilt_from_the_shipped_weights(tmp_path):
+    """benchmarks/trust_eval.py's deterministic part (AUROC and rates per model and method) equals the committed
+    benchmarks/results/trust/trust_eval.json and the shipped TRUST_RATES.json."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import trust_eval
+
+    from lidc_cdam.models.provenance import trust_rates
+
+    result = trust_eval.evaluation()
+    committed = json.loads((ROOT / "benchmarks" / "results" / "trust" / "trust_eval.json").read_text())
+    assert len(result["summary"]) == len(committed["summary"]) == 4
+    for got, want in zip(result["summary"], committed["summary"], strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, abs=1e-3) if isinstance(value, float) else value), key
+    for method, pooled in trust_eval.rates_file(result)["pooled"].items():
+        assert pooled == pytest.approx(trust_rates()["pooled"][method], abs=2e-3), method
+    new = [r for r in result["summary"] if r["method"] == "domain"]
+    assert all(r["auroc"] >= 0.95 and r["in_domain_flagged"] <= 0.05 and r["nodule_flagged"] for r in new)

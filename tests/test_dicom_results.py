@@ -264,3 +264,17 @@ def test_outputs_pass_the_dicom3tools_validator(series, tmp_path):
         assert iod in report.splitlines(), report  # it recognised the object's IOD
         errors = [line for line in report.splitlines() if line.startswith("Error")]
         assert not errors, f"{path.name}: {errors}"
+
+
+def test_structured_report_carries_the_training_data_as_text(series, tmp_path):
+    from lidc_cdam.models.provenance import PHANTOM_WARNING
+
+    text = f"trained on synthetic phantoms (fold 0 of tiny-phantom-malignancy); {PHANTOM_WARNING}"
+    path = write_structured_report(_sources(series["volume"]), json.loads(json.dumps(POINTS)), tmp_path / "sr.dcm",
+                                   training_data=text)
+    sr = hd.sr.srread(path)
+    assert len(sr.content.get_planar_roi_measurement_groups()) == 2  # the measurements are unchanged
+    items = _items(pydicom.dcmread(path).ContentSequence, "TRAININGDATA")
+    assert len(items) == 1 and items[0].ValueType == "TEXT" and items[0].TextValue == text
+    plain = write_structured_report(_sources(series["volume"]), json.loads(json.dumps(POINTS)), tmp_path / "plain.dcm")
+    assert not _items(pydicom.dcmread(plain).ContentSequence, "TRAININGDATA")

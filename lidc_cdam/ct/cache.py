@@ -64,7 +64,9 @@ class MapCache:
                 with np.load(self.folder / f"{key}.npz", allow_pickle=False) as data:
                     info = json.loads(str(data["info"]))
                     latent = data["central_latent"] if "central_latent" in data.files else None
-                    result = MapResult(data["maps"], **info, central_latent=latent)
+                    features = ({int(k): v for k, v in zip(data["trust_slices"], data["trust_features"], strict=True)}
+                                if "trust_features" in data.files else None)
+                    result = MapResult(data["maps"], **info, central_latent=latent, trust_features=features)
             except (OSError, ValueError, KeyError, TypeError):
                 return None
             self._remember(key, result)
@@ -77,8 +79,12 @@ class MapCache:
         if self.folder is not None:
             from lidc_cdam.io import write_npz
 
-            info = {k: v for k, v in result.__dict__.items() if k not in ("maps", "cached", "central_latent")}
+            info = {k: v for k, v in result.__dict__.items()
+                    if k not in ("maps", "cached", "central_latent", "trust_features")}
             arrays = {} if result.central_latent is None else {"central_latent": result.central_latent}
+            if result.trust_features:
+                arrays["trust_slices"] = np.array(sorted(result.trust_features), dtype=np.int64)
+                arrays["trust_features"] = np.stack([result.trust_features[k] for k in sorted(result.trust_features)])
             write_npz(self.folder / f"{key}.npz", maps=result.maps.astype(np.float32),
                       info=np.array(json.dumps(info)), **arrays)
 

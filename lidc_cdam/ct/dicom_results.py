@@ -66,6 +66,7 @@ def _codes():
         "sd": codes.SCT.StandardDeviation,  # (386136009, SCT): its spread over the fold models
         "trust_percentile": Code("TRUSTPCT", SCHEME, "Trust percentile"),
         "trust_flag": Code("TRUSTFLAG", SCHEME, "Out-of-distribution warning"),
+        "training_data": Code("TRAININGDATA", SCHEME, "Training data of the models"),
         "unlike": Code("UNLIKE", SCHEME, "unlike the training data"),
         "like": Code("LIKE", SCHEME, "like the training data"),
         "intended_use": Code("INTENDEDUSE", SCHEME, "Intended use"),
@@ -299,7 +300,8 @@ def _number(value: Any) -> float:
 
 
 def write_structured_report(source: Any, points: Sequence[Mapping[str, Any]], out_path: str | Path, *,
-                            units: Mapping[str, str] | None = None, series_number: int = 903) -> Path:
+                            units: Mapping[str, str] | None = None, series_number: int = 903,
+                            training_data: str | None = None) -> Path:
     """The points' predictions, spread and trust flag as a TID 1500 Measurement Report (Comprehensive 3D SR).
 
     Each point is a dict: ``point_id`` (str), ``position_mm`` (x, y, z patient mm, LPS), ``predictions``
@@ -309,7 +311,9 @@ def write_structured_report(source: Any, points: Sequence[Mapping[str, Any]], ou
     numeric measurement named ``(NAME, 99LIDCCDAM, name)`` (derivation SCT "Mean" when a spread is given), its
     spread the same concept with derivation SCT "Standard Deviation"; the trust percentile in UCUM ``%``;
     the flag and the research-use statement as qualitative evaluations. ``units``: UCUM code per prediction
-    name (default ``mm`` for names ending in ``_mm``, else ``1``)."""
+    name (default ``mm`` for names ending in ``_mm``, else ``1``). ``training_data``: what the models were trained
+    on, as text (:func:`lidc_cdam.models.provenance.provenance_line`, and the phantom warning), one TEXT item
+    ``(TRAININGDATA, 99LIDCCDAM)`` in the report's root container."""
     import highdicom as hd
     from pydicom.sr.coding import Code
 
@@ -355,6 +359,10 @@ def write_structured_report(source: Any, points: Sequence[Mapping[str, Any]], ou
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=c["procedure"], imaging_measurements=groups)
+    if training_data:
+        report[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=c["training_data"], value=str(training_data),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     common = _common(series_number)
     for key in ("manufacturer_model_name", "software_versions", "device_serial_number"):
         common.pop(key)

@@ -23,6 +23,7 @@ import numpy as np
 
 from lidc_cdam.ct.checkpoint import LoadedModel, load_checked_model
 from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.inputs import CENTRE as CENTRE_SLICE
 from lidc_cdam.ct.inputs import VOLUME
 from lidc_cdam.ct.maps import MapResult, relay
 
@@ -151,7 +152,8 @@ def explain_crop_steps(models: Sequence[str | Path | LoadedModel], crop: dict[st
         steps = cached_crop_steps(m, crop, asked, method, view, slices, margin, options, batch, where, cache)
         results.append((yield from relay(steps, n, len(loaded))))
     result = combine(results, [str(m.path) for m in loaded], loaded[0].task)
-    result.trust = crop_trust(loaded, crop, view, [r.central_latent for r in results])
+    result.trust = crop_trust(loaded, crop, view, [r.central_latent for r in results],
+                              [getattr(r, "trust_features", None) for r in results])
     return result
 
 
@@ -201,37 +203,83 @@ def explain_crop(models: Sequence[str | Path | LoadedModel], crop: dict[str, Any
 
 
 def crop_trust(models: Sequence[LoadedModel], crop: dict[str, Any], view: str,
-               latents: Sequence[np.ndarray | None] | None = None) -> dict[str, Any] | None:
-    """The trust flag of a crop (SPEC "Trust flag"): for each model whose checkpoint carries training statistics
-    (``meta["trust"]``, :mod:`lidc_cdam.models.trust`), the percentile of the central slice's latent among the
-    training crops' own Mahalanobis distances. The ensemble reports the largest (the most cautious model) and is
-    ``unlike_training`` above the threshold (the 99th percentile). None when no model has the statistics.
-    ``latents`` (per model, the central slice's latent from the maps' own pass) spare a forward pass."""
-    from lidc_cdam.ct.inputs import CENTRE, model_inputs, volume_input
+               latents: Sequence[np.ndarray | None] | None = None,
+               features: Sequence[dict[int, np.ndarray] | None] | None = None) -> dict[str, Any] | None:
+    """The trust flag of a crop (see docs "Provenance and trust"): for each model whose checkpoint carries
+    training statistics (``meta["trust"]``), the percentile of the crop among the training crops.
+
+    Version 2 (:mod:`lidc_cdam.models.domain_trust`): the mean Mahalanobis distance of the features of the
+    block before the last over the crop's centre +- 3 slices; ``features`` (per model, slice -> features, from
+    the maps' own pass, :attr:`~lidc_cdam.ct.maps.MapResult.trust_features`) spare the forward pass, and only
+    the slices missing there go through the trunk. Version 1 (:mod:`lidc_cdam.models.trust`, older
+    checkpoints): the central slice's latent; ``latents`` (per model) spare its forward pass.
+
+    The ensemble reports the largest percentile (the most cautious model) and is ``unlike_training`` above that
+    model's threshold. None when no model has the statistics."""
+    from lidc_cdam.models import domain_trust
     from lidc_cdam.models.trust import THRESHOLD, model_latents, trust_percentile
 
     per_model: list[float | None] = []
-    threshold = THRESHOLD
+    thresholds: list[float] = []
+    versions: list[int] = []
     for k, m in enumerate(models):
         stats = m.model.meta.get("trust")
         if not stats:
             per_model.append(None)
             continue
-        known_latent = latents[k] if latents is not None else None
-        if known_latent is not None:
-            import torch
-
-            latent = torch.as_tensor(np.asarray(known_latent, dtype=np.float32))[None]
-        elif view == VOLUME:
-            latent = model_latents(m.model, volume_input(crop["image"], m.input_stats, m.image_size))
+        if domain_trust.is_domain_stats(stats):
+            known = (features[k] if features is not None else None) or {}
+            feats = _domain_features(m, crop, view, stats, known)
+            per_model.append(float(domain_trust.crop_percentile(stats, feats)[0]))
+            versions.append(2)
         else:
-            latent = model_latents(m.model, model_inputs(crop["image"], view, [CENTRE], m.input_stats, m.image_size))
-        per_model.append(float(trust_percentile(stats, latent)[0]))
-        threshold = float(stats.get("threshold", THRESHOLD))
-    known = [p for p in per_model if p is not None]
-    if not known:
+            per_model.append(_latent_percentile(m, crop, view, stats, latents[k] if latents is not None else None,
+                                                model_latents, trust_percentile))
+            versions.append(1)
+        thresholds.append(float(stats.get("threshold", THRESHOLD)))
+    known_p = [(p, t) for p, t in zip([p for p in per_model if p is not None], thresholds, strict=True)]
+    if not known_p:
         return None
-    worst = max(known)
-    return {"percentile": worst, "per_model": per_model, "threshold": threshold,
-            "unlike_training": bool(worst > threshold),
-            "note": "percentile of the input among the training crops' own Mahalanobis distances (latent CLS')"}
+    worst, threshold = max(known_p, key=lambda pt: pt[0] - pt[1])
+    version = min(versions)
+    note = ("percentile of the crop's mean Mahalanobis distance (block before the last, centre +- 3 slices) among "
+            "the training crops'" if version >= 2 else
+            "percentile of the input among the training crops' own Mahalanobis distances (latent CLS')")
+    return {"percentile": worst, "per_model": per_model, "threshold": threshold, "version": version,
+            "unlike_training": bool(any(p > t for p, t in known_p)), "note": note}
+
+
+def _domain_features(m: LoadedModel, crop: dict[str, Any], view: str, stats: dict[str, Any],
+                     known: dict[int, np.ndarray]) -> np.ndarray:
+    """``[S, D]`` version-2 features of the crop's scored slices: those of the maps' pass, the rest computed."""
+    from lidc_cdam.models import domain_trust
+
+    if view == VOLUME:
+        if CENTRE_SLICE in known:
+            return np.asarray(known[CENTRE_SLICE])[None]
+        x = domain_trust.crop_inputs(crop["image"], view, m.input_stats, m.image_size)
+        return domain_trust.input_features(m.model, x).cpu().numpy()
+    wanted = domain_trust.trust_slices(stats)
+    missing = [s for s in wanted if s not in known]
+    computed: dict[int, np.ndarray] = {}
+    if missing:
+        from lidc_cdam.ct.inputs import model_inputs
+
+        x = model_inputs(crop["image"], view, missing, m.input_stats, m.image_size)
+        computed = dict(zip(missing, domain_trust.input_features(m.model, x).cpu().numpy(), strict=True))
+    return np.stack([np.asarray(known[s] if s in known else computed[s]) for s in wanted])
+
+
+def _latent_percentile(m: LoadedModel, crop: dict[str, Any], view: str, stats: dict[str, Any],
+                       known_latent: np.ndarray | None, model_latents: Any, trust_percentile: Any) -> float:
+    from lidc_cdam.ct.inputs import CENTRE, model_inputs, volume_input
+
+    if known_latent is not None:
+        import torch
+
+        latent = torch.as_tensor(np.asarray(known_latent, dtype=np.float32))[None]
+    elif view == VOLUME:
+        latent = model_latents(m.model, volume_input(crop["image"], m.input_stats, m.image_size))
+    else:
+        latent = model_latents(m.model, model_inputs(crop["image"], view, [CENTRE], m.input_stats, m.image_size))
+    return float(trust_percentile(stats, latent)[0])

@@ -74,6 +74,9 @@ class MapResult:
     slice_predictions: list[dict[str, float]] | None = None
     #: the central slice's latent ``l`` (for the trust flag), float32 ``[D]``
     central_latent: np.ndarray | None = None
+    #: the trust flag's features (:mod:`lidc_cdam.models.domain_trust`) of the explained slices, from the
+    #: explainer's own pass: slice index -> float32 ``[D]``
+    trust_features: dict[int, np.ndarray] | None = None
 
     def predictions_at(self, index: int) -> dict[str, float] | None:
         """The predictions on crop slice ``index`` along the view, None where it was not explained."""
@@ -183,6 +186,8 @@ def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[Any]
     import torch
     import torch.nn.functional as F
 
+    from lidc_cdam.models.domain_trust import features_of, recording_trunk
+
     start = time.perf_counter()
     check_request(method, view)
     missing = [t for t in targets if isinstance(t, str) and t not in loaded.targets]
@@ -201,12 +206,17 @@ def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[Any]
     model = loaded.model
     values: dict[int, dict[str, float]] = {}  # slice -> predictions (outputs in rating units, concept similarity)
     latents: dict[int, np.ndarray] = {}
+    trust_features: dict[int, np.ndarray] = {}
     yield 0, len(indices)
     done = 0
     for b in range(0, len(indices), batch):
         chunk = indices[b : b + batch]
         x = model_inputs(crop["image"], view, chunk, loaded.input_stats, size).to(loaded.device, non_blocking=True)
-        token_maps, lat, similarity = explain_targets(loaded, x, targets, method, options)
+        with recording_trunk(model) as records:  # the trust flag's features from this pass
+            token_maps, lat, similarity = explain_targets(loaded, x, targets, method, options)
+        feats = features_of(records, x)
+        if feats is not None:
+            trust_features.update({s: feats[j].cpu().numpy() for j, s in enumerate(chunk)})
         with torch.no_grad():
             out = model.head(lat)
         for j, s in enumerate(chunk):
@@ -230,7 +240,8 @@ def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[Any]
         latents[CENTRE] = lat[0].float().cpu().numpy()
     return MapResult(maps, [target_name(t) for t in targets], method, view, indices, values[CENTRE],
                      SIGNED[method], str(crop.get("nodule_id", "")), time.perf_counter() - start,
-                     slice_predictions=[values[s] for s in indices], central_latent=latents[CENTRE])
+                     slice_predictions=[values[s] for s in indices], central_latent=latents[CENTRE],
+                     trust_features=trust_features or None)
 
 
 def volume_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[str], method: str,
@@ -240,9 +251,13 @@ def volume_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[st
     import torch
     import torch.nn.functional as F
 
+    from lidc_cdam.models.domain_trust import features_of, recording_trunk
+
     yield 0, 1
     x = volume_input(crop["image"], loaded.input_stats, loaded.image_size).to(loaded.device)
-    token_maps, latent, similarity = explain_targets(loaded, x, targets, method, options)
+    with recording_trunk(loaded.model) as records:  # the trust flag's features from this pass
+        token_maps, latent, similarity = explain_targets(loaded, x, targets, method, options)
+    feats = features_of(records, x)
     with torch.no_grad():
         out = loaded.model.head(latent)[0].float().cpu().numpy()
     maps = F.interpolate(token_maps, size=(CROP,) * 3, mode="trilinear", align_corners=False)[0].cpu().numpy()
@@ -251,7 +266,8 @@ def volume_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[st
                      _with_concepts(predictions(loaded, out), similarity, 0), SIGNED[method],
                      str(crop.get("nodule_id", "")),
                      time.perf_counter() - start, slice_predictions=None,
-                     central_latent=latent[0].float().cpu().numpy())
+                     central_latent=latent[0].float().cpu().numpy(),
+                     trust_features=None if feats is None else {CENTRE: feats[0].cpu().numpy()})
 
 
 def compute_maps(request: MapRequest, progress: Callable[[int, int], None] | None = None) -> MapResult:

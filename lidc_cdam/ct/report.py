@@ -65,10 +65,27 @@ def trust_text(trust: Mapping[str, Any] | None) -> tuple[str, bool | None]:
     """``(text, flagged)`` of a task's trust flag: flagged None when no model carries training statistics."""
     if not trust:
         return NO_TRUST + " in the checkpoint(s): no trust flag", None
+    from lidc_cdam.models.provenance import rates_text
+
     pct, threshold = float(trust["percentile"]), float(trust.get("threshold", 99.0))
+    rates = rates_text(dict(trust))
+    measured = f"; the flag {rates}" if rates else ""
     if trust.get("unlike_training"):
-        return f"{UNLIKE} (percentile {pct:.1f}, flag above {threshold:g}): treat the predictions with caution", True
-    return f"like the training data (percentile {pct:.1f}, flag above {threshold:g})", False
+        return (f"{UNLIKE} (percentile {pct:.1f}, flag above {threshold:g}): treat the predictions with caution"
+                f"{measured}", True)
+    return f"like the training data (percentile {pct:.1f}, flag above {threshold:g}){measured}", False
+
+
+def training_data_lines(entry: Mapping[str, Any]) -> tuple[list[str], str | None]:
+    """``(provenance lines, red line or None)`` from a point's ``training_data`` (or the run's, as
+    :func:`lidc_cdam.models.provenance.training_data` gives it): one line per distinct provenance."""
+    from lidc_cdam.models.provenance import phantom_warning, provenance_line
+
+    data = entry.get("training_data")
+    if not data:
+        return [], None
+    lines = list(dict.fromkeys(provenance_line(None if m.get("unknown") else m) for m in data.get("models", [])))
+    return lines, phantom_warning(data)
 
 
 def trust_state(entry: Mapping[str, Any]) -> str:
@@ -301,12 +318,24 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
     # ---- the input check: trust per task, padded share
     text(margin, y, "Input check", fontsize=8.5, fontweight="bold")
     y += 0.2
+    provenance, red_line = training_data_lines(entry)
+    if red_line:
+        text(margin, y, f"The model was {red_line}", fontsize=7.5, color=RED, fontweight="bold")
+        y += 0.17
+    for k, line in enumerate(provenance):
+        text(margin, y, "training data:" if k == 0 else "", fontsize=7)
+        text(margin + 1.3, y, textwrap.shorten(line, 150), fontsize=6.5)
+        y += 0.15
     for task in entry.get("tasks", []):
         msg, flagged = trust_text(task.get("trust"))
+        msg, _, measured = msg.partition("; the flag ")
         color = RED if flagged else (GREY if flagged is None else GREEN)
         text(margin, y, f"{task['task']} model(s):", fontsize=7)
         text(margin + 1.3, y, msg, fontsize=7, color=color, fontweight="bold" if flagged else "normal")
         y += 0.16
+        if measured:
+            text(margin + 1.3, y, f"the flag {measured} (committed evaluation)", fontsize=6.3, color=GREY)
+            y += 0.15
     share = float(entry.get("padded_share") or 0.0)
     if share > 0:
         text(margin, y, "crop:", fontsize=7)
@@ -318,8 +347,9 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
         lines = textwrap.wrap(str(warning), 110)[:3]
         text(margin + 1.3, y, "\n".join(lines), fontsize=7, color="#b35806", linespacing=1.25)
         y += 0.16 + 0.11 * (len(lines) - 1)
-    text(margin, y, "trust: percentile of the crop's latent among the training crops' own Mahalanobis distances "
-                    "(the largest over the folds)", fontsize=6, color=GREY)
+    notes = [t["trust"]["note"] for t in entry.get("tasks", []) if t.get("trust") and t["trust"].get("note")]
+    trust_note = notes[0] if notes else "percentile of the crop among the training crops' own Mahalanobis distances"
+    text(margin, y, f"trust: {trust_note} (the largest over the folds)", fontsize=6, color=GREY)
     y += 0.25
 
     # ---- footer (drawn from the bottom up): models and hashes, notes

@@ -44,6 +44,8 @@ class FoldData:
     fold: int
     test: Dataset | None = None  # scored once with the best checkpoint
     trust: Dataset | None = None  # the training part without augmentation (trust flag); default ``train``
+    #: the training part's crop files (``[32, 32, 32]`` HU), for the version-2 trust flag (the crop's slices)
+    trust_crops: list[str] | None = None
     input_stats: dict[str, Any] = field(default_factory=dict)
     target_stats: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -193,10 +195,13 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # ignite logs every epoch at INFO
         logging.getLogger("ignite").setLevel(logging.WARNING)
     set_determinism(seed=config.seed)
+    from lidc_cdam.models.provenance import training_provenance
+
     model_meta = {
         "fold": data.fold, "task": config.task, "train_config": config.to_dict(),
         "config_fingerprint": config.fingerprint(), "input_stats": data.input_stats,
         "target_stats": data.target_stats, "data": data.info,
+        "provenance": training_provenance(data.info, fold=data.fold, preset=getattr(config, "name", None)),
     }
     model = build_model(config, data.output_names, meta=model_meta)
     params = set_trainable(model, config)
@@ -313,7 +318,7 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
               "train_size": len(data.train), "val_size": len(data.val)}
     if process.main and not interrupted:
         result["trust"] = add_trust(out / "best.pt", data.trust if data.trust is not None else data.train,
-                                    config.batch_size, process.device)
+                                    config.batch_size, process.device, crops=data.trust_crops)
         if data.test is not None:
             best = ViTModel.from_checkpoint(out / "best.pt").to(process.device)
             result["test_metrics"], predictions = evaluate_model(best, data.test, config, process.device)
@@ -322,20 +327,39 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
     return result
 
 
-def add_trust(path: Path, dataset: Dataset, batch_size: int, device: torch.device) -> dict[str, Any] | None:
-    """Re-save the best checkpoint with ``meta["trust"]`` (:func:`lidc_cdam.models.trust.fit_trust` of the best
-    model's latents of ``dataset``, the training crops without augmentation); a summary for ``result.json``,
-    or None (with a warning) when there are fewer than 2 training crops."""
+def add_trust(path: Path, dataset: Dataset, batch_size: int, device: torch.device,
+              crops: list[str] | None = None) -> dict[str, Any] | None:
+    """Re-save the best checkpoint with the trust statistics of the best model on its training data:
+    ``meta["trust"]`` (version 2, :mod:`lidc_cdam.models.domain_trust`: features of the block before the last,
+    from the training ``crops`` when given, else from ``dataset``'s images) and ``meta["trust_latent"]``
+    (version 1, :func:`lidc_cdam.models.trust.fit_trust` of the latents of ``dataset``, the training inputs
+    without augmentation; kept for comparison). A summary for ``result.json``, or None (with a warning) when
+    there are fewer than 2 training crops."""
+    from lidc_cdam.models import domain_trust
     from lidc_cdam.models.trust import dataset_latents, fit_trust
 
     model = ViTModel.from_checkpoint(path).to(device)
     if len(dataset) < 2:
         log.warning("%s: fewer than 2 training crops: no trust statistics", path)
         return None
-    stats = fit_trust(dataset_latents(model, dataset, batch_size))
-    save_checkpoint(model.cpu(), path, meta={"trust": stats})
-    return {"n_train": stats["n_train"], "dim": stats["dim"], "shrinkage": stats["shrinkage"],
-            "cross_fit": stats["cross_fit"], "p99_distance": float(stats["percentiles"][99])}
+    start = time.perf_counter()
+    if crops:
+        from lidc_cdam.data.lidc.crops import read_crop
+
+        stats = domain_trust.fit_from_crops(model, (read_crop(c)["image"] for c in crops),
+                                            model.meta["input_stats"], batch_size=batch_size)
+    else:
+        from torch.utils.data import DataLoader
+
+        images = torch.cat([b["image"] for b in DataLoader(dataset, batch_size=batch_size, shuffle=False)])
+        stats = domain_trust.fit_from_images(model, images, batch_size)
+    stats["seconds"] = round(time.perf_counter() - start, 2)
+    latent = fit_trust(dataset_latents(model, dataset, batch_size))
+    save_checkpoint(model.cpu(), path, meta={"trust": stats, "trust_latent": latent})
+    return {"version": stats["version"], "n_train": stats["n_train"], "n_vectors": stats["n_vectors"],
+            "dim": stats["dim"], "shrinkage": stats["shrinkage"], "cross_fit": stats["cross_fit"],
+            "threshold": stats["threshold"], "seconds": stats["seconds"],
+            "threshold_score": float(np.percentile(stats["train_distances"].cpu().numpy(), stats["threshold"]))}
 
 
 @torch.no_grad()

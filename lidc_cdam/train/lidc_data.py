@@ -63,6 +63,7 @@ def check_validation_size(val: pd.DataFrame, fold: int, task: str) -> dict[str, 
 
 def lidc_fold_data(config: TrainConfig, fold: int) -> FoldData:
     from lidc_cdam.data.lidc.datasets import checkpoint_dataset, lidc_datasets
+    from lidc_cdam.models.provenance import file_sha256
 
     root = check_data_root(config)
     parts = lidc_datasets(root, fold=fold, view=config.data.view,
@@ -82,11 +83,17 @@ def lidc_fold_data(config: TrainConfig, fold: int) -> FoldData:
     info = {"root": str(root), "fold": fold, "sizes": {k: len(parts["tables"][k]) for k in ("train", "val", "test")}}
     if (root / "PHANTOM.txt").exists() or "phantom" in str(parts["tables"]["train"].get("source", "")).lower():
         info["phantom"] = True
+    info["kind"] = "phantom" if info.get("phantom") else "lidc-idri"  # crops of `lidc-cdam preprocess` (LIDC-IDRI)
+    info["nodule_table_sha256"] = file_sha256(root / "nodules.csv")
+    train_table = parts["tables"]["train"]
+    trust_crops = ([str(root / p) for p in train_table["crop_path"]] if "crop_path" in train_table.columns
+                   else None)  # the training crops, for the trust flag (lidc_cdam.models.domain_trust)
     trust = checkpoint_dataset(root, parts["tables"]["train"]["nodule_id"].tolist(), input_stats,
                                task="classification" if config.task == "malignancy" else "regression",
                                target_stats=target_stats)  # the training part without augmentation
     return FoldData(parts["train"], parts["val"], output_names(config.task), fold, test=parts["test"],
-                    input_stats=input_stats, target_stats=target_stats, info=info, trust=trust)
+                    input_stats=input_stats, target_stats=target_stats, info=info, trust=trust,
+                    trust_crops=trust_crops)
 
 
 def nodule_table(config: TrainConfig) -> pd.DataFrame:

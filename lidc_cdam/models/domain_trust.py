@@ -1,0 +1,275 @@
+"""The trust flag, version 2: how far a crop's features are from the model's own training features.
+
+Generic (nothing here knows what the training data were) and after Lee et al. 2018, "A simple unified framework
+for detecting out-of-distribution samples and adversarial attacks" (NeurIPS): a Gaussian with a shared (here
+Ledoit-Wolf shrinkage) covariance fitted on the training inputs' features of an intermediate block, and the
+Mahalanobis distance of a new input's features to it,
+
+    d(f) = sqrt((f - mu)^T Sigma^-1 (f - mu))                                  (Lee et al. 2018, Eq. 2)
+
+**Features.** ``f`` is the class token of the residual stream entering the last block (``X[:, 0]`` of
+:meth:`ViTModel.trunk <lidc_cdam.models.vit.ViTModel.trunk>`; the mean token for a model without prefix
+tokens): the output of the second-to-last block. On the shipped phantom models it separates real CT from
+phantoms better than the latent the head reads (``benchmarks/results/trust/``), which is what version 1
+(:mod:`lidc_cdam.models.trust`) used. The explainers run the trunk anyway, so :func:`recording_trunk` takes
+the features from their own pass: the flag then costs a few small matrix products, not a forward pass.
+
+**A crop's score** is the mean distance over the slices ``CENTRE + OFFSETS`` along the model's view (seven
+slices, the centre +- 3; for a 3D model: the one input), which steadies it. Its percentile among the training
+crops' own scores is reported; above :data:`THRESHOLD` the crop is "unlike the training data".
+
+**Fitting** (:func:`fit_domain_trust`): every training crop's slices, each under the eight flips and
+transpositions of the image plane (the dihedral group; skipped for 1000 crops or more, or for a 3D model), give
+the Gaussian; the training crops' own scores are *cross-fitted* (5 folds by crop: each crop's score uses mean
+and covariance fitted without the crops of its fold), so they are distributed as a new in-distribution crop's.
+
+The statistics are a dict of float64 tensors and plain values (loadable with ``torch.load(weights_only=True)``),
+stored by the training engine as ``meta["trust"]`` with ``version == 2``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+TRUST_VERSION = 2
+#: Above this percentile of the training crops' cross-fitted scores a crop is "unlike the training data".
+THRESHOLD = 97.5
+#: slices (offsets from the crop's centre along the model's view) whose distances are averaged
+OFFSETS = (-3, -2, -1, 0, 1, 2, 3)
+CENTRE = 16
+FEATURE = "trunk_cls"
+METHOD = ("mahalanobis (Lee et al. 2018), Ledoit-Wolf covariance, features = class token entering the last "
+          "block, mean over the centre +- 3 slices")
+GRID = 101
+MAX_AUGMENTED_CROPS = 1000  # the dihedral augmentation only below this many training crops
+
+
+def is_domain_stats(stats: Any) -> bool:
+    """Whether ``stats`` are version-2 statistics (this module) rather than version 1 (:mod:`.trust`)."""
+    return isinstance(stats, dict) and int(stats.get("version", 1)) >= TRUST_VERSION
+
+
+def features_from_trunk(model: Any, resid: torch.Tensor) -> torch.Tensor:
+    """The trust features ``[B, D]`` (float32, detached) from the residual stream ``X`` ``[B, N, D]`` entering
+    the last block: the class token, or the mean token for a model without prefix tokens."""
+    resid = resid.detach()
+    if int(getattr(model, "num_prefix_tokens", 1)) > 0:
+        return resid[:, 0].float()
+    return resid.mean(1).float()
+
+
+@torch.no_grad()
+def input_features(model: Any, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The trust features ``[N, D]`` of model inputs (the trunk only, in eval mode, on the model's device)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        out = [features_from_trunk(model, model.trunk(chunk.to(device))).cpu() for chunk in images.split(batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, model.embed_dim)
+
+
+@contextmanager
+def recording_trunk(model: Any) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Record ``(images, features)`` of every call of ``model.trunk`` inside the block (the explainers' own
+    pass), so that the trust flag needs no forward pass of its own. The model is unchanged afterwards."""
+    records: list[tuple[torch.Tensor, torch.Tensor]] = []
+    had_own = "trunk" in vars(model)
+    original = model.trunk
+
+    def trunk(images: torch.Tensor) -> torch.Tensor:
+        resid = original(images)
+        records.append((images, features_from_trunk(model, resid)))
+        return resid
+
+    model.trunk = trunk
+    try:
+        yield records
+    finally:
+        if had_own:
+            model.trunk = original
+        else:
+            del model.trunk
+
+
+def features_of(records: Sequence[tuple[torch.Tensor, torch.Tensor]], images: torch.Tensor) -> torch.Tensor | None:
+    """The recorded features of exactly ``images`` (the first call on these inputs; perturbation methods call
+    the trunk on altered copies too), or None."""
+    for seen, feats in records:
+        if seen is images or (seen.shape == images.shape and torch.equal(seen.detach(), images.detach())):
+            return feats.cpu()
+    return None
+
+
+def trust_slices(stats: dict[str, Any]) -> list[int]:
+    """The crop slices the statistics score (``CENTRE + offsets``)."""
+    return [CENTRE + int(o) for o in stats.get("offsets", OFFSETS)]
+
+
+def dihedral(images: torch.Tensor) -> list[torch.Tensor]:
+    """The eight flips and transpositions of the last two (image plane) axes."""
+    t = images.transpose(-1, -2)
+    return [images, images.flip(-1), images.flip(-2), images.flip(-1).flip(-2),
+            t, t.flip(-1), t.flip(-2), t.flip(-1).flip(-2)]
+
+
+def crop_inputs(crop_hu: np.ndarray, view: str, input_stats: dict[str, Any], size: int,
+                offsets: Sequence[int] = OFFSETS) -> torch.Tensor:
+    """The model inputs the flag scores for one crop ``[32, 32, 32]`` HU: the slices ``CENTRE + offsets`` along
+    ``view`` (``[S, 3, size, size]``), or the whole crop for a 3D model (``[1, 1, size, size, size]``)."""
+    from lidc_cdam.ct.inputs import VOLUME, model_inputs, volume_input
+
+    if view == VOLUME:
+        return volume_input(crop_hu, input_stats, size)
+    return model_inputs(crop_hu, view, [CENTRE + int(o) for o in offsets], input_stats, size)
+
+
+def crops_features(model: Any, crops: Iterable[np.ndarray], input_stats: dict[str, Any], *, augment: bool = True,
+                   offsets: Sequence[int] = OFFSETS, batch_size: int = 64) -> torch.Tensor:
+    """Features ``[N, A, S, D]`` of N crops: S slices each (one input for a 3D model), under A = 8 flips and
+    transpositions of the image plane with ``augment`` (2D models), else A = 1."""
+    from lidc_cdam.ct.inputs import VOLUME
+
+    view = str(input_stats.get("view", "axial"))
+    size = int(input_stats.get("image_size") or model.default_image_size[0])
+    out = []
+    for crop in crops:
+        x = crop_inputs(np.asarray(crop, dtype=np.float32), view, input_stats, size, offsets)
+        variants = dihedral(x) if augment and view != VOLUME else [x]
+        feats = input_features(model, torch.cat(variants), batch_size)
+        out.append(feats.reshape(len(variants), len(x), -1))
+    if not out:
+        raise ValueError("the trust flag needs the features of at least 2 training crops, got 0")
+    return torch.stack(out)
+
+
+def _ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    from sklearn.covariance import LedoitWolf
+
+    lw = LedoitWolf(store_precision=True, assume_centered=False).fit(x)
+    return lw.location_, lw.precision_, float(lw.shrinkage_)
+
+
+def _distances(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    d = x - mean
+    return np.sqrt(np.maximum(np.einsum("...d,de,...e->...", d, precision, d), 0.0))
+
+
+def fit_domain_trust(features: Any, *, cross_fit: int = 5, threshold: float = THRESHOLD, seed: int = 0,
+                     offsets: Sequence[int] = OFFSETS, augment: str = "dihedral") -> dict[str, Any]:
+    """Version-2 trust statistics of training features ``[N crops, A augmentations, S slices, D]``.
+
+    Returns ``{"version": 2, "method", "feature", "mean" [D], "precision" [D, D], "shrinkage",
+    "train_distances" (sorted cross-fitted crop scores [N * A]), "percentiles" [101], "n_train" (crops),
+    "n_vectors", "dim", "offsets", "augment", "cross_fit", "threshold"}``. ``N < 2`` raises ValueError.
+    """
+    f = torch.as_tensor(features).detach().cpu().double().numpy()
+    if f.ndim != 4:
+        raise ValueError(f"features must be [N crops, A, S, D], got shape {tuple(f.shape)}")
+    if not np.isfinite(f).all():
+        raise ValueError("features contain NaN or infinite values")
+    n, a, s, dim = f.shape
+    if n < 2:
+        raise ValueError(f"the trust flag needs the features of at least 2 training crops, got {n}")
+    flat = f.reshape(-1, dim)
+    mean, precision, shrinkage = _ledoit_wolf(flat)
+    folds = min(int(cross_fit), n)
+    if folds >= 2 and n - math.ceil(n / folds) >= 2:
+        order = np.random.default_rng(seed).permutation(n)
+        scores = np.empty((n, a))
+        for part in np.array_split(order, folds):
+            rest = np.setdiff1d(order, part)
+            m, p, _ = _ledoit_wolf(f[rest].reshape(-1, dim))
+            scores[part] = _distances(f[part], m, p).mean(-1)
+    else:
+        folds = 0
+        scores = _distances(f, mean, precision).mean(-1)
+    reference = np.sort(scores.ravel())
+    return {
+        "version": TRUST_VERSION,
+        "method": METHOD,
+        "feature": FEATURE,
+        "mean": torch.from_numpy(mean.copy()),
+        "precision": torch.from_numpy(np.ascontiguousarray(precision)),
+        "shrinkage": shrinkage,
+        "train_distances": torch.from_numpy(reference),
+        "percentiles": torch.from_numpy(np.percentile(reference, np.linspace(0, 100, GRID))),
+        "n_train": int(n),
+        "n_vectors": int(n * a * s),
+        "dim": int(dim),
+        "offsets": [int(o) for o in offsets] if s > 1 else [0],
+        "augment": augment if a > 1 else "none",
+        "cross_fit": int(folds),
+        "threshold": float(threshold),
+    }
+
+
+def fit_from_crops(model: Any, crops: Sequence[np.ndarray] | Iterable[np.ndarray], input_stats: dict[str, Any],
+                   *, augment: bool | None = None, batch_size: int = 64, **kwargs: Any) -> dict[str, Any]:
+    """:func:`fit_domain_trust` of a model's training crops (``[32, 32, 32]`` HU each, e.g. from
+    :func:`lidc_cdam.data.lidc.crops.read_crop`), with the checkpoint's ``input_stats``. ``augment`` defaults
+    to the dihedral augmentation below :data:`MAX_AUGMENTED_CROPS` crops."""
+    from lidc_cdam.ct.inputs import VOLUME
+
+    crops = list(crops)
+    if augment is None:
+        augment = len(crops) < MAX_AUGMENTED_CROPS
+    volume = str(input_stats.get("view", "axial")) == VOLUME
+    feats = crops_features(model, crops, input_stats, augment=augment, batch_size=batch_size)
+    return fit_domain_trust(feats, offsets=(0,) if volume else OFFSETS,
+                            augment="dihedral" if augment and not volume else "none", **kwargs)
+
+
+def fit_from_images(model: Any, images: torch.Tensor, batch_size: int = 64, **kwargs: Any) -> dict[str, Any]:
+    """:func:`fit_domain_trust` of plain training inputs ``[N, C, ...]`` (one input per item, no crops:
+    ``offsets == [0]``, scored on the input itself)."""
+    feats = input_features(model, images, batch_size)
+    return fit_domain_trust(feats[:, None, None], offsets=(0,), augment="none", **kwargs)
+
+
+def _check(stats: dict[str, Any], dim: int) -> None:
+    if not is_domain_stats(stats) or "mean" not in stats or "precision" not in stats:
+        raise ValueError("not version-2 trust statistics (fit_domain_trust's dict)")
+    if int(stats["dim"]) != dim:
+        raise ValueError(f"features have dimension {dim}, the trust statistics were fitted on {stats['dim']}")
+
+
+def distances(stats: dict[str, Any], features: Any) -> np.ndarray:
+    """Mahalanobis distances (Lee et al. 2018, Eq. 2) of features ``[..., D]`` to the training features."""
+    f = torch.as_tensor(features).detach().cpu().double().numpy()
+    _check(stats, f.shape[-1])
+    mean = torch.as_tensor(stats["mean"], dtype=torch.float64).cpu().numpy()
+    precision = torch.as_tensor(stats["precision"], dtype=torch.float64).cpu().numpy()
+    return _distances(f, mean, precision)
+
+
+def crop_score(stats: dict[str, Any], features: Any) -> np.ndarray:
+    """Scores of crops from their features ``[S, D]`` (one crop) or ``[N, S, D]``: the mean distance over the
+    S slices."""
+    d = distances(stats, features)
+    return np.atleast_1d(d.mean(-1))
+
+
+def percentile_of_score(stats: dict[str, Any], scores: Any) -> np.ndarray:
+    """Percentiles in [0, 100] of scores among the training crops' own cross-fitted scores."""
+    reference = torch.as_tensor(stats["train_distances"], dtype=torch.float64).cpu().numpy()
+    s = np.atleast_1d(np.asarray(scores, dtype=np.float64))
+    return np.interp(s, reference, np.linspace(0.0, 100.0, len(reference)))
+
+
+def crop_percentile(stats: dict[str, Any], features: Any) -> np.ndarray:
+    """Percentiles of crops' features (``[S, D]`` or ``[N, S, D]``) among the training crops' scores."""
+    return percentile_of_score(stats, crop_score(stats, features))
+
+
+def is_unlike(stats: dict[str, Any], percentile: float) -> bool:
+    """``percentile > stats["threshold"]``."""
+    return bool(float(percentile) > float(stats.get("threshold", THRESHOLD)))
