@@ -85,7 +85,7 @@ def test_fresh_series_click_gives_a_five_fold_ensemble(make_napari_viewer, qtbot
             assert mine.n == 5 and mine.sd[t] > 0
     text = widget.predictions.value
     assert "malignancy: p = " in text and "+- " in text and "(5 folds)" in text
-    assert "malignancy: like the training data (percentile" in text  # a phantom nodule, like the trust data
+    assert "malignancy: like the training data: " in text and "percentile" in text  # a phantom nodule
     assert "this slice (crop slice 16)" in text  # the slider is on the point
 
     # the ensemble toggle: mean, sign agreement, each fold

@@ -94,6 +94,16 @@ def _numeric(value: Any) -> float | None:
     return v if np.isfinite(v) else None
 
 
+def phantom_warnings(ensembles: Sequence[Any]) -> list[str]:
+    """The phantom-trained models' warning (:func:`lidc_cdam.models.provenance.phantom_warning`), once."""
+    from lidc_cdam.ct.ensemble import as_loaded
+    from lidc_cdam.models.provenance import training_data
+
+    models = [as_loaded(c).model for e in ensembles for c in e.checkpoints]
+    warning = training_data(models)["phantom_warning"] if models else None
+    return [f"the model(s) {warning}"] if warning else []
+
+
 class CdamController:
     """The viewer's state and actions (see the module docstring); every refusal is a :class:`CTError`."""
 
@@ -283,7 +293,7 @@ class CdamController:
                     break
                 yield (j + done / max(total, 1)) / len(jobs)
             warnings = [*volume_warnings(volume), *pc.warnings,
-                        *trust_warnings(label.split(" (")[0], PointResult(pc, ensembles))]
+                        *trust_warnings(label.split(" (")[0], PointResult(pc, ensembles)), *phantom_warnings(ensembles)]
             shown = Explained(label, pc.crop, ensembles, ratings, pc.padded_share, pc, warnings)
         return shown
 

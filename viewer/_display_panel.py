@@ -17,7 +17,7 @@ from lidc_cdam.viewer._overlays import (
     crop_affine,
     world_to_crop_index,
 )
-from lidc_cdam.viewer._text import prediction_text
+from lidc_cdam.viewer._text import prediction_text, training_text
 from magicgui.widgets import ComboBox, FloatSlider, Label, PushButton
 
 from lidc_cdam.ct.crop import CROP
@@ -51,10 +51,12 @@ class DisplayPanel:
         self.lung_button = PushButton(text="Lung window (W1500/L-600)")
         self.mediastinum_button = PushButton(text="Mediastinum window (W400/L40)")
         self.predictions = Label(label="Predictions", value="")
+        self.training = Label(label="Trained on", value="")
         with contextlib.suppress(AttributeError):
             self.predictions.native.setWordWrap(True)
+            self.training.native.setWordWrap(True)
         self.widgets = [self.shown, self.models_shown, self.scale, self.opacity, self.lung_button,
-                        self.mediastinum_button, self.predictions]
+                        self.mediastinum_button, self.predictions, self.training]
         self.shown.changed.connect(self.show_target)
         self.models_shown.changed.connect(self.render)
         self.opacity.changed.connect(self._set_opacity)
@@ -148,6 +150,10 @@ class DisplayPanel:
         text, _ = prediction_text(explained.ensembles, explained.ratings, self.slice_under_slider(),
                                   explained.padded_share)
         self.predictions.value = text
+        provenance, phantom = training_text(explained.ensembles)
+        self.training.value = "\n".join([phantom, provenance] if phantom else [provenance])
+        with contextlib.suppress(AttributeError):  # the phantom warning in red, as on the report page
+            self.training.native.setStyleSheet("color: #e0404f; font-weight: bold;" if phantom else "")
 
     def focus(self, crop: dict[str, Any], view: str) -> None:
         """Slider on the crop's central slice along the view (the one predicted), camera on the crop's centre,

@@ -34,14 +34,30 @@ def _ratings(name: str, row: Mapping[str, Any]) -> str:
 
 
 def trust_line(trust: Mapping[str, Any] | None, task: str) -> tuple[str, bool]:
-    """``(text, warn)`` for a task's trust flag (:func:`lidc_cdam.ct.ensemble.crop_trust`)."""
+    """``(text, warn)`` for a task's trust flag (:func:`lidc_cdam.ct.ensemble.crop_trust`), in the words of
+    :func:`lidc_cdam.models.provenance.trust_explanation` (percentile, threshold, measured rates)."""
+    from lidc_cdam.models.provenance import trust_explanation
+
     if not trust:
         return f"{task}: no training statistics in the checkpoint(s), no trust flag", False
-    pct, threshold = float(trust["percentile"]), float(trust.get("threshold", 99.0))
+    text = f"{task}: {trust_explanation(dict(trust))}"
     if trust.get("unlike_training"):
-        return (f"WARNING {task}: unlike the training data (percentile {pct:.1f} > {threshold:g}): "
-                "do not rely on these predictions", True)
-    return f"{task}: like the training data (percentile {pct:.1f})", False
+        return f"WARNING {text}: do not rely on these predictions", True
+    return text, False
+
+
+def training_text(ensembles: Sequence[Any]) -> tuple[str, str | None]:
+    """``(one provenance line per distinct model, the phantom warning or None)`` of the ensembles' checkpoints
+    (:mod:`lidc_cdam.models.provenance`)."""
+    from lidc_cdam.ct.ensemble import as_loaded
+    from lidc_cdam.models.provenance import provenance_line, provenance_of, training_data
+
+    models = [as_loaded(c).model for e in ensembles for c in e.checkpoints]
+    if not models:
+        return "", None
+    lines = list(dict.fromkeys(provenance_line(provenance_of(m)) for m in models))
+    warning = training_data(models)["phantom_warning"]
+    return "\n".join(lines), (f"The model was {warning}" if warning else None)
 
 
 def prediction_text(ensembles: Sequence[Any], row: Mapping[str, Any] | None = None,
