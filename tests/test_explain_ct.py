@@ -204,6 +204,13 @@ def test_dicom_results_of_an_ensemble_read_back(tmp_path, scan, nodule_centre, f
     assert frames.max() == pytest.approx(crop_map.max(), rel=1e-5)
     _, nifti = read_nifti(out / "p01" / "malignancy.nii.gz")  # the NIfTI stays on the scan's grid
     assert nifti.shape == scan.shape
+    # read back as the plugin reads it (highdicom's volume of the map, in patient mm): the same peak
+    from lidc_cdam.ct.parametric_map import read_parametric_map
+
+    back = read_parametric_map(out / "p01" / "dicom" / "cdam_malignancy_pm.dcm")
+    assert back.shape == (32, 32, 32)
+    peak = np.unravel_index(np.abs(back.hu).argmax(), back.shape)
+    np.testing.assert_allclose(back.index_to_world(np.array(peak, dtype=float)), world_crop, atol=1e-3)
     # the SR's numbers are the JSON's (the ensemble's mean and its standard deviation)
     (group,) = hd.sr.srread(out / "dicom_sr.dcm").content.get_planar_roi_measurement_groups()
     assert str(group.tracking_identifier) == "p01"
