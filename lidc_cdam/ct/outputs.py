@@ -17,6 +17,7 @@ summary and ``warn`` (stderr for the CLI, the status line for the viewer).
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,9 +70,16 @@ def trust_warnings(pid: str, result: PointResult) -> list[str]:
 
 
 def point_entry(pid: str, result: PointResult, *, given: Sequence[float], given_as: str, method: str,
-                ratings: dict[str, float] | None = None, warnings: Sequence[str] = ()) -> dict[str, Any]:
+                ratings: dict[str, float] | None = None, warnings: Sequence[str] = (),
+                training_data: dict[str, Any] | None = None) -> dict[str, Any]:
     """A point's ``predictions.json`` (without its ``files``): the point, its crop, per task the mean, sd, each
-    checkpoint's predictions, the trust flag and the map file stems."""
+    checkpoint's predictions, the trust flag and the map file stems, and what the models were trained on
+    (``training_data``, :func:`lidc_cdam.models.provenance.training_data`; computed here when not given)."""
+    if training_data is None:
+        from lidc_cdam.ct.ensemble import as_loaded
+        from lidc_cdam.models.provenance import training_data as of_models
+
+        training_data = of_models([as_loaded(c).model for e in result.ensembles for c in e.checkpoints])
     pc = result.crop
     tasks = []
     for e, stems in zip(result.ensembles, map_names(result.ensembles), strict=True):
@@ -82,7 +90,7 @@ def point_entry(pid: str, result: PointResult, *, given: Sequence[float], given_
             "world_lps_mm": [float(v) for v in pc.point_world], "index_ijk": [float(v) for v in pc.point_index],
             "padded_share": pc.padded_share, "crop_size_mm": CROP, "crop_axes": "LPS (patient), [z, y, x]",
             "method": method, "view": result.ensembles[0].view if result.ensembles else None, "tasks": tasks,
-            "ratings": dict(ratings or {}), "warnings": list(warnings)}
+            "ratings": dict(ratings or {}), "warnings": list(warnings), "training_data": training_data}
 
 
 def rows_of(entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -191,6 +199,7 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
     from lidc_cdam.data.lidc.crops import ct_image
     from lidc_cdam.io import atomic_write, write_json
     from lidc_cdam.models.demo_weights import sha256_of
+    from lidc_cdam.models.provenance import provenance_line, training_data
 
     concepts = concepts or ConceptResolver()
     if dicom and not volume.source_files:
@@ -203,6 +212,7 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
     worlds = [to_world(volume, p, ijk) for _, p in points]  # every point checked before any work
     models = [m.to(device) for g in groups.values() for m in g]
     hashes = {str(m.path): sha256_of(m.path) for m in models}
+    trained_on = training_data([m.model for m in models])
     settings = {"volume": {"name": volume.name, "shape_zyx": list(volume.shape),
                            "series_instance_uid": volume.meta.get("series_instance_uid"),
                            "source": volume.meta.get("source")},
@@ -221,6 +231,8 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
     vol_warnings = volume_warnings(volume)
     for w in vol_warnings:
         warn(f"{volume.name}: {w}")
+    if trained_on["phantom_warning"]:
+        warn(f"the model(s) {trained_on['phantom_warning']}")
     image = ct_image(volume.hu, volume.geometry())
     entries: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -240,7 +252,7 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
         for w in [*pc.warnings, *trust_warnings(pid, result)]:
             warn(w)
         entry = point_entry(pid, result, given=given, given_as="ijk" if ijk else "lps_mm", method=method,
-                            ratings=(ratings or {}).get(pid), warnings=warnings)
+                            ratings=(ratings or {}).get(pid), warnings=warnings, training_data=trained_on)
         with folder.point(pid, world) as partial:
             entry = write_point(partial, entry, result, volume, nifti=nifti, report=report, dicom_source=dicom_source,
                                 series_base=1000 * (n + 1), checkpoint_hashes=hashes, series_label=series_label)
@@ -256,7 +268,8 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
                    "origin_xyz": list(volume.origin), "direction": list(volume.direction),
                    "series_instance_uid": volume.meta.get("series_instance_uid"), "warnings": vol_warnings,
                    "warning": "; ".join(vol_warnings) or None},
-        "checkpoints": [str(m.path) for m in models], "method": method, "options": options or {},
+        "checkpoints": [str(m.path) for m in models], "training_data": trained_on, "method": method,
+        "options": options or {},
         "slices": slices, "margin": margin, "concepts": list(concepts.names),
         "maps_note": "raw signed scores of each crop slice, resized to the 1 mm crop plane (patient axes), placed on "
                      "the scan's grid (linear), zero outside the crop; ensembles: the mean over the models",
@@ -265,8 +278,11 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
     if dicom:
         from lidc_cdam.ct.dicom_results import write_structured_report
 
+        distinct = dict.fromkeys(json.dumps(m, sort_keys=True) for m in trained_on["models"])
+        text = "; ".join([*(provenance_line(json.loads(m)) for m in distinct),
+                          *([trained_on["phantom_warning"]] if trained_on["phantom_warning"] else [])])
         write_structured_report(dicom_source, [sr_point(e) for e in entries], folder.root / "dicom_sr.dcm",
-                                series_number=999)
+                                series_number=999, training_data=text)
         summary["dicom"] = {**{e["id"]: e["files"].get("dicom", []) for e in entries},
                             "structured_report": ["dicom_sr.dcm"]}
         run_files.append("dicom_sr.dcm")
