@@ -40,11 +40,12 @@ class PacsError(CTError):
 
 
 def quiet_libraries() -> None:
-    """dicomweb-client and pynetdicom log every request at INFO: keep them to warnings unless configured."""
-    for name in ("dicomweb_client", "pynetdicom"):
+    """dicomweb-client logs every request at INFO, pynetdicom every step and every failure that lidc-cdam reports
+    itself: keep them to warnings and to critical errors unless configured."""
+    for name, level in (("dicomweb_client", logging.WARNING), ("pynetdicom", logging.CRITICAL)):
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
-            logger.setLevel(logging.WARNING)
+            logger.setLevel(level)
 
 
 def public_url(url: str) -> str:

@@ -176,8 +176,8 @@ def store_scp(target: str, files: Sequence[Path], *, out: Path | None = None, ca
     failure = ""
     if not assoc.is_established:
         why = ("the association was rejected (is the called AE title right, and is this AE title allowed?)"
-               if assoc.is_rejected else "the association was aborted" if assoc.is_aborted
-               else "cannot connect (the server is down, or the host or port is wrong)")
+               if assoc.is_rejected else "cannot connect, or the association was aborted (the server is down, the "
+               "host or port is wrong, or it dropped the connection)")
         failure = f"{report.destination}: storing by C-STORE failed: {why}"
     try:
         for n, (sent, ds) in enumerate(zip(report.files, datasets, strict=True)):
