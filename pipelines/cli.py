@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not args.verbose:  # highdicom logs each module it copies, dicomweb-client each request: only with -v
+        for name in ("highdicom", "dicomweb_client"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     from lidc_cdam.data.imagenet import ManifestError
     from lidc_cdam.data.images import ImageReadError
     from lidc_cdam.data.lidc.errors import LidcError

@@ -25,6 +25,13 @@ Every file is written atomically and each point's folder appears whole or not at
 --out resumes: points finished with the same settings are skipped, point folders of an earlier run that this
 run does not have are removed (and said so). The NIfTI files carry the scan's geometry: they open aligned with
 the CT in 3D Slicer or ITK-SNAP. All the work is done by lidc_cdam.ct.outputs.explain_points.
+
+From a PACS: --dicomweb URL --study UID [--series UID] instead of SERIES fetches the series (default: the study's
+largest CT series) by WADO-RS into the lidc-cdam cache (fetched once; an interrupted fetch resumes). --store sends
+the DICOM results (--dicom) back to that server by STOW-RS, --store-to URL to another, --store-scp AET@HOST:PORT by
+DIMSE C-STORE; pacs_store.json records what was stored where. A server that is down, times out or refuses: exit 2,
+saying what was and was not stored (the local results stay). Credentials: LIDC_CDAM_PACS_TOKEN, or
+LIDC_CDAM_PACS_USER / LIDC_CDAM_PACS_PASSWORD, or netrc; never on the command line. Library: lidc_cdam.ct.pacs.
 """
 
 from __future__ import annotations
