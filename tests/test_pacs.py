@@ -364,3 +364,26 @@ def test_the_same_round_trip_by_dimse_c_store(orthanc, nodule, as_user, tmp_path
     code, stdout, err = run_cli(explain_args(orthanc, other, nodule, out, "--store-scp",
                                              f"ORTHANC@127.0.0.1:{free_port()}"))
     assert code == 2 and "cannot connect" in err and "stored 0 of 3" in err and "1 resumed" in stdout
+
+
+def test_store_to_a_server_that_is_down_exits_2_saying_nothing_was_stored(orthanc, study, nodule,  # noqa: F811
+                                                                           first_run, lidc, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    down = f"http://127.0.0.1:{free_port()}/dicom-web"
+    code, stdout, err = run_cli(explain_args(orthanc, study, nodule, out, "--store-to", down))
+    assert code == 2 and "1 resumed" in stdout
+    assert f"{down}: storing p01/dicom/region_seg.dcm (STOW-RS) failed: cannot connect" in err
+    assert f"{down} (STOW-RS): stored 0 of 3" in err and err.count("\n") == 1
+    assert json.loads((out / "pacs_store.json").read_text())["destinations"][0]["n_failed"] == 3
+
+
+def test_netrc_credentials_against_orthanc(orthanc, study, as_user, lidc, tmp_path, monkeypatch):  # noqa: F811
+    as_user(None)
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login lidc password {USERS['lidc']}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    code, out, err = run_cli(["pacs", "find", "--dicomweb", orthanc.dicomweb, "--patient", study["patient"]])
+    assert code == 0 and study["series"] in out, err
+    no_secret_in(out, err)
