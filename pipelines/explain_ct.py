@@ -259,9 +259,4 @@ def fetch(server: Any, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     else:
         print(f"fetched {got.downloaded} of {got.instances} instances of series {got.series} from {server.url} "
               f"({got.bytes / 1e6:.1f} MB in {got.seconds:.1f} s) into {got.folder}")
-    source = {"series": f"{server.url} study {got.study} series {got.series}",
-              "pacs": {"url": server.url, "study_instance_uid": got.study, "series_instance_uid": got.series,
-                       "cache": str(got.folder), "instances": got.instances, "from_cache": got.from_cache,
-                       "fetched_instances": got.downloaded, "fetched_bytes": got.bytes,
-                       "fetch_seconds": round(got.seconds, 3)}}
-    return got.folder, source
+    return got.folder, got.as_source()

@@ -51,6 +51,16 @@ class Fetched:
     bytes: int
     seconds: float
     from_cache: bool
+    server: str = ""
+
+    def as_source(self) -> dict[str, Any]:
+        """What :func:`lidc_cdam.ct.outputs.explain_points` records as the input (``source``): where the series came
+        from (the public URL, no credentials), its UIDs, the cache folder, what this fetch cost."""
+        return {"series": f"{self.server} study {self.study} series {self.series}",
+                "pacs": {"url": self.server, "study_instance_uid": self.study, "series_instance_uid": self.series,
+                         "cache": str(self.folder), "instances": self.instances, "from_cache": self.from_cache,
+                         "fetched_instances": self.downloaded, "fetched_bytes": self.bytes,
+                         "fetch_seconds": round(self.seconds, 3)}}
 
 
 def cache_root() -> Path:
@@ -126,7 +136,7 @@ def fetch_steps(server: Server, study: str, series: str | None = None, *, root: 
     if known is not None:
         n = len(known["instances"])
         yield n, n
-        return Fetched(folder, study, series, n, 0, 0, time.perf_counter() - start, True)
+        return Fetched(folder, study, series, n, 0, 0, time.perf_counter() - start, True, server.url)
     with calling(f"listing the instances of series {series} (QIDO-RS)", server):
         listed = server.client.search_for_instances(study, series, fields=["SOPInstanceUID"], get_remaining=True)
     uids = list(dict.fromkeys(str(item.get("00080018", {}).get("Value", [""])[0]) for item in listed))
@@ -175,7 +185,7 @@ def fetch_steps(server: Server, study: str, series: str | None = None, *, root: 
         if extra.stem not in wanted:
             extra.unlink()
     write_json(folder / MARKER, {"study": study, "series": series, "server": server.url, "instances": uids})
-    return Fetched(folder, study, series, total, fetched, size, time.perf_counter() - start, False)
+    return Fetched(folder, study, series, total, fetched, size, time.perf_counter() - start, False, server.url)
 
 
 def fetch_series(server: Server, study: str, series: str | None = None, *, root: str | Path | None = None,
