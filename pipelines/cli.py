@@ -10,6 +10,8 @@ JOBS = {
     "explain": ("lidc_cdam.pipelines.explain", "importance maps for image files"),
     "explain-ct": ("lidc_cdam.pipelines.explain_ct", "predictions and CDAM maps at points of any CT (DICOM, NIfTI), "
                                                      "fold ensembles; maps as NIfTI on the scan's grid"),
+    "pacs": ("lidc_cdam.pipelines.pacs", "a PACS over DICOMweb: find studies and series (`explain-ct --dicomweb` "
+                                         "fetches one and stores the results back)"),
     "benchmark": ("lidc_cdam.pipelines.benchmark", "evaluate importance estimators: tables and curves as in the paper"),
     "cohort": ("lidc_cdam.pipelines.cohort", "evaluate the maps over the LIDC test nodules of each fold: evidence in "
                                              "the nodule, faithfulness, radiological concepts, co-location"),
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not args.verbose:  # highdicom logs each module it copies, dicomweb-client each request: only with -v
+        for name in ("highdicom", "dicomweb_client"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     from lidc_cdam.data.imagenet import ManifestError
     from lidc_cdam.data.images import ImageReadError
     from lidc_cdam.data.lidc.errors import LidcError

@@ -25,6 +25,13 @@ Every file is written atomically and each point's folder appears whole or not at
 --out resumes: points finished with the same settings are skipped, point folders of an earlier run that this
 run does not have are removed (and said so). The NIfTI files carry the scan's geometry: they open aligned with
 the CT in 3D Slicer or ITK-SNAP. All the work is done by lidc_cdam.ct.outputs.explain_points.
+
+From a PACS: --dicomweb URL --study UID [--series UID] instead of SERIES fetches the series (default: the study's
+largest CT series) by WADO-RS into the lidc-cdam cache (fetched once; an interrupted fetch resumes). --store sends
+the DICOM results (--dicom) back to that server by STOW-RS, --store-to URL to another, --store-scp AET@HOST:PORT by
+DIMSE C-STORE; pacs_store.json records what was stored where. A server that is down, times out or refuses: exit 2,
+saying what was and was not stored (the local results stay). Credentials: LIDC_CDAM_PACS_TOKEN, or
+LIDC_CDAM_PACS_USER / LIDC_CDAM_PACS_PASSWORD, or netrc; never on the command line. Library: lidc_cdam.ct.pacs.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lidc_cdam.pipelines.pacs import add_connection_arguments
 from tqdm.auto import tqdm
 
 from lidc_cdam.ct.errors import CTError
@@ -44,8 +52,9 @@ METHOD_CHOICES = ("cdam", "smooth-cdam", "integrated-cdam", "attention")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("series", type=Path, help="a CT: DICOM series folder (or a patient folder above it), a "
-                                                  "DICOM file of the series, or a NIfTI, NRRD or MHA/MHD file")
+    parser.add_argument("series", type=Path, nargs="?",
+                        help="a CT: DICOM series folder (or a patient folder above it), a DICOM file of the series, "
+                             "or a NIfTI, NRRD or MHA/MHD file (or, instead, --dicomweb with --study)")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
                        help="a point in patient mm, DICOM LPS (with --ijk: a voxel index I J K); repeat for more")
@@ -79,6 +88,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dicom", action="store_true",
                         help="also write DICOM results for a PACS (DICOM input only): each CDAM as a Parametric Map, "
                              "the explained region as a Segmentation, the predictions as a TID 1500 SR")
+    pacs = parser.add_argument_group("PACS", "fetch the CT from a DICOMweb server and store the DICOM results on a "
+                                     "PACS (credentials from the environment or netrc: `lidc-cdam pacs find -h`)")
+    add_connection_arguments(pacs, required=False)
+    pacs.add_argument("--study", metavar="UID", help="with --dicomweb: the StudyInstanceUID to fetch")
+    pacs.add_argument("--series", dest="pacs_series", metavar="UID",
+                      help="with --dicomweb: the SeriesInstanceUID (default: the study's largest CT series)")
+    pacs.add_argument("--store", action="store_true",
+                      help="store the DICOM results (--dicom) on the --dicomweb server (STOW-RS)")
+    pacs.add_argument("--store-to", dest="store_to", action="append", default=[], metavar="URL",
+                      help="store the DICOM results on this DICOMweb server (STOW-RS); repeatable")
+    pacs.add_argument("--store-scp", dest="store_scp", action="append", default=[], metavar="AET@HOST:PORT",
+                      help="store the DICOM results by DIMSE C-STORE (a PACS without DICOMweb); repeatable")
 
 
 # ------------------------------------------------------------------------------------------ points
@@ -150,13 +171,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.n < 1 or args.margin < 0:
         raise CTError("--n must be >= 1 and --margin >= 0")
     device = resolve_device(args.device)  # an unavailable device stops here
+    check_pacs_arguments(args)
     RunFolder(args.out, {})  # an unusable --out stops here, before any reading or computing
     points, ratings = read_points(args)
     concepts = ConceptResolver(args.concept, args.concept_data)
-    series = int(args.series_uid) if args.series_uid and args.series_uid.isdigit() else args.series_uid
-    volume = read_ct(args.series, series)
+    stow, scp = destinations(args)
+    source: dict[str, Any] = {"series": str(args.series)}
+    if args.dicomweb:
+        path, source = fetch(stow[0] if args.store else None, args)
+        series = None
+    else:
+        path = args.series
+        series = int(args.series_uid) if args.series_uid and args.series_uid.isdigit() else args.series_uid
+    volume = read_ct(path, series)
     options = {"n": args.n} if args.method in ("smooth-cdam", "integrated-cdam") else {}
-    label = f"{volume.name} ({args.series})" if volume.name and volume.name != str(args.series) else str(args.series)
+    where = source["series"]
+    label = f"{volume.name} ({where})" if volume.name and volume.name != where else where
     with tqdm(total=1000, desc="explaining points", disable=not sys.stderr.isatty(),
               bar_format="{l_bar}{bar}| {elapsed}<{remaining}") as bar:
 
@@ -167,10 +197,72 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary = explain_points(volume, points, args.checkpoint, args.out, ijk=args.ijk, method=args.method,
                                  view=args.view, slices="nodule" if args.slices == "centre" else "all",
                                  margin=args.margin, options=options, concepts=concepts, ratings=ratings,
-                                 dicom=args.dicom, series_label=label, source={"series": str(args.series)},
+                                 dicom=args.dicom, series_label=label, source=source,
                                  warn=lambda m: tqdm.write(f"warning: {m}", file=sys.stderr), progress=progress,
                                  device=device)
     n_models = len(summary["checkpoints"])
     resumed = f", {len(summary['resumed'])} resumed from an earlier run" if summary["resumed"] else ""
     print(f"explained {len(points)} point(s) with {n_models} checkpoint(s){resumed}; results in {args.out}/")
+    if stow or scp:
+        from lidc_cdam.ct.pacs.store import send_results
+
+        for report in send_results(args.out, summary=summary, stow=stow, scp=scp, timeout=args.pacs_timeout):
+            print(f"stored on {report.line()}")
     return summary
+
+
+# ------------------------------------------------------------------------------------------ PACS
+
+
+def check_pacs_arguments(args: argparse.Namespace) -> None:
+    """Exactly one of SERIES and --dicomweb; the PACS options only where they mean something."""
+    if (args.series is None) == (args.dicomweb is None):
+        both = args.series is not None
+        raise CTError(f"{'two CTs' if both else 'no CT'}: give SERIES (a folder or file) or --dicomweb URL --study "
+                      f"UID{', not both' if both else ''}")
+    if args.dicomweb and not args.study:
+        raise CTError("--dicomweb needs --study UID (find it with `lidc-cdam pacs find --dicomweb URL`)")
+    if not args.dicomweb and (args.study or args.pacs_series):
+        raise CTError("--study and --series go with --dicomweb (a folder's series: --series-uid)")
+    if args.dicomweb and args.series_uid:
+        raise CTError("--series-uid chooses a series in a folder; with --dicomweb use --series UID")
+    if args.store and not args.dicomweb:
+        raise CTError("--store sends the results to the --dicomweb server; give another server with --store-to URL "
+                      "or --store-scp AET@HOST:PORT")
+    if (args.store or args.store_to or args.store_scp) and not args.dicom:
+        raise CTError("--store, --store-to and --store-scp send the DICOM results: add --dicom")
+
+
+def destinations(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
+    """The DICOMweb servers (the --dicomweb one first with --store) and DIMSE targets the results go to; nothing is
+    contacted yet, but malformed URLs and targets are refused before any work."""
+    from lidc_cdam.ct.pacs.client import connect
+    from lidc_cdam.ct.pacs.store import parse_scp
+
+    urls = ([args.dicomweb] if args.store else []) + list(args.store_to)
+    stow = [connect(url, insecure=args.insecure, timeout=args.pacs_timeout) for url in urls]
+    for target in args.store_scp:
+        parse_scp(target)
+    return stow, list(args.store_scp)
+
+
+def fetch(server: Any, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """The --study / --series fetched into the cache (or found there): its folder and the summary's source."""
+    from lidc_cdam.ct.pacs.client import connect
+    from lidc_cdam.ct.pacs.fetch import fetch_series
+
+    server = server or connect(args.dicomweb, insecure=args.insecure, timeout=args.pacs_timeout)
+    with tqdm(desc="fetching the series", unit="instance", disable=not sys.stderr.isatty()) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        got = fetch_series(server, args.study, args.pacs_series, progress=progress)
+    if got.from_cache:
+        print(f"series {got.series}: {got.instances} instances from the cache ({got.folder})")
+    else:
+        print(f"fetched {got.downloaded} of {got.instances} instances of series {got.series} from {server.url} "
+              f"({got.bytes / 1e6:.1f} MB in {got.seconds:.1f} s) into {got.folder}")
+    return got.folder, got.as_source()

@@ -39,6 +39,9 @@ Qt. From reading a scan to a map on its grid:
   Structured Report, on the source series' Frame of Reference;
 - :mod:`.report` - a report page per point (PNG and PDF); :mod:`.parametric_map` - a Parametric Map read back
   onto its grid (the viewer's overlays);
+- :mod:`.pacs` - a PACS: find studies (QIDO-RS), fetch a series into the cache (WADO-RS: progress, cancel,
+  resume), store the DICOM results (STOW-RS, DIMSE C-STORE); credentials from the environment, never shown;
+- :mod:`.dicom_writer` - a volume written as a CT DICOM series (exact geometry; fresh UIDs on request);
 - :mod:`.synthetic` - a synthetic chest scan with phantom nodules (DICOM series, crops, nodule table): **not CT**;
 - :mod:`.testing` - tiny random checkpoints for tests and the viewer's screenshot and benchmark.
 

@@ -301,7 +301,7 @@ def _number(value: Any) -> float:
 
 def write_structured_report(source: Any, points: Sequence[Mapping[str, Any]], out_path: str | Path, *,
                             units: Mapping[str, str] | None = None, series_number: int = 903,
-                            training_data: str | None = None) -> Path:
+                            training_data: str | None = None, references: Sequence[Any] = ()) -> Path:
     """The points' predictions, spread and trust flag as a TID 1500 Measurement Report (Comprehensive 3D SR).
 
     Each point is a dict: ``point_id`` (str), ``position_mm`` (x, y, z patient mm, LPS), ``predictions``
@@ -313,7 +313,8 @@ def write_structured_report(source: Any, points: Sequence[Mapping[str, Any]], ou
     the flag and the research-use statement as qualitative evaluations. ``units``: UCUM code per prediction
     name (default ``mm`` for names ending in ``_mm``, else ``1``). ``training_data``: what the models were trained
     on, as text (:func:`lidc_cdam.models.provenance.provenance_line`, and the phantom warning), one TEXT item
-    ``(TRAININGDATA, 99LIDCCDAM)`` in the report's root container."""
+    ``(TRAININGDATA, 99LIDCCDAM)`` in the report's root container. ``references``: other results of the run (the
+    Parametric Maps and Segmentations: datasets or files) that the report's evidence lists beside the source."""
     import highdicom as hd
     from pydicom.sr.coding import Code
 
@@ -366,7 +367,10 @@ def write_structured_report(source: Any, points: Sequence[Mapping[str, Any]], ou
     common = _common(series_number)
     for key in ("manufacturer_model_name", "software_versions", "device_serial_number"):
         common.pop(key)
-    sr = hd.sr.Comprehensive3DSR(evidence=datasets, content=report, **common, is_complete=True)
+    import pydicom
+
+    others = [r if isinstance(r, pydicom.Dataset) else pydicom.dcmread(r, stop_before_pixels=True) for r in references]
+    sr = hd.sr.Comprehensive3DSR(evidence=[*datasets, *others], content=report, **common, is_complete=True)
     sr.SeriesDescription = _description("lidc-cdam point predictions")
     sr.ContentQualification = "RESEARCH"  # SOP Common
     return _save(sr, out_path)

@@ -5,7 +5,8 @@ explains it with every task's checkpoints (:func:`~lidc_cdam.ct.ensemble.explain
 the one :class:`~lidc_cdam.ct.concepts.ConceptResolver`), writes the point's files (:func:`write_point`) into a
 :class:`~lidc_cdam.ct.run_folder.RunFolder` and keeps only its small ``predictions.json`` entry, so memory does not
 grow with the number of points. Complete points of an earlier run with the same settings are skipped. At the
-end: ``predictions.csv``, ``summary.json`` and, with DICOM results, one Structured Report of every point.
+end: ``predictions.csv``, ``summary.json`` and, with DICOM results, one Structured Report of every point (its
+evidence lists the source series and every Parametric Map and Segmentation of the run).
 
 Per point (``<out>/<point>/``): ``predictions.json`` (:func:`point_entry`), ``crop.npz``, ``maps.npz``, each target's
 mean map (and the folds' sign agreement) on the scan's grid as NIfTI, ``report.png`` / ``report.pdf``, and with
@@ -190,8 +191,9 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
     """Explain ``points`` (``(id, point)``; ids already unique and safe: :func:`~lidc_cdam.ct.run_folder.point_ids`)
     of ``volume`` with ``checkpoints`` and write everything under ``out``; returns the summary (also written to
     ``summary.json``). Every check (the folder, the points, the checkpoints, the concepts) runs before any work.
-    ``source`` describes the input for the summary; ``progress(done, total)`` counts explained slices batches;
-    ``device`` (``auto``, ``cpu``, ``cuda[:N]``: :func:`lidc_cdam.device.resolve_device`) runs the models there."""
+    ``source`` describes the input for the summary (``"series"``: what was read; ``"pacs"``: where it came from);
+    ``progress(done, total)`` counts explained slices batches; ``device`` (``auto``, ``cpu``, ``cuda[:N]``:
+    :func:`lidc_cdam.device.resolve_device`) runs the models there."""
     import pandas as pd
 
     from lidc_cdam.ct.ensemble import explain_tasks_steps, group_checkpoints
@@ -273,6 +275,7 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
         "slices": slices, "margin": margin, "concepts": list(concepts.names),
         "maps_note": "raw signed scores of each crop slice, resized to the 1 mm crop plane (patient axes), placed on "
                      "the scan's grid (linear), zero outside the crop; ensembles: the mean over the models",
+        **({"pacs": source["pacs"]} if source and source.get("pacs") else {}),
         "resumed": skipped, "removed_stale": stale, "points": entries,
         "reports": {e["id"]: {k: f"{e['id']}/{v}" for k, v in e["files"].get("report", {}).items()} for e in entries}}
     if dicom:
@@ -281,8 +284,9 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
         distinct = dict.fromkeys(json.dumps(m, sort_keys=True) for m in trained_on["models"])
         text = "; ".join([*(provenance_line(json.loads(m)) for m in distinct),
                           *([trained_on["phantom_warning"]] if trained_on["phantom_warning"] else [])])
+        results = [folder.root / e["id"] / rel for e in entries for rel in e["files"].get("dicom", [])]
         write_structured_report(dicom_source, [sr_point(e) for e in entries], folder.root / "dicom_sr.dcm",
-                                series_number=999, training_data=text)
+                                series_number=999, training_data=text, references=results)
         summary["dicom"] = {**{e["id"]: e["files"].get("dicom", []) for e in entries},
                             "structured_report": ["dicom_sr.dcm"]}
         run_files.append("dicom_sr.dcm")

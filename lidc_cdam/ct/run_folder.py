@@ -29,7 +29,7 @@ from lidc_cdam.io import write_json
 
 MANIFEST = "manifest.json"
 #: files a run writes at its root: no point may be named so
-RUN_FILES = ("manifest.json", "summary.json", "predictions.csv", "dicom_sr.dcm")
+RUN_FILES = ("manifest.json", "summary.json", "predictions.csv", "dicom_sr.dcm", "pacs_store.json")
 FORMAT = 1
 PARTIAL = ".partial-"
 

@@ -113,54 +113,12 @@ def synthetic_scan(seed: int = 0) -> tuple[CTVolume, list[np.ndarray]]:
     return vol, masks
 
 
-def _ds(value: float) -> str:
-    """A decimal string (DS, at most 16 characters) as close to ``value`` as DICOM allows."""
-    from pydicom.valuerep import format_number_as_ds
+def write_dicom(volume: CTVolume, folder: str | Path, patient_id: str | None = None, **options: Any) -> Path:
+    """``volume`` (axial) as a CT DICOM series, one file per slice (HU stored with intercept -1024): see
+    :func:`lidc_cdam.ct.dicom_writer.write_ct_series` (``options``: ``fresh_uids``, ``study_date``...)."""
+    from lidc_cdam.ct.dicom_writer import write_ct_series
 
-    return format_number_as_ds(float(value) + 0.0)  # + 0.0: no "-0"
-
-
-def write_dicom(volume: CTVolume, folder: str | Path, patient_id: str | None = None) -> Path:
-    """``volume`` (axial) as a CT DICOM series, one file per slice (HU stored with intercept -1024)."""
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    patient_id = patient_id or volume.meta.get("patient_id", "ANONYMOUS")
-    study = generate_uid(entropy_srcs=[patient_id, "study"])
-    series = generate_uid(entropy_srcs=[patient_id, "series"])
-    stored = np.clip(volume.hu.astype(np.int32) + 1024, 0, 65535).astype(np.uint16)
-    d = volume.dmat
-    for k in range(volume.shape[0]):
-        pos = volume.index_to_world(np.array([k, 0, 0]))
-        sop = generate_uid(entropy_srcs=[series, str(k)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, sop, "CT"
-        ds.PatientID = ds.PatientName = patient_id
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study, "frame"])
-        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
-        ds.ImageComments = str(volume.meta.get("note", ""))[:10240]
-        ds.ImagePositionPatient = [_ds(v) for v in pos]
-        ds.ImageOrientationPatient = [_ds(v) for v in (*d[:, 0], *d[:, 1])]
-        ds.PixelSpacing = [_ds(volume.spacing[1]), _ds(volume.spacing[0])]  # row, column spacing
-        ds.SliceThickness = _ds(volume.spacing[2])
-        ds.SliceLocation = _ds(pos[2])
-        ds.Rows, ds.Columns = volume.shape[1], volume.shape[2]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit, ds.PixelRepresentation = 15, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
-        ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
-        pydicom.dcmwrite(folder / f"{k + 1:04d}.dcm", ds, enforce_file_format=True)
-    return folder
+    return write_ct_series(volume, folder, patient_id, **options)
 
 
 def crop_rows(volume: CTVolume, masks: list[np.ndarray], out_dir: str | Path) -> list[dict[str, Any]]:
