@@ -9,7 +9,8 @@ imports torch's stack safely beside napari's OpenGL context.
 The dock widget (:mod:`._widget`) is a Qt-free controller, :mod:`._controller` (state and actions: the scan, the
 models, the points, what is explained, export; no napari, Qt or magicgui import), and small magicgui panels bound
 to it: :mod:`._scan_panel` (scan, models), :mod:`._where_panel` (points, table nodules), :mod:`._display_panel`
-(overlays, predictions); :mod:`._overlays`, :mod:`._points` and :mod:`._text` are their napari layers and words.
+(overlays, predictions, training data), :mod:`._pacs_panel` (the PACS: search, open, send; its Qt-free actions
+in :mod:`._pacs`); :mod:`._overlays`, :mod:`._points` and :mod:`._text` are their napari layers and words.
 """
 
 from __future__ import annotations

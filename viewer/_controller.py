@@ -313,17 +313,26 @@ class CdamController:
         return pc, {}
 
     # ------------------------------------------------------------------ export
-    def export(self, folder: Path) -> list[Path]:
+    def export(self, folder: Path, dicom: bool = False) -> list[Path]:
         """The shown point's files as ``explain-ct`` writes them (:func:`~lidc_cdam.ct.outputs.write_point`:
-        ``predictions.json``, the crop, the maps as ``.npz`` and as NIfTI on the scan's grid, the report) in
-        ``folder/<point>/``, written atomically with the run's manifest; returns the files written."""
-        from lidc_cdam.ct.outputs import point_entry, write_point
+        ``predictions.json``, the crop, the maps as ``.npz`` and as NIfTI on the scan's grid, the report; with
+        ``dicom`` the Parametric Maps and Segmentation) in ``folder/<point>/``, and the run's files
+        (:func:`~lidc_cdam.ct.outputs.finish_run`: ``predictions.csv``, ``summary.json``, with ``dicom`` the SR) of
+        every point exported there, written atomically with the run's manifest; returns the point's files."""
+        import json
+
+        from lidc_cdam.ct.outputs import finish_run, point_entry, write_point
         from lidc_cdam.ct.point import PointResult
         from lidc_cdam.ct.run_folder import RunFolder, safe_name
 
         explained, volume = self.explained, self.volume
         if explained is None or volume is None:
             raise CTError("nothing to export: compute maps first")
+        dicom_source = None
+        if dicom:
+            from lidc_cdam.ct.dicom_results import load_source_datasets
+
+            dicom_source = load_source_datasets(volume)  # CTError when the scan was not read from DICOM
         pid = safe_name(explained.stem) or "point"
         pc = explained.point_crop
         result = PointResult(pc, explained.ensembles)
@@ -333,10 +342,15 @@ class CdamController:
                             ratings=self._ratings(explained), warnings=explained.warnings)
         settings = {"volume": {"name": volume.name, "shape_zyx": list(volume.shape),
                                "series_instance_uid": volume.meta.get("series_instance_uid")},
-                    "checkpoints": hashes, "method": method, "source": "viewer"}
+                    "checkpoints": hashes, "method": method, "source": "viewer", "dicom": dicom}
         run = RunFolder(folder, settings)
         with run.point(pid, pc.point_world) as partial:
-            write_point(partial, entry, result, volume, checkpoint_hashes=hashes, series_label=volume.name)
+            write_point(partial, entry, result, volume, checkpoint_hashes=hashes, series_label=volume.name,
+                        dicom_source=dicom_source)
+        entries = [json.loads((run.root / p / "predictions.json").read_text()) for p in run.manifest["points"]
+                   if (run.root / p / "predictions.json").is_file()]
+        finish_run(run, entries, volume, trained_on=entry["training_data"], dicom_source=dicom_source,
+                   summary={"source": "viewer", "method": method, "checkpoints": sorted(hashes)})
         return sorted(p for p in (run.root / pid).rglob("*") if p.is_file())
 
     @staticmethod

@@ -44,6 +44,7 @@ from lidc_cdam.viewer._controller import (  # noqa: E402
 )
 from lidc_cdam.viewer._display_panel import DisplayPanel  # noqa: E402
 from lidc_cdam.viewer._overlays import META_KEY, cdam_colormap  # noqa: E402
+from lidc_cdam.viewer._pacs_panel import PacsPanel  # noqa: E402
 from lidc_cdam.viewer._scan_panel import ModelPanel, ScanPanel  # noqa: E402
 from lidc_cdam.viewer._where_panel import WherePanel  # noqa: E402
 from magicgui.widgets import Container, FileEdit, Label, ProgressBar, PushButton, Widget  # noqa: E402
@@ -75,7 +76,8 @@ class CdamWidget(Container):
         self.model_panel = ModelPanel(self)
         self.where = WherePanel(self)
         self.display = DisplayPanel(self)
-        for panel in (self.scan, self.model_panel, self.where, self.display):
+        self.pacs = PacsPanel(self)
+        for panel in (self.scan, self.model_panel, self.where, self.display, self.pacs):
             for name, w in vars(panel).items():
                 if isinstance(w, Widget):
                     setattr(self, name, w)  # widget.targets, widget.point, ...: the panels' widgets
@@ -93,7 +95,7 @@ class CdamWidget(Container):
         models = self.model_panel.widgets
         self.extend([*self.scan.widgets, models[0], *self.where.widgets, *models[1:], self.compute_button,
                      self.cancel_button, self.progress, *self.display.widgets, self.export_dir, self.nifti_button,
-                     self.png_button, self.status])
+                     self.png_button, *self.pacs.widgets, self.status])
         self.ct_layer.changed.connect(self._on_ct_changed)
         self.compute_button.changed.connect(lambda: self.compute())
         self.cancel_button.changed.connect(self.cancel)

@@ -194,14 +194,11 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
     ``source`` describes the input for the summary (``"series"``: what was read; ``"pacs"``: where it came from);
     ``progress(done, total)`` counts explained slices batches; ``device`` (``auto``, ``cpu``, ``cuda[:N]``:
     :func:`lidc_cdam.device.resolve_device`) runs the models there."""
-    import pandas as pd
-
     from lidc_cdam.ct.ensemble import explain_tasks_steps, group_checkpoints
     from lidc_cdam.ct.maps import drain
     from lidc_cdam.data.lidc.crops import ct_image
-    from lidc_cdam.io import atomic_write, write_json
     from lidc_cdam.models.demo_weights import sha256_of
-    from lidc_cdam.models.provenance import provenance_line, training_data
+    from lidc_cdam.models.provenance import training_data
 
     concepts = concepts or ConceptResolver()
     if dicom and not volume.source_files:
@@ -260,25 +257,44 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
                                 series_base=1000 * (n + 1), checkpoint_hashes=hashes, series_label=series_label)
         entries.append(entry)
         del result, pc  # nothing of a point but its entry is kept
-    rows = [row for e in entries for row in rows_of(e)]
-    table = pd.DataFrame(rows)
+    summary = {
+        "series": (source or {}).get("series", volume.meta.get("source")),
+        "checkpoints": [str(m.path) for m in models], "method": method, "options": options or {},
+        "slices": slices, "margin": margin, "concepts": list(concepts.names),
+        **({"pacs": source["pacs"]} if source and source.get("pacs") else {}),
+        "resumed": skipped, "removed_stale": stale}
+    return finish_run(folder, entries, volume, trained_on=trained_on, dicom_source=dicom_source, summary=summary)
+
+
+def finish_run(folder: RunFolder, entries: Sequence[dict[str, Any]], volume: CTVolume, *,
+               trained_on: dict[str, Any], dicom_source: Any = None,
+               summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's own files from its points' entries: ``predictions.csv``, with DICOM results (``dicom_source``)
+    one Structured Report of every point (``dicom_sr.dcm``, the models' provenance as a text item, the Parametric
+    Maps and Segmentations as evidence), and ``summary.json`` (``summary`` plus the volume, the points and the
+    files); recorded in the manifest. :func:`explain_points` ends with it; the viewer's export calls it too."""
+    import pandas as pd
+
+    from lidc_cdam.io import atomic_write, write_json
+    from lidc_cdam.models.provenance import provenance_line
+
+    entries = list(entries)
+    table = pd.DataFrame([row for e in entries for row in rows_of(e)])
     atomic_write(folder.root / "predictions.csv", lambda tmp: table.to_csv(tmp, index=False, lineterminator="\n"))
     run_files = ["predictions.csv", "summary.json"]
-    summary: dict[str, Any] = {
-        "series": (source or {}).get("series", volume.meta.get("source")),
+    warnings = volume_warnings(volume)
+    summary = {
+        **(summary or {}),
         "volume": {"name": volume.name, "shape_zyx": list(volume.shape), "spacing_xyz": list(volume.spacing),
                    "origin_xyz": list(volume.origin), "direction": list(volume.direction),
-                   "series_instance_uid": volume.meta.get("series_instance_uid"), "warnings": vol_warnings,
-                   "warning": "; ".join(vol_warnings) or None},
-        "checkpoints": [str(m.path) for m in models], "training_data": trained_on, "method": method,
-        "options": options or {},
-        "slices": slices, "margin": margin, "concepts": list(concepts.names),
+                   "series_instance_uid": volume.meta.get("series_instance_uid"), "warnings": warnings,
+                   "warning": "; ".join(warnings) or None},
+        "training_data": trained_on,
         "maps_note": "raw signed scores of each crop slice, resized to the 1 mm crop plane (patient axes), placed on "
                      "the scan's grid (linear), zero outside the crop; ensembles: the mean over the models",
-        **({"pacs": source["pacs"]} if source and source.get("pacs") else {}),
-        "resumed": skipped, "removed_stale": stale, "points": entries,
+        "points": entries,
         "reports": {e["id"]: {k: f"{e['id']}/{v}" for k, v in e["files"].get("report", {}).items()} for e in entries}}
-    if dicom:
+    if dicom_source is not None:
         from lidc_cdam.ct.dicom_results import write_structured_report
 
         distinct = dict.fromkeys(json.dumps(m, sort_keys=True) for m in trained_on["models"])
