@@ -318,6 +318,43 @@ def test_torchrun_ddp_with_two_cpu_processes(tmp_path, view):
         assert saved["train_size"] == 24 and load_model(tmp_path / "out" / "best.pt").layout().grid == (2, 2, 2)
 
 
+BROKEN_RANK_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+from train_helpers import ToyNodules, fold_data, toy_config
+from lidc_cdam.train.engine import current_process, train_fold
+
+
+class Broken(ToyNodules):  # rank 1 meets a broken item in the middle of an epoch
+    def item(self, i, task):
+        if int(os.environ["RANK"]) == 1 and i == self.ids.index("toy052"):
+            raise ValueError("broken crop toy052 on rank 1")
+        return super().item(i, task)
+
+
+process = current_process("cpu")
+train_fold(toy_config(epochs=3), fold_data(Broken(120), 0), {out!r}, progress=False, process=process)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_an_error_mid_epoch_on_one_rank_ends_every_rank(tmp_path):
+    """DDP training (2 gloo processes): an error on one rank in the middle of an epoch ends both ranks, with the
+    error's message, well before any collective timeout (torchrun's agent stops the others; nothing hangs)."""
+    import time
+
+    from helpers import torchrun
+
+    script = tmp_path / "broken.py"
+    script.write_text(BROKEN_RANK_SCRIPT.format(root=str(Path(__file__).resolve().parent), out=str(tmp_path / "out")))
+    start = time.monotonic()
+    result = subprocess.run([*torchrun(2), str(script)], capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and time.monotonic() - start < 200
+    assert "broken crop toy052 on rank 1" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "result.json").exists()  # the run did not pretend to finish
+
+
 def test_a_timm_backbone_by_name_starts_from_the_local_weights_file(tmp_path):
     import timm
 
