@@ -1,4 +1,4 @@
-"""Evaluation of importance maps (paper section 3.4, SPEC "Evaluation"): perturbation fidelity
+"""Evaluation of importance maps (paper section 3.4, docs/method.md, "Evaluation"): perturbation fidelity
 (MIF/LIF), box sensitivity, compactness. Forward passes are batched and seeded."""
 
 from lidc_cdam.evaluate.metrics import BOX_SIZES, ImageMetrics, evaluate_image

@@ -1,4 +1,4 @@
-"""The trust flag (SPEC "Beyond LIDC-IDRI", out-of-distribution warning): how unlike the training crops an input is.
+"""The trust flag, version 1 (docs/method.md, "Trust and provenance"): how unlike the training crops an input is.
 
 The input's latent ``l`` (CLS' after the final norm, :meth:`ViTModel.latent`) is compared with the training
 crops' latents by its Mahalanobis distance to their mean under a Ledoit-Wolf shrinkage covariance

@@ -1,6 +1,6 @@
-"""MONAI datasets and transforms for the SPEC's model input, from a preprocessed (or phantom) folder.
+"""MONAI datasets and transforms for the model input (docs/method.md, "Data"), from a preprocessed (or phantom) folder.
 
-Model input (SPEC.md, "LIDC-IDRI"): the central slice of the 32^3 crop (index 16; a random index in
+Model input (docs/method.md, "Data"): the central slice of the 32^3 crop (index 16; a random index in
 14-18 when training) in the axial, coronal or sagittal view, repeated to 3 channels, resized to 224 x 224,
 z-scored with statistics of the training crops, rotated by a random multiple of 90 degrees when training.
 Targets: ``label`` (malignancy 0/1) for classification, ``biomarkers`` (the eight, standardised with mean
