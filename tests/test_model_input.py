@@ -58,7 +58,7 @@ def test_the_ct_path_uses_the_contract():
 
 
 def test_training_slices_jitter_inside_the_contract(crop_file):
-    root, image = crop_file
+    root, _ = crop_file
     tf = transforms(STATS, view="axial", train=True, root=root, rotate_prob=0.0)
     tf.set_random_state(seed=0)
     seen = {tf({"image": "crop.npz"})["slice_index"] for _ in range(40)}
