@@ -18,7 +18,7 @@ printout label such a run "timing only".
 The paper's size (ViT-S/8, 224 px, 27 box sizes x 100 boxes, 20 levels, ten methods) is a GPU
 job: ``benchmarks/device_check.sh`` runs it.
 
-    python benchmarks/bench_evaluate.py                      # the demo ViT, 64 px, SPEC settings
+    python benchmarks/bench_evaluate.py                      # the demo ViT, 64 px, docs/method.md's settings
     python benchmarks/bench_evaluate.py --model vit_small_patch16_224 --n-boxes 10 --images 1
     python benchmarks/bench_evaluate.py --device cuda --model vit_small_patch8_224 --config paper-imagenet \
         --source skimage --images 4 --out evaluate.json
@@ -155,7 +155,7 @@ def main() -> None:
     model, images = model.to(device), images.to(device)
     H, W = images.shape[-2:]
     patch = int(model.patch_size[0])
-    sizes = [s for s in box_sizes if s * patch < min(H, W)]  # every box smaller than the image (SPEC)
+    sizes = [s for s in box_sizes if s * patch < min(H, W)]  # every box smaller than the image (docs/method.md)
     if len(sizes) < len(box_sizes):
         print(f"box sizes {[s for s in box_sizes if s not in sizes]} would cover the {H}x{W} images at patch "
               f"{patch}: timing sizes {sizes}")

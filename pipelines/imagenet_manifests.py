@@ -1,4 +1,4 @@
-"""`lidc-cdam imagenet-manifests`: build the ImageNet X_val and X_multi manifests (SPEC.md "Data").
+"""`lidc-cdam imagenet-manifests`: build the ImageNet X_val and X_multi manifests (docs/method.md, "Data").
 
 Writes ``imagenet_xval.csv`` (1000 random validation images) and ``imagenet_xmulti.csv`` (1000 images
 with two different objects among their ReaL labels, and the chosen classes c1, c2) to --out, and prints

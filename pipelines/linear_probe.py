@@ -1,4 +1,4 @@
-"""`lidc-cdam linear-probe`: train the ImageNet linear classifier on a frozen ViT (SPEC.md "Data").
+"""`lidc-cdam linear-probe`: train the ImageNet linear classifier on a frozen ViT (docs/method.md, "Data").
 
 Linear(embed_dim, 1000) on CLS' of a frozen backbone (the paper: DINO ViT-S/8), RandomResizedCrop +
 horizontal flip, Adam lr 3e-4, batch 128, 10 epochs, on a training folder with one sub-folder per synset.

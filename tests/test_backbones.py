@@ -1,4 +1,4 @@
-"""Every backbone family through the same checks (issue 13, SPEC "Backbone families and 3D").
+"""Every backbone family through the same checks (issue 13, docs/method.md, "Backbone families and 3D").
 
 Tiny random models in float64, built offline from the families' own configs: timm ``VisionTransformer``
 (CLS and average pooling), timm ``Eva`` as DINOv3 (CLS + 4 registers, RoPE, layer scale; CLS and average

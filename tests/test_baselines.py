@@ -1,4 +1,4 @@
-"""Gradient baselines equal captum / pytorch-grad-cam on the same inputs (SPEC "Baselines")."""
+"""Gradient baselines equal captum / pytorch-grad-cam on the same inputs (docs/method.md, "Baselines")."""
 
 import numpy as np
 import pytest

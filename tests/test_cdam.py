@@ -1,4 +1,4 @@
-"""CDAM, Smooth and Integrated CDAM checked against the equations (SPEC "CDAM" .. "Integrated CDAM")."""
+"""CDAM, Smooth and Integrated CDAM checked against the equations (docs/method.md, "CDAM" .. "Integrated CDAM")."""
 
 import itertools
 

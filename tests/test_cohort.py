@@ -20,12 +20,8 @@ from lidc_cdam.pipelines.cli import main
 from test_lidc_phantoms import phantom_dir
 
 from lidc_cdam import Concept, explain
-from lidc_cdam.data.lidc.concepts import (
-    ConceptError,
-    concept_counts,
-    concept_targets,
-    read_concept_definitions,
-)
+from lidc_cdam.ct.concepts import concept_targets
+from lidc_cdam.data.lidc.concepts import ConceptError, concept_counts, read_concept_definitions
 from lidc_cdam.evaluate.cohort import CohortSettings, run_cohort
 from lidc_cdam.evaluate.localisation import ring_regions
 from lidc_cdam.evaluate.metrics import evaluate_image, evaluate_targets

@@ -292,7 +292,7 @@ def test_concepts_through_explain_ct(tmp_path, scan, nodule_centre):
     training fold of ``--concept-data``; they equal the library's, and reach the table, NIfTI and the SR."""
     from test_cohort import phantoms12
 
-    from lidc_cdam.data.lidc.concepts import concept_targets
+    from lidc_cdam.ct.concepts import concept_targets
 
     model = shipped_checkpoint("phantom-malignancy")
     out = tmp_path / "out"

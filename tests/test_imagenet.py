@@ -1,4 +1,4 @@
-"""ImageNet evaluation data (SPEC.md "Data", "Evaluation"): the X_val / X_multi manifests built from the
+"""ImageNet evaluation data (docs/method.md, "Data", "Evaluation"): the X_val / X_multi manifests built from the
 real ReaL labels, the validation image loader on a tiny fake ImageNet folder, and the linear-probe job
 end to end on a tiny fake training folder with a random tiny ViT (no downloads)."""
 

@@ -1,4 +1,4 @@
-"""Cross-checks of our evaluation metrics against Quantus 0.6.0 (SPEC "Evaluation", Cross-checks).
+"""Cross-checks of our evaluation metrics against Quantus 0.6.0 (docs/method.md, "Evaluation", cross-checks).
 
 What Quantus computes (read from its source, ``quantus/metrics/faithfulness/region_perturbation.py``
 and ``quantus/metrics/complexity/effective_complexity.py``):

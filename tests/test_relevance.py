@@ -1,4 +1,4 @@
-"""Relevance propagation and partial LRP (SPEC "Baselines") against literal, one-at-a-time versions."""
+"""Relevance propagation and partial LRP (docs/method.md, "Baselines") against literal, one-at-a-time versions."""
 
 import pytest
 import torch

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from lidc_cdam.models.trust import (
-    add_trust_to_checkpoint,
     fit_trust,
     is_unlike_training,
     mahalanobis,
     model_latents,
     trust_percentile,
 )
+from lidc_cdam.train.trust_checkpoint import add_trust_to_checkpoint
 
 
 def gaussian(n: int, dim: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -236,7 +236,7 @@ def test_concepts_in_the_target_list(make_napari_viewer, qtbot, tmp_path, fresh_
     shipped malignancy model from its own training fold's rated phantom nodules, equal to the library's."""
     from test_cohort import phantoms12
 
-    from lidc_cdam.data.lidc.concepts import concept_targets
+    from lidc_cdam.ct.concepts import concept_targets
     from lidc_cdam.models.demo_weights import shipped_checkpoint
 
     viewer = make_napari_viewer(show=False)

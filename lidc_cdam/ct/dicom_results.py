@@ -1,5 +1,5 @@
-"""Results for a PACS (SPEC "Beyond LIDC-IDRI", DICOM results): CDAM maps, the explained region and the point
-predictions as DICOM objects on the source CT series, through highdicom. No Qt, and independent of how the
+"""Results for a PACS (docs/method.md, "Any CT: crop, ensemble, DICOM results"): CDAM maps, the explained region
+and the point predictions as DICOM objects on the source CT series, through highdicom. No Qt, and independent of how the
 maps are computed: the inputs are plain arrays on the source series' grid (``[z, y, x]``, the grid of
 :func:`lidc_cdam.ct.read_ct`: slices sorted along the slice normal).
 

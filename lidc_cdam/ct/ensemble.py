@@ -43,7 +43,7 @@ class EnsembleResult:
     mean_maps: np.ndarray  # [K, 32, 32, 32]
     agreement: np.ndarray  # [K, 32, 32, 32] share of models whose map has the mean map's sign
     signed: bool
-    #: the trust flag (SPEC): see :func:`crop_trust`; None when no model carries training statistics
+    #: the trust flag (docs/method.md): see :func:`crop_trust`; None when no model carries training statistics
     trust: dict[str, Any] | None = None
     #: every model's maps ``[M, K, 32, 32, 32]`` (for viewing one fold beside the ensemble)
     model_maps: np.ndarray | None = None

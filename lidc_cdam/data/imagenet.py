@@ -1,4 +1,4 @@
-"""ImageNet for the evaluation (paper section 3.5, SPEC.md "Data"): the X_val / X_multi manifests and
+"""ImageNet for the evaluation (paper section 3.5, docs/method.md, "Data"): the X_val / X_multi manifests and
 the image loaders.
 
 * **X_val**: 1000 images drawn at random (seeded) from the 50,000 ILSVRC-2012 validation images.
@@ -12,7 +12,7 @@ the image loaders.
   wheel). :data:`KNOWN_SYNONYMS` adds the pairs the embedding misses (sunglass / sunglasses).
   The choice of the pair per image and of the 1000 images is seeded; see :func:`build_xmulti`.
 * :class:`ImageNetValImages`: manifest rows as model inputs, resized to 224 x 224 with ImageNet
-  mean/std (SPEC "Evaluation": the authors' evaluation loader), from a flat validation folder or one
+  mean/std (docs/method.md, "Evaluation": the authors' evaluation loader), from a flat validation folder or one
   folder per synset; unreadable files raise or are skipped and reported.
 * :class:`SynsetImages`: a training/validation folder in the synset layout, labels in timm's class
   order (sorted WordNet ids = the standard ImageNet-1k indices), for the linear probe.

@@ -1,5 +1,19 @@
-"""Evaluation of importance maps (paper section 3.4, SPEC "Evaluation"): perturbation fidelity
-(MIF/LIF), box sensitivity, compactness. Forward passes are batched and seeded."""
+"""Evaluation of importance maps (paper section 3.4; docs/method.md, "Evaluation").
+
+- :mod:`.perturbation` - the blur, MIF / LIF curves, boxes and their areas, compactness;
+- :mod:`.metrics` - every metric of images for several methods and targets, sharing the box forwards;
+- :mod:`.localisation` - evidence on known object masks, rings, the pointing game;
+- :mod:`.randomization` - the cascading model-randomisation check;
+- :mod:`.benchmark_config` - the benchmark's YAML configuration, checked when read;
+- :mod:`.image_sets` - the image sets a benchmark runs on;
+- :mod:`.runner` - the benchmark runner: methods x images x targets into tidy tables, resumable, sharded;
+- :mod:`.report` - tables in the paper's layout and curve plots;
+- :mod:`.paper_tables` - the paper's values beside a benchmark's, rank agreement;
+- :mod:`.cohort` - the LIDC cohort evaluation, :mod:`.cohort_report` its tables and figures;
+- :mod:`.trust_shift` - the trust flag measured on a real change of domain.
+
+Forward passes are batched and seeded.
+"""
 
 from lidc_cdam.evaluate.metrics import BOX_SIZES, ImageMetrics, evaluate_image
 from lidc_cdam.evaluate.perturbation import (

@@ -2,7 +2,7 @@
 dataclasses, checked up front so that a typo fails before hours of compute, not after.
 
 A config names a model, one or more image sets, the methods with their options, and the metric
-settings (SPEC "Evaluation"). ``--set key.sub=value`` overrides single values from the command line.
+settings (docs/method.md, "Evaluation"). ``--set key.sub=value`` overrides single values from the command line.
 What needs the model (every box side ``metrics.box_sizes x patch`` smaller than the model's images)
 is checked by :func:`check_against_model` once the runner has loaded it, before any work starts.
 """
@@ -192,7 +192,7 @@ def _check(config: BenchmarkConfig, file: str) -> None:
 def check_against_model(config: BenchmarkConfig, patch: int, image_hw: tuple[int, int]) -> None:
     """The checks that need the model: every box side ``s * patch`` (``metrics.box_sizes``, patch
     units) must be smaller than the ``image_hw`` images, or the largest box would cover the image
-    (SPEC "Evaluation"; the default 1..27 at patch 8 reaches 216 < 224 px)."""
+    (docs/method.md, "Evaluation"; the default 1..27 at patch 8 reaches 216 < 224 px)."""
     H, W = image_hw
     too_large = [s for s in config.metrics.box_sizes if s * patch >= min(H, W)]
     if too_large:

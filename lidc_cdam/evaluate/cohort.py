@@ -123,7 +123,7 @@ def _sha256(path: str) -> str:
 
 def load_cohort_models(checkpoints: Sequence[str | Path]) -> list[CohortModel]:
     """Checkpoints (paths or shipped names) with their names: ``meta["task"]`` (else the file stem)."""
-    from lidc_cdam.data.lidc.concepts import load_checkpoint_model
+    from lidc_cdam.ct.concepts import load_checkpoint_model
     from lidc_cdam.data.lidc.nodule_inputs import checkpoint_input_settings
 
     out: list[CohortModel] = []
@@ -396,13 +396,8 @@ def attach_concepts(models: list[CohortModel], fold: int, data_root: Path, table
                     fixed_source: str = "") -> pd.DataFrame:
     """Set each model's concepts for ``fold`` (Eq. 3 on the fold's training part, or ``fixed`` ones of an
     earlier run); returns the group sizes in the data."""
-    from lidc_cdam.data.lidc.concepts import (
-        concept_groups,
-        concept_vectors,
-        latents_of,
-        read_concept_definitions,
-        training_part,
-    )
+    from lidc_cdam.ct.concepts import concept_vectors, latents_of
+    from lidc_cdam.data.lidc.concepts import concept_groups, read_concept_definitions, training_part
     from lidc_cdam.data.lidc.nodule_inputs import load_planes, plane_inputs
 
     definitions = read_concept_definitions()

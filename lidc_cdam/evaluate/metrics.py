@@ -4,8 +4,8 @@ For an image with recorded output ``c1`` and, on multi-object images, a second c
 fidelity ``A_LIF-MIF`` and box sensitivity ``A_box`` for the maps explaining ``c1``, the primed
 variants for the maps explaining ``c2`` while still recording ``c1``, the Deltas of Eq. 7 and 8,
 and compactness (paper section 3.4). The boxes' output changes do not depend on the maps and are
-computed once per image (SPEC "Where the speed is"). Every box side ``s * patch`` must be smaller
-than the image (SPEC "Evaluation"): a larger size is an error, not silently dropped.
+computed once per image (docs/method.md, "Where the speed comes from"). Every box side ``s * patch`` must be smaller
+than the image (docs/method.md, "Evaluation"): a larger size is an error, not silently dropped.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from lidc_cdam.evaluate.perturbation import (
     trapezoid,
 )
 
-#: box sides in patch units (SPEC: 1..27, i.e. 8..216 px for patch 8, all smaller than 224 px)
+#: box sides in patch units (docs/method.md, "Evaluation": 1..27, i.e. 8..216 px for patch 8, all smaller than 224 px)
 BOX_SIZES: tuple[int, ...] = tuple(range(1, 28))
 
 

@@ -1,4 +1,4 @@
-"""Perturbation metrics with a Gaussian-blur baseline (paper section 3.4, SPEC "Evaluation").
+"""Perturbation metrics with a Gaussian-blur baseline (paper section 3.4, docs/method.md, "Evaluation").
 
 * :func:`gaussian_blur`: sigma = 14 px, kernel truncated at 4 sigma, reflect padding (PyTorch's
   convention: the edge pixel is not repeated), separable, all channels.
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-#: perturbation levels in percent of the pixels (SPEC: 0, 5, ..., 95)
+#: perturbation levels in percent of the pixels (docs/method.md, "Evaluation": 0, 5, ..., 95)
 PERCENTS: tuple[int, ...] = tuple(range(0, 100, 5))
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # images [n, C, H, W] -> outputs [n, n_outputs]
@@ -34,7 +34,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float = 14.0, truncate: float = 4
     """Separable Gaussian blur of ``[B, C, H, W]`` images, reflect padding, radius ``truncate * sigma``.
 
     The radius is capped at ``size - 1`` for images smaller than the kernel (reflect padding cannot
-    be wider than the image); at 224 px the kernel is the SPEC's 113 taps.
+    be wider than the image); at 224 px the kernel is docs/method.md's 113 taps.
     """
     radius = int(truncate * sigma + 0.5)
     out = images
@@ -104,7 +104,7 @@ def perturbation_curves(
 def check_box_sizes(sizes: Sequence[int], patch: int, image_hw: tuple[int, int]) -> None:
     """Raise ``ValueError`` unless every box side ``s * patch`` is at least one pixel and smaller
     than ``min(H, W)``: a box as large as the image would cover it, every box would be the same
-    and its correlation meaningless (SPEC "Evaluation": the largest box is smaller than the image)."""
+    and its correlation meaningless (docs/method.md, "Evaluation": the largest box is smaller than the image)."""
     H, W = image_hw
     if not len(sizes):
         raise ValueError("no box sizes given")

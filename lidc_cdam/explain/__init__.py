@@ -1,4 +1,14 @@
-"""Importance estimators behind one interface: :func:`explain` returns an :class:`Attribution`."""
+"""Importance estimators behind one interface: :func:`explain` returns an :class:`Attribution`.
+
+- :mod:`.api` - :func:`explain` and the method registry (:data:`METHODS`, :func:`register`);
+- :mod:`.targets` - what is explained: outputs by index or name, and :class:`Concept` (Eq. 3-4);
+- :mod:`.attribution` - the maps and what is needed to read them;
+- :mod:`.cdam` - CDAM, Smooth and Integrated CDAM (Eq. 2, 4-6);
+- :mod:`.attention` - the attention map (Eq. 1);
+- :mod:`.gradients` - Input x Grad, SmoothGrad, IntGrad;
+- :mod:`.gradcam` - GradCAM for ViT;
+- :mod:`.relevance` - relevance propagation and partial LRP.
+"""
 
 # importing a method module registers its methods in METHODS
 from lidc_cdam.explain import attention as _attention  # noqa: F401

@@ -1,7 +1,7 @@
 """`explain()`: one entry point for every importance estimator.
 
 Each method is registered under a name with the options it accepts and their defaults
-(SPEC.md). A method gets the wrapped model, the checked images and resolved targets and returns
+(docs/method.md). A method gets the wrapped model, the checked images and resolved targets and returns
 an :class:`Attribution`.
 """
 

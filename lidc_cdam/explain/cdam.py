@@ -7,7 +7,7 @@ CDAM average such maps over ``n`` noisy or interpolated token sets ("points").
 Three exact implementations share the point generators below. The first two rest on one identity:
 ``T`` enters the last block only through the affine ``qkv`` projection (rotary position embeddings act
 after it), so ``T_i . dF/dT_i = qkv_c_i . dF/dqkv_i`` with ``qkv_c = T W_qkv^T`` (bias removed): no
-projection back to ``T`` is needed (SPEC "Backbone families and 3D").
+projection back to ``T`` is needed (docs/method.md, "Backbone families and 3D").
 
 * :func:`_scores_cls_row` (models whose head reads CLS' only, no RoPE). Only the CLS query row
   matters, so per point we need one attention row and the MLP on one token; the gradients of the
@@ -83,7 +83,7 @@ def point_chunks(
     max_points: int,
 ) -> Iterator[PointChunk]:
     """Yield the points of one explainer for images ``resid`` ``[B, N, D]`` in chunks of at most
-    ``max_points`` (SPEC "Smooth CDAM", "Integrated CDAM"). Noise is drawn per image, all ``n``
+    ``max_points`` (docs/method.md, "Smooth CDAM", "Integrated CDAM"). Noise is drawn per image, all ``n``
     draws at once, so results do not depend on the chunking."""
     norm1 = model.normed_tokens
     B, N, D = resid.shape
@@ -323,7 +323,7 @@ def cdam_token_scores(
     images' latents ``l`` ``[B, D]`` (what the head reads: outputs and the trust flag need no second pass).
 
     ``space`` defaults to ``"block_input"`` for Smooth CDAM and ``"tokens"`` for Integrated CDAM
-    (SPEC). ``seed`` (or a ``generator``) makes Smooth CDAM reproducible.
+    (docs/method.md). ``seed`` (or a ``generator``) makes Smooth CDAM reproducible.
     """
     if variant not in ("vanilla", "smooth", "integrated"):
         raise ValueError(f"unknown CDAM variant {variant!r}")

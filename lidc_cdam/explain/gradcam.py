@@ -1,4 +1,4 @@
-"""GradCAM for ViT (SPEC "Baselines"; Gildenblat's pytorch-grad-cam recipe for ViTs).
+"""GradCAM for ViT (docs/method.md, "Baselines"; Gildenblat's pytorch-grad-cam recipe for ViTs).
 
 Activations: the tokens ``T = blocks[-1].norm1(X)`` entering the final attention, prefix tokens
 dropped and read as a ``D x gh x gw`` feature map. Channel weights: the spatial mean of

@@ -1,4 +1,4 @@
-"""Pixel-gradient baselines (SPEC "Baselines"): Input x Grad, SmoothGrad, IntGrad.
+"""Pixel-gradient baselines (docs/method.md, "Baselines"): Input x Grad, SmoothGrad, IntGrad.
 
 All return pixel maps ``[B, K, H, W]``: the signed attribution averaged over colour channels.
 Samples (noise draws, path points) of an image are batched through the model, chunked to a

@@ -7,7 +7,7 @@ exactly as timm's unfused path does, in a forward written here over timm's modul
 CLS token; relevance propagation takes gradients through the model's own pooling (any), partial
 LRP needs CLS pooling (``global_pool="token"``) and, for head targets, a linear head.
 
-**relevance-propagation** (SPEC "Baselines"; Chefer, Gur & Wolf, "Generic attention-model
+**relevance-propagation** (docs/method.md, "Baselines"; Chefer, Gur & Wolf, "Generic attention-model
 explainability", ICCV 2021). With ``A_b`` ``[B, H, N, N]`` the attention probabilities of block
 ``b`` and ``G_b = dF/dA_b`` (``F`` the raw target: logit, output or concept similarity)::
 

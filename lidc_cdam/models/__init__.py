@@ -1,4 +1,14 @@
-"""ViT backbones with heads, split at the last block, and their checkpoint formats."""
+"""ViT backbones with heads, split at the last block, and their checkpoints.
+
+- :mod:`.vit` - :class:`ViTModel`: backbone + head, ``trunk`` / ``last`` split;
+- :mod:`.heads` - the linear classifier / regressor on CLS';
+- :mod:`.backbones` - one adapter per backbone family;
+- :mod:`.loading` - building and loading models (timm names, our checkpoints, official DINO / DINOv2 files);
+- :mod:`.checkpoint_format` - reading model files safely, finding the state dict, inferring the architecture;
+- :mod:`.demo_weights` - the trained demo models shipped in the package;
+- :mod:`.provenance` - what a model was trained on, and the texts results show about it and its trust flag;
+- :mod:`.domain_trust` - the trust flag (version 2), :mod:`.trust` its version 1 and the latent statistics.
+"""
 
 from lidc_cdam.models.heads import LinearHead
 from lidc_cdam.models.loading import CheckpointError, PretrainedWeightsUnavailable, load_model, save_checkpoint

@@ -37,12 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from lidc_cdam.data.lidc.model_input import CENTRE, VOLUME, model_inputs, volume_input
+
 TRUST_VERSION = 2
 #: Above this percentile of the training crops' cross-fitted scores a crop is "unlike the training data".
 THRESHOLD = 97.5
 #: slices (offsets from the crop's centre along the model's view) whose distances are averaged
 OFFSETS = (-3, -2, -1, 0, 1, 2, 3)
-CENTRE = 16
 FEATURE = "trunk_cls"
 METHOD = ("mahalanobis (Lee et al. 2018), Ledoit-Wolf covariance, features = class token entering the last "
           "block, mean over the centre +- 3 slices")
@@ -125,8 +126,6 @@ def crop_inputs(crop_hu: np.ndarray, view: str, input_stats: dict[str, Any], siz
                 offsets: Sequence[int] = OFFSETS) -> torch.Tensor:
     """The model inputs the flag scores for one crop ``[32, 32, 32]`` HU: the slices ``CENTRE + offsets`` along
     ``view`` (``[S, 3, size, size]``), or the whole crop for a 3D model (``[1, 1, size, size, size]``)."""
-    from lidc_cdam.ct.inputs import VOLUME, model_inputs, volume_input
-
     if view == VOLUME:
         return volume_input(crop_hu, input_stats, size)
     return model_inputs(crop_hu, view, [CENTRE + int(o) for o in offsets], input_stats, size)
@@ -136,8 +135,6 @@ def crops_features(model: Any, crops: Iterable[np.ndarray], input_stats: dict[st
                    offsets: Sequence[int] = OFFSETS, batch_size: int = 64) -> torch.Tensor:
     """Features ``[N, A, S, D]`` of N crops: S slices each (one input for a 3D model), under A = 8 flips and
     transpositions of the image plane with ``augment`` (2D models), else A = 1."""
-    from lidc_cdam.ct.inputs import VOLUME
-
     view = str(input_stats.get("view", "axial"))
     size = int(input_stats.get("image_size") or model.default_image_size[0])
     out = []
@@ -217,8 +214,6 @@ def fit_from_crops(model: Any, crops: Sequence[np.ndarray] | Iterable[np.ndarray
     """:func:`fit_domain_trust` of a model's training crops (``[32, 32, 32]`` HU each, e.g. from
     :func:`lidc_cdam.data.lidc.crops.read_crop`), with the checkpoint's ``input_stats``. ``augment`` defaults
     to the dihedral augmentation below :data:`MAX_AUGMENTED_CROPS` crops."""
-    from lidc_cdam.ct.inputs import VOLUME
-
     crops = list(crops)
     if augment is None:
         augment = len(crops) < MAX_AUGMENTED_CROPS

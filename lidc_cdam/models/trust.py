@@ -1,4 +1,4 @@
-"""The trust flag (SPEC "Beyond LIDC-IDRI", out-of-distribution warning): how unlike the training crops an input is.
+"""The trust flag, version 1 (docs/method.md, "Trust and provenance"): how unlike the training crops an input is.
 
 The input's latent ``l`` (CLS' after the final norm, :meth:`ViTModel.latent`) is compared with the training
 crops' latents by its Mahalanobis distance to their mean under a Ledoit-Wolf shrinkage covariance
@@ -17,8 +17,8 @@ defined; fewer than 2 crops are refused (:class:`ValueError`). When a fold would
 fit on, the reference distances are in-sample (``stats["cross_fit"] == 0``).
 
 The statistics are a dict of tensors and plain values (loadable with ``torch.load(weights_only=True)``); the
-training engine stores them as ``meta["trust"]`` in ``best.pt``, :func:`add_trust_to_checkpoint` adds them to
-an existing checkpoint.
+training engine stores them as ``meta["trust"]`` in ``best.pt``;
+:func:`lidc_cdam.train.trust_checkpoint.add_trust_to_checkpoint` adds them to an existing checkpoint.
 
 >>> stats = fit_trust(model_latents(model, train_images))
 >>> trust_percentile(stats, model_latents(model, images))  # tensor([37.2, 99.8, ...])
@@ -27,8 +27,6 @@ an existing checkpoint.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,52 +162,3 @@ def dataset_latents(model: Any, dataset: Any, batch_size: int = 64) -> torch.Ten
     out = [model_latents(model, batch["image"], batch_size) for batch in
            DataLoader(dataset, batch_size=batch_size, shuffle=False)]
     return torch.cat(out) if out else torch.empty(0, model.embed_dim)
-
-
-def training_ids(data_root: str | Path, fold: int, folds: str | Path | None = None) -> list[str]:
-    """Nodule ids of the training part of ``fold`` (not test, not validation = the next fold) among the crops
-    of ``data_root``, with the folds table ``folds`` (default: the committed one), as ``lidc-cdam train``."""
-    import pandas as pd
-
-    from lidc_cdam.data.lidc.folds import read_folds, split
-
-    table = read_folds(*(() if folds is None else (folds,)))
-    present = set(pd.read_csv(Path(data_root) / "nodules.csv")["nodule_id"])
-    return split(table[table["nodule_id"].isin(present)], int(fold))["train"]
-
-
-def add_trust_to_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathLike, fold: int,
-                            out: str | os.PathLike | None = None, *, batch_size: int = 64,
-                            folds: str | Path | None = None) -> dict[str, Any]:
-    """Fit the trust statistics of a trained LIDC checkpoint on the training part of ``fold`` of ``data_root``
-    (crops built with the checkpoint's own ``meta["input_stats"]``, no augmentation) and write the checkpoint
-    with ``meta["trust"]`` to ``out`` (default: in place). Returns the statistics.
-
-    ``folds``: the folds table (default: the one the checkpoint's training config names, else the committed
-    one). The shipped weight files are never rewritten in place (pass ``out``).
-    """
-    from lidc_cdam.data.lidc.datasets import checkpoint_dataset
-    from lidc_cdam.io import atomic_write
-    from lidc_cdam.models.loading import model_from_payload, read_checkpoint
-
-    checkpoint = Path(checkpoint)
-    target = Path(out) if out is not None else checkpoint
-    weights = Path(__file__).resolve().parent / "weights"
-    if target.resolve().parent == weights:
-        raise ValueError(f"{target}: a shipped weight file (its SHA-256 is recorded); write to another path (out=)")
-    payload = read_checkpoint(checkpoint)
-    model = model_from_payload(payload, str(checkpoint))
-    meta = payload.get("meta") or {}
-    input_stats = meta.get("input_stats")
-    if not input_stats:
-        raise ValueError(f"{checkpoint}: no meta['input_stats']: not an LIDC checkpoint of `lidc-cdam train`")
-    if folds is None:
-        folds = ((meta.get("train_config") or {}).get("data") or {}).get("folds")
-    ids = training_ids(data_root, fold, folds)
-    task = "classification" if model.task == "classification" else "regression"
-    dataset = checkpoint_dataset(data_root, ids, input_stats, task=task, target_stats=meta.get("target_stats"))
-    stats = fit_trust(dataset_latents(model, dataset, batch_size))
-    stats["data"] = {"root": str(data_root), "fold": int(fold), "part": "train"}
-    payload["meta"] = {**meta, "trust": stats}
-    atomic_write(target, lambda tmp: torch.save(payload, tmp))
-    return stats

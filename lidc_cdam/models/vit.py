@@ -4,7 +4,7 @@ The backbone is any supported family (timm ``VisionTransformer``, timm ``Eva``, 
 ``VisionTransformer``, Hugging Face ``transformers`` ViT / DINOv2, MONAI ``ViT`` in 2D or 3D);
 :mod:`lidc_cdam.models.backbones` holds one adapter per family, the seam the explainers use through this class.
 
-Notation follows the paper (section 3, Fig. 2b) and SPEC.md "Token layout":
+Notation follows the paper (section 3, Fig. 2b) and docs/method.md, "Token layout":
 
 * ``X``  residual stream entering the final block, ``[B, N, D]``, prefix tokens first
   (CLS, then register tokens);
@@ -206,7 +206,7 @@ class ViTModel(nn.Module):
     @property
     def reads_cls_only(self) -> bool:
         """True when the head reads CLS' alone (token pooling), so the last block's other
-        query rows cannot influence any target (SPEC "Where the speed is")."""
+        query rows cannot influence any target (docs/method.md, "Where the speed comes from")."""
         return self.adapter.reads_cls_only()
 
     def pooled_rows(self, num_tokens: int) -> slice:
@@ -267,7 +267,7 @@ class ViTModel(nn.Module):
         """Last block, final norm and pooling from the residual ``X`` and normed tokens ``T``.
 
         ``T`` defaults to ``norm1(X)``; passing it lets explainers differentiate with respect to
-        ``T`` while the residual branch ``X`` stays fixed (SPEC "CDAM"). ``grid`` is the patch grid (needed
+        ``T`` while the residual branch ``X`` stays fixed (docs/method.md, "CDAM"). ``grid`` is the patch grid (needed
         by RoPE models at a size other than the default one). Returns the latent ``l``.
         """
         t = self.normed_tokens(resid) if tokens is None else tokens

@@ -1,5 +1,5 @@
 """Fine-tuning configuration (``pipelines/configs/train/<backbone>-<task>.yaml``): backbone, task,
-data, optimisation (paper sections 5.1, 5.2, A.5.2; SPEC "LIDC-IDRI"), checked when read.
+data, optimisation (paper sections 5.1, 5.2, A.5.2; docs/method.md, "Data"), checked when read.
 
 ``--set key.sub=value`` overrides single values, as for the benchmark configs.
 """

@@ -3,7 +3,7 @@ folds), a summary per fold and mean +- sd, the reference baselines in the same t
 learning curves.
 
 Baselines (fitted on the fold's training and validation parts, scored on its test part):
-malignancy: a threshold on the mean annotated diameter (SPEC: one feature alone classifies the 854
+malignancy: a threshold on the mean annotated diameter (docs/method.md, "Data": one feature alone classifies the 854
 nodules at 0.875) and a logistic regression on the eight biomarkers; biomarkers: the training mean
 (MSE in standardised units, i.e. about 1).
 """

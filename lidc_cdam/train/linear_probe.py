@@ -1,4 +1,4 @@
-"""ImageNet linear probe on a frozen ViT backbone (SPEC.md "Data": the paper's classifier).
+"""ImageNet linear probe on a frozen ViT backbone (docs/method.md, "Data": the paper's classifier).
 
 The paper explains a frozen DINO ViT-S/8 with ``Linear(384, 1000)`` on CLS' (the CLS token after the
 final norm), trained with RandomResizedCrop 224 + horizontal flip, Adam (lr 3e-4), batch 128, 10 epochs
@@ -12,7 +12,7 @@ standard ImageNet-1k indices); ``classes="folders"`` trains on the folders prese
 * ``augment=False`` replaces the augmentation by the evaluation preprocessing (resize to the model's
   input size, ImageNet mean/std); with ``cache_features=True`` the latents are then computed once and
   the head trains on them (in memory: 1.28 M x 384 floats is about 2 GB).
-* Validation images (synset layout) are read like the evaluation images (resize to 224 x 224, SPEC
+* Validation images (synset layout) are read like the evaluation images (resize to 224 x 224, docs/method.md,
   "Evaluation"); top-1 is reported after training, and after every epoch when features are cached.
 * Seeded: the head's initialisation, the shuffling and the augmentation draws (also in loader workers)
   follow ``seed``. The result is a :class:`~lidc_cdam.models.vit.ViTModel` with a
@@ -55,7 +55,7 @@ ClassMode = Literal["imagenet", "folders"]
 
 @dataclass(frozen=True)
 class LinearProbeConfig:
-    """Training settings; the defaults are the paper's (SPEC.md "Data")."""
+    """Training settings; the defaults are the paper's (docs/method.md, "Data")."""
 
     epochs: int = 10
     batch_size: int = 128

@@ -12,8 +12,12 @@ The pieces, each in its own module, imported on demand (importing :mod:`lidc_cda
 - :mod:`.synthetic_dicom` - synthetic DICOM series with a real scan's geometry (tests, benchmarks);
 - :mod:`.phantom_render` - one nodule rendered from its real contours into a lung-like background;
 - :mod:`.phantoms` - the phantom data set of many scans (offline data, not CT);
-- :mod:`.datasets` - MONAI-style datasets and transforms for the model input (and for a trained
-  checkpoint's own statistics: ``checkpoint_dataset``).
+- :mod:`.model_input` - the one model-input contract: a crop's slice (or the whole crop) as a model's input;
+- :mod:`.datasets` - MONAI datasets whose dict transforms wrap that contract (and a trained checkpoint's
+  own statistics: ``checkpoint_dataset``);
+- :mod:`.nodule_inputs` - a checkpoint's inputs for the nodules of a folder, without MONAI;
+- :mod:`.concepts` - the radiological concepts' definitions and example groups (data only);
+- :mod:`.errors` - the errors the command line reports as a message.
 """
 
 from lidc_cdam.data.lidc.errors import LidcError

@@ -1,12 +1,14 @@
-"""Radiological concepts from rated LIDC nodules, as :class:`~lidc_cdam.Concept` targets (paper Eq. 3-4).
+"""Radiological concepts from rated LIDC nodules: their definitions and example groups (paper Eq. 3-4).
 
+This module is data only (which nodules are examples of which concept); the concept vectors, mean latents of
+those examples, are computed by :mod:`lidc_cdam.ct.concepts` (:func:`~lidc_cdam.ct.concepts.concept_targets`).
 The definitions are the committed ``data_manifest/lidc_concepts.yaml`` (:func:`read_concept_definitions`):
 a concept is the plain mean latent (Eq. 3) of the training-part nodules whose rating passes ``high``
 (e.g. spiculated: spiculation >= 4); ``<name>-contrast`` is mean latent(high) - mean latent(low). Only
 the training part of a fold is used (neither its test nor its validation fold, as
 :func:`lidc_cdam.data.lidc.folds.split` makes it): a nodule never explains itself.
 
-* :func:`concept_targets` - the function the viewer and the command line call;
+* :func:`read_concept_definitions`, :func:`concept_groups`, :func:`training_part` - the definitions and groups;
 * :func:`concept_counts` - the group sizes per fold (``data_manifest/lidc_concept_counts.csv`` holds them
   for the committed 862-nodule table; ``python -m lidc_cdam.data.lidc.concepts`` rewrites it).
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import operator
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -97,13 +98,10 @@ def _rule(text: Any, rating: str, where: str) -> Rule:
 def parse_concept_definitions(data: Any, source: str) -> ConceptSet:
     """A :class:`ConceptSet` from the YAML mapping; :class:`ConceptError` naming ``source`` when malformed."""
     from lidc_cdam.data.lidc.nodules import BIOMARKERS
-    from lidc_cdam.explain.targets import SIMILARITIES
 
     if not isinstance(data, dict) or not isinstance(data.get("concepts"), dict) or not data["concepts"]:
         raise ConceptError(f"{source}: expected a mapping with a non-empty 'concepts' mapping")
-    similarity = str(data.get("similarity", "dot"))
-    if similarity not in SIMILARITIES:
-        raise ConceptError(f"{source}: similarity {similarity!r} is not one of {SIMILARITIES}")
+    similarity = str(data.get("similarity", "dot"))  # checked where the concepts are made (lidc_cdam.ct.concepts)
     concepts = {}
     for name, spec in data["concepts"].items():
         where = f"{source}: concept {name!r}"
@@ -183,106 +181,6 @@ def concept_counts(nodules: pd.DataFrame | None = None, folds: pd.DataFrame | No
                          "available": high >= concepts.min_examples,
                          "contrast_available": min(high, low) >= concepts.min_examples})
     return pd.DataFrame(rows)
-
-
-def concept_vectors(latents, table: pd.DataFrame, names: Sequence[str], concepts: ConceptSet | None = None,
-                    *, similarity: str | None = None, strict: bool = True) -> list:
-    """:class:`~lidc_cdam.Concept` s from the latents ``[n, D]`` of ``table``'s rows (already the training
-    part): Eq. 3's mean over each ``high`` group, minus the ``low`` group's mean for contrasts. A group
-    below ``min_examples`` raises :class:`ConceptError` (``strict``) or drops that concept."""
-    import logging
-
-    from lidc_cdam.explain.targets import Concept
-
-    concepts = concepts or read_concept_definitions()
-    out = []
-    for name in names:
-        high, low = concept_groups(table, name, concepts)
-        sizes = [int(high.sum())] + ([int(low.sum())] if low is not None else [])
-        if min(sizes) < concepts.min_examples:
-            message = (f"concept {name!r}: {' / '.join(map(str, sizes))} training example(s) "
-                       f"({'high / low' if low is not None else 'high'}), fewer than min_examples = "
-                       f"{concepts.min_examples} ({concepts.source})")
-            if strict:
-                raise ConceptError(message)
-            logging.getLogger(__name__).warning("skipping %s", message)
-            continue
-        vector = latents[high].mean(0)
-        if low is not None:
-            vector = vector - latents[low].mean(0)
-        out.append(Concept(vector.detach().clone(), similarity=similarity or concepts.similarity, name=name))
-    return out
-
-
-def latents_of(model, inputs, batch_size: int = 256):
-    """``model.latent`` of ``inputs`` ``[n, C, H, W]`` in eval mode, without gradients, on the model's device."""
-    import torch
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return torch.cat([model.latent(chunk.to(device)) for chunk in inputs.split(batch_size)]).cpu()
-    finally:
-        model.train(was_training)
-
-
-def concept_targets(checkpoint_or_model, data_root: str | Path, fold: int | None = None,
-                    names: Sequence[str] | None = None, *, similarity: str | None = None,
-                    folds: str | Path | pd.DataFrame | None = None, definitions: str | Path | None = None) -> list:
-    """Concept targets (Eq. 3) for ``explain`` from the training-part nodules of ``data_root``.
-
-    ``checkpoint_or_model``: a :class:`~lidc_cdam.ViTModel` trained with ``lidc-cdam train`` (its
-    ``meta["input_stats"]`` builds the inputs), a checkpoint path, or a shipped model name
-    (``"phantom-malignancy"``). ``fold``: the test fold whose training part gives the examples (default:
-    the checkpoint's ``meta["fold"]``). ``names``: e.g. ``["spiculated", "round-contrast"]``; ``None`` gives
-    every concept and contrast with enough examples (the others are skipped with a warning); a named
-    concept with too few raises :class:`ConceptError`. ``similarity`` overrides the YAML's ``g`` (Eq. 4).
-
-    >>> targets = concept_targets("phantom-malignancy", "phantoms/")      # doctest: +SKIP
-    >>> explain(model, images, targets, method="cdam")                    # doctest: +SKIP
-    """
-    from lidc_cdam.data.lidc.nodule_inputs import (
-        checkpoint_input_settings,
-        load_planes,
-        plane_inputs,
-        read_data_table,
-    )
-
-    model = load_checkpoint_model(checkpoint_or_model)
-    concepts = read_concept_definitions(definitions)
-    if fold is None:
-        fold = (model.meta or {}).get("fold")
-        if fold is None:
-            raise ConceptError("the model does not record its fold (meta['fold']): pass fold=")
-    stats, size = checkpoint_input_settings(model)
-    table = read_data_table(data_root, folds)
-    train = training_part(table, int(fold)).reset_index(drop=True)
-    if train.empty:
-        raise ConceptError(f"{Path(data_root) / 'nodules.csv'}: no training-part nodules for fold {fold}")
-    wanted = list(names) if names is not None else concepts.names()
-    for name in wanted:
-        concepts.definition(name)  # unknown names fail before any crop is read
-    planes = load_planes(data_root, train, stats["view"])
-    latents = latents_of(model, plane_inputs(planes.hu, stats, size))
-    return concept_vectors(latents, train, wanted, concepts, similarity=similarity, strict=names is not None)
-
-
-def load_checkpoint_model(checkpoint_or_model):
-    """A :class:`ViTModel` from a model, a checkpoint path or a shipped model name."""
-    from lidc_cdam.models.vit import ViTModel
-
-    if isinstance(checkpoint_or_model, ViTModel):
-        return checkpoint_or_model
-    from lidc_cdam.models.demo_weights import SHIPPED, load_shipped
-    from lidc_cdam.models.loading import load_model
-
-    if isinstance(checkpoint_or_model, str) and checkpoint_or_model in SHIPPED:
-        return load_shipped(checkpoint_or_model)
-    model = load_model(checkpoint_or_model)
-    model.meta.setdefault("checkpoint_path", str(checkpoint_or_model))
-    return model.eval()
 
 
 def write_concept_counts(path: str | Path) -> Path:

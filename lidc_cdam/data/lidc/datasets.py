@@ -1,6 +1,7 @@
-"""MONAI datasets and transforms for the SPEC's model input, from a preprocessed (or phantom) folder.
+"""MONAI datasets and transforms for the model input (docs/method.md, "Data"), from a preprocessed (or phantom) folder.
 
-Model input (SPEC.md, "LIDC-IDRI"): the central slice of the 32^3 crop (index 16; a random index in
+The dict transforms wrap the array forms of :mod:`lidc_cdam.data.lidc.model_input` (the one model-input contract,
+which the CT path calls directly). Model input: the central slice of the 32^3 crop (index 16; a random index in
 14-18 when training) in the axial, coronal or sagittal view, repeated to 3 channels, resized to 224 x 224,
 z-scored with statistics of the training crops, rotated by a random multiple of 90 degrees when training.
 Targets: ``label`` (malignancy 0/1) for classification, ``biomarkers`` (the eight, standardised with mean
@@ -27,25 +28,46 @@ import torch
 from monai.data import Dataset
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
     MapTransform,
-    NormalizeIntensityd,
     RandomizableTransform,
     RandRotate90d,
-    RepeatChanneld,
     Resized,
     ToTensord,
 )
 
+from lidc_cdam.data.lidc.model_input import (
+    CENTRE,
+    CROP_SIZE,
+    IMAGE_SIZE,
+    TRAIN_SLICES,
+    VIEWS,
+    VOLUME,
+    plane_input,
+    slice_plane,
+    volume_input,
+)
 from lidc_cdam.data.lidc.nodule_inputs import check_crop_paths as check_crop_paths  # re-exported (moved)
 from lidc_cdam.data.lidc.nodules import BIOMARKERS
 
-VIEWS = {"axial": 0, "coronal": 1, "sagittal": 2}
-VOLUME = "3d"  # the whole crop, for a 3D backbone
-CENTRE = 16
-CROP_SIZE = 32
-TRAIN_SLICES = (14, 18)  # inclusive
-IMAGE_SIZE = 224
+__all__ = [
+    "CENTRE",
+    "CROP_SIZE",
+    "IMAGE_SIZE",
+    "TRAIN_SLICES",
+    "VIEWS",
+    "VOLUME",
+    "LoadCropd",
+    "ModelInputd",
+    "SliceViewd",
+    "Stats",
+    "VolumeInputd",
+    "check_crop_paths",
+    "checkpoint_dataset",
+    "fit_stats",
+    "lidc_datasets",
+    "transforms",
+    "volume_transforms",
+]
 TASKS = ("classification", "regression")
 
 
@@ -76,7 +98,7 @@ class SliceViewd(RandomizableTransform, MapTransform):
         RandomizableTransform.__init__(self, prob=1.0)
         if view not in VIEWS:
             raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
-        self.axis = VIEWS[view]
+        self.view = view
         self.index = index
         self.random_range = random_range
         self._i = index
@@ -93,7 +115,43 @@ class SliceViewd(RandomizableTransform, MapTransform):
         d = dict(data)
         d["slice_index"] = self._i
         for key in self.key_iterator(d):
-            d[key] = np.ascontiguousarray(np.take(np.asarray(d[key]), self._i, axis=self.axis))[None]
+            d[key] = np.ascontiguousarray(slice_plane(d[key], self.view, self._i))[None]
+        return d
+
+
+class ModelInputd(MapTransform):
+    """``d[key]`` (one HU plane ``[1, h, w]``) -> ``[3, size, size]``: :func:`~lidc_cdam.data.lidc.model_input.
+    plane_input` (3 channels, bilinear resize, z-scored with ``stats``). The crops are already in the HU window."""
+
+    def __init__(self, keys: str, stats: Stats, size: int):
+        super().__init__(keys)
+        self.stats, self.size = {"mean": stats.mean, "std": stats.std}, int(size)
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = plane_input(np.asarray(d[key], dtype=np.float32)[None], self.stats, self.size)[0]
+        return d
+
+
+class VolumeInputd(ModelInputd):
+    """``d[key]`` (the crop ``[z, y, x]``) -> ``[1, size, size, size]``: :func:`~lidc_cdam.data.lidc.model_input.
+    volume_input` (trilinear resize when ``size`` is not 32, z-scored with ``stats``)."""
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = volume_input(np.asarray(d[key], dtype=np.float32), self.stats, self.size)[0]
+        return d
+
+
+class AddChanneld(MapTransform):
+    """``d[key]`` ``[z, y, x]`` -> ``[1, z, y, x]``."""
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = np.asarray(d[key])[None]
         return d
 
 
@@ -135,10 +193,8 @@ def transforms(stats: Stats, view: str = "axial", train: bool = False, root: str
     steps = [
         LoadCropd("image", root=root),
         SliceViewd(("image", "mask"), view=view, random_range=TRAIN_SLICES if train else None),
-        RepeatChanneld("image", repeats=3),
-        Resized("image", spatial_size=(size, size), mode="bilinear", align_corners=False),
+        ModelInputd("image", stats, size),
         Resized("mask", spatial_size=(size, size), mode="nearest"),
-        NormalizeIntensityd("image", subtrahend=stats.mean, divisor=stats.std),
     ]
     if train:
         steps.append(RandRotate90d(("image", "mask"), prob=rotate_prob, max_k=3, spatial_axes=(0, 1)))
@@ -149,11 +205,9 @@ def transforms(stats: Stats, view: str = "axial", train: bool = False, root: str
 def volume_transforms(stats: Stats, train: bool = False, root: str | Path | None = None, rotate_prob: float = 0.75,
                       size: int = 32) -> Compose:
     """Crop file -> ``image`` [1, size, size, size] float32 (``[1, z, y, x]``), z-scored with ``stats``."""
-    steps = [LoadCropd("image", root=root), EnsureChannelFirstd(("image", "mask"), channel_dim="no_channel")]
+    steps = [LoadCropd("image", root=root), VolumeInputd("image", stats, size), AddChanneld("mask")]
     if size != CROP_SIZE:
-        steps += [Resized("image", spatial_size=(size,) * 3, mode="trilinear", align_corners=False),
-                  Resized("mask", spatial_size=(size,) * 3, mode="nearest")]
-    steps.append(NormalizeIntensityd("image", subtrahend=stats.mean, divisor=stats.std))
+        steps.append(Resized("mask", spatial_size=(size,) * 3, mode="nearest"))
     if train:
         steps.append(RandRotate90d(("image", "mask"), prob=rotate_prob, max_k=3, spatial_axes=(1, 2)))
     steps.append(ToTensord(("image", "mask"), track_meta=False))

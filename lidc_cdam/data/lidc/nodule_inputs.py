@@ -1,7 +1,7 @@
 """A checkpoint's model inputs for nodules of a preprocess / phantoms folder, without MONAI.
 
 The central slice (index 16) of each 32^3 crop along the checkpoint's view, built exactly as training
-built it (:func:`lidc_cdam.ct.inputs.model_inputs`: HU clipped, 3 channels, bilinear resize,
+built it (:func:`lidc_cdam.data.lidc.model_input.model_inputs`: HU clipped, 3 channels, bilinear resize,
 ``(HU - mean) / std`` with ``meta["input_stats"]``), and the same slice of the consensus mask on the
 crop's 1 mm grid. Crop paths come from the folder's ``nodules.csv`` and must stay inside the folder.
 """
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lidc_cdam.ct.inputs import CENTRE, VIEWS, model_inputs, slice_plane
 from lidc_cdam.data.lidc.errors import LidcError
+from lidc_cdam.data.lidc.model_input import CENTRE, VIEWS, model_inputs, slice_plane
 
 
 @dataclass(frozen=True)

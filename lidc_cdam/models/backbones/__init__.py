@@ -3,7 +3,8 @@
 Families: timm ``VisionTransformer``, timm ``Eva`` (DINOv3, EVA-02, PE), torchvision ``VisionTransformer`` (SWAG),
 and, imported only when a model of theirs is wrapped, Hugging Face ``transformers`` ViT / DINOv2
 (:mod:`~lidc_cdam.models.backbones.hf_vit`, the ``hf`` extra) and MONAI's 2D / 3D ``ViT``
-(:mod:`~lidc_cdam.models.backbones.monai_vit`, needs ``einops``). A new family is one adapter module and one
+(:mod:`~lidc_cdam.models.backbones.monai_vit`, needs ``einops``). :mod:`.base` is the seam itself; the built-in
+adapters are :mod:`.timm_vit`, :mod:`.timm_eva` and :mod:`.torchvision_vit`. A new family is one adapter module and one
 :func:`register_adapter` call (or an entry of :data:`LAZY_FAMILIES`).
 """
 

@@ -1,6 +1,6 @@
 """The seam between the explainers and a ViT family: what CDAM and the other methods need from a backbone.
 
-Notation (paper section 3, Fig. 2b; SPEC "Token layout", "Backbone families and 3D"):
+Notation (paper section 3, Fig. 2b; docs/method.md, "Token layout", "Backbone families and 3D"):
 
 * ``X`` the residual stream entering the last block ``[B, N, D]``, prefix tokens (CLS, registers) first;
 * ``T = norm1(X)`` the tokens entering the last attention (Eq. 2's ``T``);
@@ -58,7 +58,7 @@ class QKVAttention:
     ``rotate`` (rotary position embeddings, RoPE) turns the q or k of the patch tokens, ``[..., H, N, e]``
     (prefix tokens unchanged), after the projection; ``None`` without RoPE. Logits ``scale q'_i . k'_j``.
     ``T_i`` enters the block only through ``qkv``, so ``T_i . dF/dT_i = qkv_c,i . dF/dqkv_i`` with
-    ``qkv_c = T W^T`` (SPEC "Backbone families and 3D").
+    ``qkv_c = T W^T`` (docs/method.md, "Backbone families and 3D").
     """
 
     weight: torch.Tensor  # [3A, D]
@@ -233,7 +233,7 @@ class BackboneAdapter(ABC):
         average pooling, all rows for attention pooling."""
 
     def reads_cls_only(self) -> bool:
-        """True when the head reads CLS' alone (SPEC "Where the speed is")."""
+        """True when the head reads CLS' alone (docs/method.md, "Where the speed comes from")."""
         return self.pooled_rows(self.layout().num_tokens) == slice(0, 1)
 
     @abstractmethod

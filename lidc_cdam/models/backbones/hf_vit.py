@@ -4,7 +4,7 @@ transformers 5 (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` attention).
 
 Pre-norm layers: ``x = X + attn(norm_before(X)); Y = x + mlp(norm_after(x))`` (DINOv2 with layer scale), then
 ``layernorm``. q, k and v are three affine maps of the normed tokens, stacked here into one ``qkv`` map, then
-softmax attention: the CLS-row closed form is exact (SPEC "Backbone families and 3D"). The latent is CLS'
+softmax attention: the CLS-row closed form is exact (docs/method.md, "Backbone families and 3D"). The latent is CLS'
 (``last_hidden_state[:, 0]``); ``Dinov2*ForImageClassification`` reads ``[CLS', mean of the patch tokens']``
 (rows path). A base ``ViTModel``'s optional ``pooler`` is not used: the latent is CLS', its head ``Identity``.
 """

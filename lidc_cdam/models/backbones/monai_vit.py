@@ -3,7 +3,8 @@
 ``TransformerBlock``: ``x = X + attn(norm1(X)); Y = x + mlp(norm2(x))``; then ``norm`` and ``Z[:, 0]`` into
 ``classification_head`` (``Linear`` + ``Tanh`` by default). ``SABlock`` computes q, k, v with one affine map
 (``qkv``, laid out ``(qkv, head, e)`` as timm's; or ``to_q`` / ``to_k`` / ``to_v``, stacked here) then softmax
-attention, so ``norm1`` is Eq. 2's ``T`` and the CLS-row closed form is exact (SPEC "Backbone families and 3D").
+attention, so ``norm1`` is Eq. 2's ``T`` and the CLS-row closed form is exact (docs/method.md,
+"Backbone families and 3D").
 The CLS token gets no position embedding (MONAI adds it to the patches only). Patch tokens follow the input's
 spatial axes: images ``[B, C, D, H, W]`` give a ``(gd, gh, gw)`` grid. Needs ``einops``.
 """

@@ -1,8 +1,8 @@
 """timm ``Eva``: DINOv3 (CLS + 4 registers), EVA-02 (SwiGLU), Perception Encoder (attention pooling), all with
 rotary position embeddings (RoPE) applied to q and k of the patch tokens after the ``qkv`` projection.
 
-CDAM's closed form holds as for timm's ViT: ``T_i`` enters the last block only through ``qkv`` (SPEC "Backbone
-families and 3D"); the rotation is passed to the explainer as :attr:`QKVAttention.rotate`.
+CDAM's closed form holds as for timm's ViT: ``T_i`` enters the last block only through ``qkv``
+(docs/method.md, "Backbone families and 3D"); the rotation is passed to the explainer as :attr:`QKVAttention.rotate`.
 """
 
 from __future__ import annotations
