@@ -1,7 +1,7 @@
 """The committed evaluation of the trust flag on a real change of domain (``benchmarks/results/trust/``).
 
 For each shipped phantom model and both methods of the flag (``latent``: version 1, the latent's Mahalanobis
-distance; ``domain``: version 2, the block before the last, :mod:`lidc_cdam.models.domain_trust`): held-out
+distance; ``domain``: version 3, the block before the last, :mod:`lidc_cdam.models.domain_trust`): held-out
 phantom crops (the test part of fold 0 of the 120-scan phantoms the models were trained on) against crops of a
 real chest CT (``tests/data/lung1``: its nodule and 240 random points in the lung and soft tissue), see
 :mod:`lidc_cdam.evaluate.trust_shift`. Writes
