@@ -144,6 +144,31 @@ def add_provenance(out: Path, progress: bool) -> dict[str, dict[str, Any]]:
     return changes
 
 
+def refit_trust(out: Path, progress: bool) -> dict[str, dict[str, Any]]:
+    """Refit the phantom models' trust flag (``meta["trust"]``, the current version of
+    :mod:`lidc_cdam.models.domain_trust`) on their fold-0 training crops of the 120-scan phantoms; everything
+    else in the files (weights, provenance, ``meta["trust_latent"]``) unchanged. Returns the manifest changes."""
+    from lidc_cdam.pipelines.demo_lidc import DEMO_SCANS, demo_phantoms
+
+    from lidc_cdam.evaluate.trust_shift import fold_crops
+    from lidc_cdam.models.demo_weights import sha256_of
+    from lidc_cdam.models.domain_trust import fit_from_crops
+    from lidc_cdam.models.loading import load_model
+
+    train = fold_crops(demo_phantoms(progress, DEMO_SCANS), 0, "train")
+    changes: dict[str, dict[str, Any]] = {}
+    for name in ("phantom-malignancy", "phantom-biomarkers"):
+        path = out / f"{name}.pt"
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        before = {k: v.clone() for k, v in payload["state_dict"].items()}
+        meta = payload["meta"]
+        meta["trust"] = fit_from_crops(load_model(path), train.crops, meta["input_stats"])
+        meta["trust"]["data"] = {"phantom_scans": DEMO_SCANS, "fold": 0, "part": "train"}
+        _save_payload(payload, path, before)
+        changes[name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+    return changes
+
+
 def sha256_of_frame(frame: Any) -> str:
     import hashlib
 
@@ -159,11 +184,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--add-provenance", action="store_true",
                         help="no training: add the provenance (and the phantom models' version-2 trust flag) to the "
                              "files in --out, weights unchanged, and re-record their SHA-256")
+    parser.add_argument("--refit-trust", action="store_true",
+                        help="no training: refit the phantom models' trust flag (the current version) in --out, "
+                             "weights and provenance unchanged, and re-record their SHA-256")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_file = args.out / "MANIFEST.json"
     manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
     progress = sys.stderr.isatty()
+    if args.refit_trust:
+        from lidc_cdam.models.domain_trust import TRUST_VERSION
+
+        for name, change in refit_trust(args.out, progress).items():
+            manifest[name].update(change)
+            manifest[name].setdefault("trained", {})["trust"] = (
+                f"meta['trust']: version {TRUST_VERSION} (lidc_cdam.models.domain_trust), fitted afterwards "
+                "(ship_demo_weights --refit-trust) on the fold 0 training crops of the same 120-scan phantoms; "
+                "meta['trust_latent']: the version-1 statistics (lidc_cdam.models.trust); weights unchanged")
+        write_json(manifest_file, dict(sorted(manifest.items())))
+        return 0
     if args.add_provenance:
         for name, change in add_provenance(args.out, progress).items():
             manifest[name].update(change)

@@ -103,7 +103,7 @@ def test_shipped_phantom_models_carry_the_trust_flag():
         model = load_shipped(name)
         stats, input_stats = model.meta["trust_latent"], model.meta["input_stats"]  # version 1
         assert stats["n_train"] == shipped_manifest()[name]["test_metrics"]["train_size"]
-        assert model.meta["trust"]["version"] == 2 and model.meta["trust"]["n_train"] == stats["n_train"]
+        assert model.meta["trust"]["version"] == 3 and model.meta["trust"]["n_train"] == stats["n_train"]
         size = int(input_stats["image_size"])
         real = torch.cat([model_inputs(c, "axial", [16], input_stats, size) for c in real_ct_crops()])
         noise = model_inputs(np.random.default_rng(0).uniform(-1000, 400, (32, 32, 32)), "axial", [16],
@@ -150,3 +150,29 @@ def test_the_committed_trust_evaluation_is_rebuilt_from_the_shipped_weights(tmp_
         assert pooled == pytest.approx(trust_rates()["pooled"][method], abs=2e-3), method
     new = [r for r in result["summary"] if r["method"] == "domain"]
     assert all(r["auroc"] >= 0.95 and r["in_domain_flagged"] <= 0.05 and r["nodule_flagged"] for r in new)
+
+
+def test_shipped_models_call_real_ct_unlike_and_the_synthetic_scans_nodules_like_the_training_data():
+    """Issue 19's done-when, through the CT path's trust flag (:func:`lidc_cdam.ct.ensemble.crop_trust`, what the
+    report page and the viewer show): the real CT fixture's nodule (tests/data/lung1) is "unlike the training
+    data"; the synthetic chest scan's three phantom nodules (rendered as the training phantoms are) are "like"."""
+    import numpy as np
+
+    import lidc_cdam.ct as M
+    from lidc_cdam.ct.ensemble import crop_trust
+    from lidc_cdam.ct.testing import synthetic
+    from lidc_cdam.evaluate import trust_shift
+
+    models = [M.load_checked_model(shipped_checkpoint(n)) for n in ("phantom-malignancy", "phantom-biomarkers")]
+    fixture = ROOT / "tests" / "data" / "lung1"
+    volume, label = trust_shift.read_fixture(fixture / "lung1_thorax.nrrd", fixture / "lung1_thorax_label.nrrd")
+    nodule = trust_shift.real_ct_crops(volume, trust_shift.real_ct_points(volume, label, n=0)).crops[0]
+    real = crop_trust(models, {"image": nodule}, "axial")
+    assert real["unlike_training"] and all(p > real["threshold"] for p in real["per_model"]), real
+    scan = M.read_ct(synthetic()["dicom"])
+    nodules = M.list_nodules(synthetic()["crops_dir"], scan)
+    assert len(nodules) == 3
+    for n in nodules:
+        trust = crop_trust(models, M.read_crop(n.crop_path), "axial")
+        assert not trust["unlike_training"], (n.nodule_id, trust)
+        assert np.isfinite(trust["per_model"]).all()

@@ -56,8 +56,8 @@ def test_checkpoint_is_complete_and_reloads_to_identical_predictions(trained, to
     assert model.meta["fold"] == 0 and model.meta["epoch"] == result["best_epoch"]
     assert model.meta["train_config"]["task"] == "malignancy" and "val_auc" in model.meta["val_metrics"]
     assert model.meta["input_stats"] == {"mean": 0.0, "std": 1.0}
-    trust = payload["meta"]["trust"]  # trust flag statistics of the best model's training features (version 2)
-    assert trust["version"] == 2 and trust["n_train"] == result["train_size"] and trust["dim"] == model.embed_dim
+    trust = payload["meta"]["trust"]  # trust flag statistics of the best model's training features (version 3)
+    assert trust["version"] == 3 and trust["n_train"] == result["train_size"] and trust["dim"] == model.embed_dim
     assert payload["meta"]["trust_latent"]["n_train"] == result["train_size"]  # version 1, kept for comparison
     provenance = payload["meta"]["provenance"]  # what the model was trained on
     assert provenance["kind"] == "other" and provenance["fold"] == 0

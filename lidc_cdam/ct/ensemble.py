@@ -208,10 +208,11 @@ def crop_trust(models: Sequence[LoadedModel], crop: dict[str, Any], view: str,
     """The trust flag of a crop (see docs "Provenance and trust"): for each model whose checkpoint carries
     training statistics (``meta["trust"]``), the percentile of the crop among the training crops.
 
-    Version 2 (:mod:`lidc_cdam.models.domain_trust`): the mean Mahalanobis distance of the features of the
-    block before the last over the crop's centre +- 3 slices; ``features`` (per model, slice -> features, from
-    the maps' own pass, :attr:`~lidc_cdam.ct.maps.MapResult.trust_features`) spare the forward pass, and only
-    the slices missing there go through the trunk. Version 1 (:mod:`lidc_cdam.models.trust`, older
+    Versions 2 and 3 (:mod:`lidc_cdam.models.domain_trust`): the mean Mahalanobis distance (version 3: to the
+    closer of two cluster means) of the features of the block before the last over the crop's centre +- 3
+    slices; ``features`` (per model, slice -> features, from the maps' own pass,
+    :attr:`~lidc_cdam.ct.maps.MapResult.trust_features`) spare the forward pass, and only the slices missing there
+    go through the trunk. Version 1 (:mod:`lidc_cdam.models.trust`, older
     checkpoints): the central slice's latent; ``latents`` (per model) spare its forward pass.
 
     The ensemble reports the largest percentile (the most cautious model) and is ``unlike_training`` above that
@@ -231,7 +232,7 @@ def crop_trust(models: Sequence[LoadedModel], crop: dict[str, Any], view: str,
             known = (features[k] if features is not None else None) or {}
             feats = _domain_features(m, crop, view, stats, known)
             per_model.append(float(domain_trust.crop_percentile(stats, feats)[0]))
-            versions.append(2)
+            versions.append(int(stats.get("version", 2)))
         else:
             per_model.append(_latent_percentile(m, crop, view, stats, latents[k] if latents is not None else None,
                                                 model_latents, trust_percentile))
@@ -251,7 +252,7 @@ def crop_trust(models: Sequence[LoadedModel], crop: dict[str, Any], view: str,
 
 def _domain_features(m: LoadedModel, crop: dict[str, Any], view: str, stats: dict[str, Any],
                      known: dict[int, np.ndarray]) -> np.ndarray:
-    """``[S, D]`` version-2 features of the crop's scored slices: those of the maps' pass, the rest computed."""
+    """``[S, D]`` version-2/3 features of the crop's scored slices: those of the maps' pass, the rest computed."""
     from lidc_cdam.models import domain_trust
 
     if view == VOLUME:

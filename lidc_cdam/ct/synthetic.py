@@ -22,7 +22,7 @@ from lidc_cdam.ct.volume import CTVolume
 
 SYNTHETIC_NOTE = "synthetic chest CT with phantom nodules written by lidc-cdam's viewer: not CT"
 PATIENT_ID = "SYNTHETIC-0001"
-VERSION = 1
+VERSION = 2  # 2: the lungs and nodules rendered as the training phantoms are (look="phantom")
 SHAPE = (48, 256, 256)  # z, y, x
 SPACING = (1.4, 1.4, 2.5)  # x, y, z mm
 ORIGIN = (-178.5, -191.0, -260.0)  # x, y, z mm
@@ -77,10 +77,55 @@ def nodule_mask(nod: PhantomNodule, zz, yy, xx, seed: int = 0) -> np.ndarray:
     return mask
 
 
-def synthetic_scan(seed: int = 0) -> tuple[CTVolume, list[np.ndarray]]:
-    """The synthetic scan (HU int16 ``[z, y, x]``) and each nodule's mask on its grid (bool ``[z, y, x]``)."""
+LOOKS = ("phantom", "v1")
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma_mm: float) -> np.ndarray:
+    """Unit-variance Gaussian noise smoothed by ``sigma_mm`` on the scan's anisotropic grid."""
     from scipy.ndimage import gaussian_filter
 
+    sigma = (sigma_mm / SPACING[2], sigma_mm / SPACING[1], sigma_mm / SPACING[0])
+    field = gaussian_filter(rng.normal(size=shape).astype(np.float32), sigma, mode="wrap")
+    return field / (field.std() + 1e-8)
+
+
+def _vessels(rng: np.random.Generator, lungs: np.ndarray, zz, yy, xx) -> np.ndarray:
+    """Partial-volume weights [0, 1] of straight vessel tubes (radius 0.7-1.8 mm) in the lungs: about three
+    32 mm segments per 32 mm cube of lung, as the training phantoms' background has 2-4 tubes per crop."""
+    weight = np.zeros(lungs.shape, dtype=np.float32)
+    cells = np.argwhere(lungs)
+    n = round(3 * lungs.sum() * SPACING[0] * SPACING[1] * SPACING[2] / 32.0**3)
+    step = np.array([SPACING[2], SPACING[1], SPACING[0]])  # z, y, x mm per voxel
+    for _ in range(n):
+        centre = cells[int(rng.integers(len(cells)))]
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)  # z, y, x
+        radius = rng.uniform(0.7, 1.8)
+        half = np.ceil((16.0 + radius + 1.0) / step).astype(int)
+        lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, lungs.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        rel = [g.reshape(-1)[box[k]].reshape([-1 if j == k else 1 for j in range(3)]) - float(g.reshape(-1)[centre[k]])
+               for k, g in enumerate((zz, yy, xx))]
+        along = rel[0] * direction[0] + rel[1] * direction[1] + rel[2] * direction[2]
+        perp = np.sqrt(np.maximum(rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2 - along**2, 0.0))
+        w = np.clip(radius + 0.5 - perp, 0.0, 1.0) * (np.abs(along) <= 16.0)
+        weight[box] = np.maximum(weight[box], w)
+    return weight
+
+
+def synthetic_scan(seed: int = 0, look: str = "phantom") -> tuple[CTVolume, list[np.ndarray]]:
+    """The synthetic scan (HU int16 ``[z, y, x]``) and each nodule's mask on its grid (bool ``[z, y, x]``).
+
+    ``look="phantom"`` (the default): lungs and nodules rendered as the training phantoms are
+    (:mod:`lidc_cdam.data.lidc.phantom_render`): parenchyma at -850 HU with correlated noise (25 HU, 1.5 mm),
+    vessels as +40 HU tubes with partial volume, nodules at the HU of their texture rating (-650 HU for 1 to
+    20 HU for 5) with correlated noise (40 HU, 1 mm) and a soft edge; so the shipped phantom models see
+    their kind of data. ``look="v1"``: the crude look of version 1 (flat -860 HU lungs, thresholded vessels,
+    flat nodules, white noise), kept for ``tests/data/crops/make_reference.py``."""
+    from scipy.ndimage import gaussian_filter
+
+    if look not in LOOKS:
+        raise ValueError(f"look must be one of {LOOKS}, got {look!r}")
     rng = np.random.default_rng(seed)
     zz, yy, xx = _grid()
     shape = SHAPE
@@ -92,20 +137,32 @@ def synthetic_scan(seed: int = 0) -> tuple[CTVolume, list[np.ndarray]]:
     lungs = np.broadcast_to(lung_r | lung_l, shape)
     hu = np.full(shape, -1000.0, dtype=np.float32)
     hu[np.broadcast_to(body, shape)] = 40.0
-    hu[lungs] = -860.0
     hu[np.broadcast_to(spine, shape)] = 500.0
-    # vessels: smooth random field thresholded into thin branching structures inside the lungs
-    field = gaussian_filter(rng.normal(size=shape).astype(np.float32), (1.0, 2.0, 2.0))
-    field /= field.std() + 1e-6
-    vessels = lungs & (np.abs(field) < 0.06)
-    hu[vessels] = -100.0
-    masks = []
-    for n, nod in enumerate(NODULES):
-        mask = nodule_mask(nod, zz, yy, xx, seed + n) & lungs
-        hu[mask] = nod.hu
-        masks.append(mask)
-    hu += rng.normal(0.0, 12.0, size=shape).astype(np.float32)
-    hu = gaussian_filter(hu, (0.4, 0.6, 0.6))
+    masks = [nodule_mask(nod, zz, yy, xx, seed + n) & lungs for n, nod in enumerate(NODULES)]
+    if look == "v1":
+        hu[lungs] = -860.0
+        # vessels: smooth random field thresholded into thin branching structures inside the lungs
+        field = gaussian_filter(rng.normal(size=shape).astype(np.float32), (1.0, 2.0, 2.0))
+        field /= field.std() + 1e-6
+        hu[lungs & (np.abs(field) < 0.06)] = -100.0
+        for nod, mask in zip(NODULES, masks, strict=True):
+            hu[mask] = nod.hu
+        hu += rng.normal(0.0, 12.0, size=shape).astype(np.float32)
+        hu = gaussian_filter(hu, (0.4, 0.6, 0.6))
+    else:
+        lung = -850.0 + 25.0 * _smooth_field(rng, shape, 1.5)
+        weight = _vessels(rng, lungs, zz, yy, xx)
+        lung = lung * (1 - weight) + 40.0 * weight
+        hu = np.where(lungs, lung, hu)
+        body_tissue = np.broadcast_to(body, shape) & ~lungs
+        hu = np.where(body_tissue, hu + 20.0 * _smooth_field(rng, shape, 1.0), hu)
+        for nod, mask in zip(NODULES, masks, strict=True):
+            texture = float(nod.ratings["texture"])
+            solid = float(np.interp(texture, [1, 5], [-650.0, 20.0]))
+            inside = solid + 40.0 * _smooth_field(rng, shape, 1.0)
+            soft = np.clip(gaussian_filter(mask.astype(np.float32), (0.3, 0.5, 0.5)) * 1.0, 0.0, 1.0)
+            soft = np.where(mask, np.maximum(soft, 0.5), soft) * lungs
+            hu = hu * (1 - soft) + inside * soft
     hu[~np.broadcast_to(body, shape)] = -1000.0
     vol = CTVolume(np.clip(np.rint(hu), -1024, 3071).astype(np.int16), SPACING, ORIGIN,
                    name=f"CT {PATIENT_ID} (synthetic)",
@@ -146,14 +203,15 @@ def crop_rows(volume: CTVolume, masks: list[np.ndarray], out_dir: str | Path) ->
     return rows
 
 
-def write_synthetic(out_dir: str | Path, seed: int = 0, dicom: bool = True) -> dict[str, Path]:
+def write_synthetic(out_dir: str | Path, seed: int = 0, dicom: bool = True, look: str = "phantom"
+                    ) -> dict[str, Path]:
     """Write the synthetic scan's DICOM series, crops and ``nodules.csv`` under ``out_dir``."""
     import pandas as pd
 
     from lidc_cdam.io import atomic_write
 
     out_dir = Path(out_dir)
-    volume, masks = synthetic_scan(seed)
+    volume, masks = synthetic_scan(seed, look)
     rows = crop_rows(volume, masks, out_dir)
     table = pd.DataFrame(rows)
     atomic_write(out_dir / "nodules.csv", lambda tmp: table.to_csv(tmp, index=False, lineterminator="\n"))

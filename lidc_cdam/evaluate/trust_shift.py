@@ -6,7 +6,7 @@ and in soft tissue (HU in [-100, 150]: mediastinum and chest wall). The in-domai
 of the fold the model was trained on (crops it never saw, of the same kind as its training crops).
 
 For each model and each method of the flag (``"latent"``: version 1, :mod:`lidc_cdam.models.trust`, the
-latent's Mahalanobis distance; ``"domain"``: version 2, :mod:`lidc_cdam.models.domain_trust`), the scores give
+latent's Mahalanobis distance; ``"domain"``: version 2 or 3, :mod:`lidc_cdam.models.domain_trust`), the scores give
 the AUROC (real CT = positive), the share of real-CT crops flagged, the share of held-out crops flagged, and
 whether the nodule is flagged. :func:`evaluate_models` returns them as plain values, per-crop rows for the
 committed table and histogram.
@@ -103,7 +103,7 @@ def fold_crops(folder: str | Path, fold: int = 0, part: str = "test", folds: str
 
 
 def method_stats(model: Any, method: str) -> dict[str, Any] | None:
-    """A model's statistics of one method: ``"domain"`` (version 2, ``meta["trust"]``) or ``"latent"``
+    """A model's statistics of one method: ``"domain"`` (version 2 or 3, ``meta["trust"]``) or ``"latent"``
     (version 1: ``meta["trust_latent"]``, or ``meta["trust"]`` of an older checkpoint)."""
     from lidc_cdam.models.domain_trust import is_domain_stats
 

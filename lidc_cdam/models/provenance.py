@@ -161,7 +161,7 @@ def trust_rates() -> dict[str, Any]:
 
 def measured_rates(method: str = "domain") -> tuple[float, float] | None:
     """``(share of unseen training-like crops flagged, share of real-CT crops flagged)`` of the flag's method
-    (``"domain"``: version 2, ``"latent"``: version 1), pooled over the shipped models of the committed
+    (``"domain"``: version 3, ``"latent"``: version 1), pooled over the shipped models of the committed
     evaluation; None when not shipped."""
     pooled = (trust_rates().get("pooled") or {}).get(method)
     if not pooled:

@@ -17,8 +17,9 @@ defined; fewer than 2 crops are refused (:class:`ValueError`). When a fold would
 fit on, the reference distances are in-sample (``stats["cross_fit"] == 0``).
 
 The statistics are a dict of tensors and plain values (loadable with ``torch.load(weights_only=True)``); the
-training engine stores them as ``meta["trust"]`` in ``best.pt``;
-:func:`lidc_cdam.train.trust_checkpoint.add_trust_to_checkpoint` adds them to an existing checkpoint.
+training engine stores them as ``meta["trust_latent"]`` in ``best.pt`` beside the current version
+(:mod:`lidc_cdam.models.domain_trust`, ``meta["trust"]``); older checkpoints carry them as ``meta["trust"]``, and are
+still read. :func:`lidc_cdam.train.trust_checkpoint.add_trust_to_checkpoint` adds both to an existing checkpoint.
 
 >>> stats = fit_trust(model_latents(model, train_images))
 >>> trust_percentile(stats, model_latents(model, images))  # tensor([37.2, 99.8, ...])

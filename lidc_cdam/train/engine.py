@@ -44,7 +44,7 @@ class FoldData:
     fold: int
     test: Dataset | None = None  # scored once with the best checkpoint
     trust: Dataset | None = None  # the training part without augmentation (trust flag); default ``train``
-    #: the training part's crop files (``[32, 32, 32]`` HU), for the version-2 trust flag (the crop's slices)
+    #: the training part's crop files (``[32, 32, 32]`` HU), for the version-3 trust flag (the crop's slices)
     trust_crops: list[str] | None = None
     input_stats: dict[str, Any] = field(default_factory=dict)
     target_stats: dict[str, Any] | None = None
@@ -330,7 +330,7 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
 def add_trust(path: Path, dataset: Dataset, batch_size: int, device: torch.device,
               crops: list[str] | None = None) -> dict[str, Any] | None:
     """Re-save the best checkpoint with the trust statistics of the best model on its training data:
-    ``meta["trust"]`` (version 2, :mod:`lidc_cdam.models.domain_trust`: features of the block before the last,
+    ``meta["trust"]`` (version 3, :mod:`lidc_cdam.models.domain_trust`: features of the block before the last,
     from the training ``crops`` when given, else from ``dataset``'s images) and ``meta["trust_latent"]``
     (version 1, :func:`lidc_cdam.models.trust.fit_trust` of the latents of ``dataset``, the training inputs
     without augmentation; kept for comparison). A summary for ``result.json``, or None (with a warning) when

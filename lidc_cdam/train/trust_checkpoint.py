@@ -13,9 +13,11 @@ from typing import Any
 import pandas as pd
 import torch
 
+from lidc_cdam.data.lidc.crops import read_crop
 from lidc_cdam.data.lidc.datasets import checkpoint_dataset
 from lidc_cdam.data.lidc.folds import read_folds, split
 from lidc_cdam.io import atomic_write
+from lidc_cdam.models import domain_trust
 from lidc_cdam.models.loading import model_from_payload, read_checkpoint
 from lidc_cdam.models.trust import dataset_latents, fit_trust
 from lidc_cdam.resources import weights_path
@@ -33,8 +35,11 @@ def add_trust_to_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.P
                             out: str | os.PathLike | None = None, *, batch_size: int = 64,
                             folds: str | Path | None = None) -> dict[str, Any]:
     """Fit the trust statistics of a trained LIDC checkpoint on the training part of ``fold`` of ``data_root``
-    (crops built with the checkpoint's own ``meta["input_stats"]``, no augmentation) and write the checkpoint
-    with ``meta["trust"]`` to ``out`` (default: in place). Returns the statistics.
+    and write the checkpoint to ``out`` (default: in place) with, as the training engine stores them,
+    ``meta["trust"]``: the current version (:mod:`lidc_cdam.models.domain_trust`, from the training crops'
+    files), and ``meta["trust_latent"]``: version 1 (:mod:`lidc_cdam.models.trust`: the latents of the crops built
+    with the checkpoint's own ``meta["input_stats"]``, no augmentation), which the side-by-side evaluation
+    (:mod:`lidc_cdam.evaluate.trust_shift`) reads. Returns the current-version statistics.
 
     ``folds``: the folds table (default: the one the checkpoint's training config names, else the committed
     one). The shipped weight files are never rewritten in place (pass ``out``).
@@ -55,8 +60,12 @@ def add_trust_to_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.P
     ids = training_ids(data_root, fold, folds)
     task = "classification" if model.task == "classification" else "regression"
     dataset = checkpoint_dataset(data_root, ids, input_stats, task=task, target_stats=meta.get("target_stats"))
-    stats = fit_trust(dataset_latents(model, dataset, batch_size))
-    stats["data"] = {"root": str(data_root), "fold": int(fold), "part": "train"}
-    payload["meta"] = {**meta, "trust": stats}
+    latent = fit_trust(dataset_latents(model, dataset, batch_size))
+    table = pd.read_csv(Path(data_root) / "nodules.csv").set_index("nodule_id")
+    crops = (read_crop(Path(data_root) / table.loc[i, "crop_path"])["image"] for i in ids)
+    stats = domain_trust.fit_from_crops(model, crops, input_stats, batch_size=batch_size)
+    where = {"root": str(data_root), "fold": int(fold), "part": "train"}
+    stats["data"], latent["data"] = where, dict(where)
+    payload["meta"] = {**meta, "trust": stats, "trust_latent": latent}
     atomic_write(target, lambda tmp: torch.save(payload, tmp))
     return stats

@@ -2,7 +2,8 @@
 
 ``before_patient_axes.npz`` was written with this script by the code before crops moved to the patient grid
 (commit ebdc273): phantom crops of 2 LIDC-IDRI scans, the synthetic chest scan's nodule crops and 3 point crops
-(one crossing the scan's edge). The test runs it again and requires the same arrays.
+(one crossing the scan's edge). The test runs it again and requires the same arrays. The synthetic scan is
+rendered in its version-1 look (``look="v1"``), the one the reference was cut from.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ def crops_now() -> dict[str, np.ndarray]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_phantoms(root / "ph", n_scans=2, progress=False)
-        write_synthetic(root / "syn", dicom=False)
+        write_synthetic(root / "syn", dicom=False, look="v1")  # the look the reference was cut from
         for kind, folder in (("phantom", root / "ph"), ("synthetic", root / "syn")):
             for f in sorted((folder / "crops").glob("*.npz")):
                 c = read_crop(f)
                 for key in ("image", "mask", "crop_to_world", "start_resampled"):
                     out[f"{kind}/{f.stem}/{key}"] = c[key]
-    vol, _ = synthetic_scan()
+    vol, _ = synthetic_scan(look="v1")
     for k, p in enumerate(POINTS):
         pc = crop_at_point(vol, p)
         out[f"point/{k}/image"] = pc.crop["image"]
