@@ -42,6 +42,7 @@ def test_wheel_carries_the_run_time_files(wheel):
         "lidc_cdam/data_manifest/imagenet_xval.csv", "lidc_cdam/data_manifest/imagenet_xmulti.csv",
         "lidc_cdam/data_manifest/lidc_concepts.yaml", "lidc_cdam/data_manifest/lidc_concept_counts.csv",
         "lidc_cdam/pipelines/configs/offline-multi-object.yaml", "lidc_cdam/pipelines/configs/paper-imagenet.yaml",
+        "lidc_cdam/pipelines/configs/real-photos.yaml", "lidc_cdam/models/weights/real-photos-probe.pt",
         "lidc_cdam/pipelines/configs/train/tiny-phantom-malignancy.yaml", "lidc_cdam/viewer/napari.yaml",
         "lidc_cdam/models/weights/MANIFEST.json", "lidc_cdam/models/weights/digits-vit.pt",
         "lidc_cdam/models/weights/phantom-malignancy.pt", "lidc_cdam/models/weights/phantom-biomarkers.pt",

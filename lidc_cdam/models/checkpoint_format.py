@@ -173,7 +173,8 @@ def build_backbone(build: dict[str, Any]) -> nn.Module:
     a name a ``VisionTransformer``) or ``{"family": "torchvision", "torchvision_name": name | None,
     "torchvision_kwargs": {...}}`` (a torchvision builder such as ``vit_b_16``; without a name the class),
     ``{"family": "monai", "monai_kwargs": {...}}`` (MONAI's ``ViT``) or ``{"family": "transformers",
-    "transformers_class": name, "transformers_config": {...}}`` (a Hugging Face ViT / DINOv2 from its config)."""
+    "transformers_class": name, "transformers_config": {...}}`` (a Hugging Face ViT / DINOv2 from its config).
+    A timm build may add ``"layer_norm_eps"``: the epsilon of every ``LayerNorm`` (an imported ViT's own)."""
     if build.get("family") == "monai":
         from lidc_cdam.models.backbones.monai_vit import build_monai_vit
 
@@ -192,9 +193,13 @@ def build_backbone(build: dict[str, Any]) -> nn.Module:
         return torchvision.models.VisionTransformer(**kwargs)
     kwargs = dict(build.get("timm_kwargs") or {})
     name = build.get("timm_name")
-    if name:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    return VisionTransformer(**kwargs)
+    backbone = timm.create_model(name, pretrained=False, **kwargs) if name else VisionTransformer(**kwargs)
+    eps = build.get("layer_norm_eps")
+    if eps is not None:  # a ViT imported from elsewhere (e.g. ONNX, transformers' 1e-12): every LayerNorm's epsilon
+        for module in backbone.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = float(eps)
+    return backbone
 
 
 def save_checkpoint(
@@ -494,6 +499,10 @@ def load_model_file(model_cls: type[M], path: str | os.PathLike, /, *, arch: str
     ``task="features"`` model that :func:`save_checkpoint` can re-save.
     """
     source = str(path)
+    if Path(path).suffix.lower() == ".onnx":  # a Hugging Face ViT / DINOv2 exported to ONNX
+        if arch is not None:
+            raise CheckpointError(f"{source}: an ONNX file gives its own architecture; arch= does not apply")
+        return model_from_onnx(model_cls, path, **timm_kwargs)
     obj = read_checkpoint(path)
     if is_lidc_cdam_checkpoint(obj):
         if arch is not None or timm_kwargs:
@@ -574,3 +583,19 @@ def model_from_timm(
         _load_into(model.backbone, state_dict, source)
         model.meta.update({"loaded_from": source, "source_format": fmt})
     return model.eval()
+
+
+def model_from_onnx(model_cls: type[M], path: str | os.PathLike, /, *, image_size: int | tuple[int, int] | None = None,
+                    num_heads: int | None = None, **kwargs: Any) -> M:
+    """A Hugging Face ViT / DINOv2 exported to ONNX as a feature model (``task="features"``) on a timm
+    ``VisionTransformer`` (:mod:`lidc_cdam.models.onnx_import`); ``kwargs`` go to ``model_cls``."""
+    from lidc_cdam.models.onnx_import import OnnxImportError, timm_backbone_from_onnx
+
+    try:
+        backbone, build, read = timm_backbone_from_onnx(path, image_size=image_size, num_heads=num_heads)
+    except OnnxImportError as err:
+        raise CheckpointError(str(err)) from None
+    meta = {"loaded_from": str(path), "source_format": f"onnx ({read.family}, transformers)",
+            "onnx_unused_initializers": len(read.unused), **dict(kwargs.pop("meta", None) or {})}
+    kwargs.setdefault("task", "features")
+    return model_cls(backbone, build=build, meta=meta, **kwargs)

@@ -111,6 +111,14 @@ class ViTModel(nn.Module):
         ``pretrained=True`` or read from a local ``checkpoint`` file."""
         return checkpoint_format.model_from_timm(cls, name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
 
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
+                  num_heads: int | None = None, **kwargs: Any) -> ViTModel:
+        """A ViT exported to ONNX from Hugging Face ``ViTModel`` / ``Dinov2Model`` (other modules after it, e.g. a
+        decoder, are ignored), as a feature model on a timm ``VisionTransformer`` taking ``image_size`` images
+        (default: the graph's input size); see :mod:`lidc_cdam.models.onnx_import`. Needs the ``onnx`` extra."""
+        return checkpoint_format.model_from_onnx(cls, path, image_size=image_size, num_heads=num_heads, **kwargs)
+
     def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None):
         """Write a checkpoint that :meth:`from_checkpoint` rebuilds (weights-only safe)."""
         return checkpoint_format.save_checkpoint(self, path, meta)
