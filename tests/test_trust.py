@@ -107,7 +107,7 @@ def phantom_model(tmp_path_factory):
     build_phantoms(folder, n_scans=60, workers=2, progress=False)
     out = tmp_path_factory.mktemp("run")
     assert main(["train", "--config", "tiny-phantom-malignancy", "--data", str(folder), "--folds", "0",
-                 "--set", "epochs=3", "--out", str(out), "--no-progress"]) == 0
+                 "--set", "epochs=6", "--out", str(out), "--no-progress"]) == 0
     return folder, out / "fold0" / "best.pt"
 
 
@@ -222,9 +222,10 @@ def test_a_model_the_engine_trains_flags_real_ct_against_its_held_out_phantoms(p
            for m, r in rows.items()})
     new = rows["domain"]
     assert new["auroc"] >= 0.95 and new["in_domain_flagged"] <= 0.05 and new["nodule_flagged"]
-    # measured (version 3): see the report; version 2: AUROC 0.965, 81 % of real-CT crops flagged, 4.5 % of
-    # held-out phantoms (version 1: AUROC 0.818, 36 %, 4.5 %, nodule not flagged)
-    assert new["real_ct_flagged"] >= 0.85 and new["real_ct_flagged"] > rows["latent"]["real_ct_flagged"] + 0.3
+    # measured here (6 epochs; version 3): AUROC 0.975, 95.4 % of real-CT crops flagged, 4.5 % (1 of 22) of held-out
+    # phantoms, the nodule flagged; version 1 (the latent's distance): 0.837, 39.4 %, 4.5 %, the nodule not flagged.
+    # With 3 epochs version 3 gave 0.968 / 89.6 % / 4.5 %, version 2 0.965 / 81 % / 4.5 %.
+    assert new["real_ct_flagged"] >= 0.90 and new["real_ct_flagged"] > rows["latent"]["real_ct_flagged"] + 0.3
 
 
 def test_version_2_statistics_are_still_read():
