@@ -39,6 +39,13 @@ class MonaiViTAdapter(BackboneAdapter):
     family = "MONAI ViT"
     module_type = ViT
     size_hint = "resize (resample) the volumes: a MONAI ViT takes one image size"
+    build_family = "monai"
+    spec_keys = (None, "monai_kwargs")
+
+    @classmethod
+    def build(cls, spec: dict[str, Any]) -> nn.Module:
+        """:func:`build_monai_vit` of ``{"family": "monai", "monai_kwargs": {...}}``."""
+        return build_monai_vit(dict(spec.get("monai_kwargs") or {}))
 
     @classmethod
     def check(cls, backbone: nn.Module) -> None:
