@@ -2,7 +2,8 @@
 
 - :mod:`.vit` - :class:`ViTModel`: backbone + head, ``trunk`` / ``last`` split;
 - :mod:`.heads` - the linear classifier / regressor on CLS';
-- :mod:`.backbones` - one adapter per backbone family: wrapping it, building it from a saved spec, reading its state dicts;
+- :mod:`.backbones` - one adapter per backbone family (wrapping it, building it from a saved spec, reading
+  its state dicts);
 - :mod:`.loading` - building and loading models (timm names, our checkpoints, official DINO / DINOv2 files);
 - :mod:`.checkpoint_format` - reading model files safely, finding the state dict, writing checkpoints;
 - :mod:`.demo_weights` - the trained demo models shipped in the package;

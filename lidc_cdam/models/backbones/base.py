@@ -360,6 +360,25 @@ class BackboneAdapter(ABC):
         return int(getattr(self.backbone, "num_classes", 0))
 
 
+class ClassTokenPooling:
+    """For families whose one prefix token is CLS and whose latent is CLS' (torchvision, MONAI): put it before
+    :class:`BackboneAdapter` in the bases."""
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1
+
+    @property
+    def has_class_token(self) -> bool:
+        return True
+
+    def pool(self, z: torch.Tensor) -> torch.Tensor:
+        return z[:, 0]
+
+    def pooled_rows(self, num_tokens: int) -> slice:
+        return slice(0, 1)
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``[..., N, H e]`` to ``[..., H, N, e]``."""
     *lead, n, a = x.shape

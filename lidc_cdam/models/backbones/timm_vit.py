@@ -31,7 +31,7 @@ from lidc_cdam.models.backbones.base import (
 
 class TimmPatchEmbedLayout:
     """Layout of timm models with a ``PatchEmbed`` (``patch_embed``): fixed or dynamic image size; the widths and
-    prefix tokens timm's ``VisionTransformer`` and ``Eva`` both record."""
+    prefix tokens timm's ``VisionTransformer`` and ``Eva`` both record, and their final norm and pooling."""
 
     backbone: nn.Module
     size_hint = "resize the images or build the timm model with dynamic_img_size=True"
@@ -91,6 +91,13 @@ class TimmPatchEmbedLayout:
     def remove_head(self) -> None:
         self.backbone.reset_classifier(0)
 
+    def final_norm(self, y: torch.Tensor) -> torch.Tensor:
+        return self.backbone.norm(y)
+
+    def pool(self, z: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        return bb.head_drop(bb.fc_norm(bb.pool(z)))
+
 
 def pool_rows(z: torch.Tensor, pool_type: str, attn_pool: nn.Module | None) -> torch.Tensor:
     """Pool the rows ``[..., Q, D]`` that the model's pooling reads (as chosen by ``pooled_rows``)."""
@@ -123,6 +130,8 @@ class TimmViTAdapter(TimmPatchEmbedLayout, BackboneAdapter):
 
     family = "timm VisionTransformer"
     module_type = VisionTransformer
+    build_family = "timm"
+    spec_keys = ("timm_name", "timm_kwargs")
 
     @classmethod
     def check(cls, backbone: nn.Module) -> None:
@@ -138,9 +147,6 @@ class TimmViTAdapter(TimmPatchEmbedLayout, BackboneAdapter):
     @classmethod
     def filter_state_dict(cls, state_dict: dict[str, Any], backbone: nn.Module) -> dict[str, Any]:
         return checkpoint_filter_fn(dict(state_dict), backbone)
-
-    build_family = "timm"
-    spec_keys = ("timm_name", "timm_kwargs")
 
     @classmethod
     def build(cls, spec: dict[str, Any]) -> nn.Module:
@@ -181,13 +187,6 @@ class TimmViTAdapter(TimmPatchEmbedLayout, BackboneAdapter):
         blk = self.last_block
         y = resid + blk.drop_path1(blk.ls1(blk.attn(tokens)))
         return y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
-
-    def final_norm(self, y: torch.Tensor) -> torch.Tensor:
-        return self.backbone.norm(y)
-
-    def pool(self, z: torch.Tensor) -> torch.Tensor:
-        bb = self.backbone
-        return bb.head_drop(bb.fc_norm(bb.pool(z)))
 
     def pooled_rows(self, num_tokens: int) -> slice:
         bb = self.backbone

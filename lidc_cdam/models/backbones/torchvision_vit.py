@@ -22,6 +22,7 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 from lidc_cdam.models.backbones.base import (
     BackboneAdapter,
     CheckpointError,
+    ClassTokenPooling,
     QKVAttention,
     heads_for,
     numbered,
@@ -61,7 +62,7 @@ def infer_torchvision_kwargs(
     return kwargs
 
 
-class TorchvisionViTAdapter(BackboneAdapter):
+class TorchvisionViTAdapter(ClassTokenPooling, BackboneAdapter):
     """torchvision ``VisionTransformer``: CLS token, CLS pooling, one fixed square image size."""
 
     family = "torchvision VisionTransformer"
@@ -104,14 +105,6 @@ class TorchvisionViTAdapter(BackboneAdapter):
     @property
     def embed_dim(self) -> int:
         return int(self.backbone.hidden_dim)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 1
-
-    @property
-    def has_class_token(self) -> bool:
-        return True
 
     @property
     def in_chans(self) -> int:
@@ -163,12 +156,6 @@ class TorchvisionViTAdapter(BackboneAdapter):
 
     def final_norm(self, y: torch.Tensor) -> torch.Tensor:
         return self.backbone.encoder.ln(y)
-
-    def pool(self, z: torch.Tensor) -> torch.Tensor:
-        return z[:, 0]
-
-    def pooled_rows(self, num_tokens: int) -> slice:
-        return slice(0, 1)
 
     def qkv_attention(self, grid: tuple[int, ...] | None) -> QKVAttention | None:
         mha = self.last_block.self_attention
