@@ -1,4 +1,9 @@
-"""Meeting points of ``torchrun`` jobs where an error on one rank ends every rank with its message.
+"""This process's place in a ``torchrun`` job, and meeting points where an error on one rank ends every rank with
+its message.
+
+:class:`Process` is the rank, world size and device of this process (rank 0 of 1 when run plainly), for the
+benchmark runner and training alike: :func:`current_process` joins the job's process group once (gloo on CPU,
+NCCL on GPUs), :func:`process_group` for the length of one job (the group it started is ended after).
 
 :func:`agree` replaces a bare barrier: every rank brings the error it caught since the last meeting (or
 None); when any rank brings one, every rank raises it, rebuilt as the same class where that class takes
@@ -12,9 +17,16 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.distributed as dist
+
+from lidc_cdam.device import resolve_device
 
 #: the shortest wait at a meeting point
 MIN_TIMEOUT = datetime.timedelta(minutes=10)
@@ -60,3 +72,52 @@ def agree(error: BaseException | None, timeout: datetime.timedelta = MIN_TIMEOUT
         if other == rank and error is not None:
             raise error
         raise _rebuild(item, other) from error
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when run plainly) and its device."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes what the job writes once."""
+        return self.rank == 0
+
+    def owns(self, part: int) -> bool:
+        """Whether this rank does ``part`` (parts are dealt round-robin)."""
+        return part % self.world == self.rank
+
+    def barrier(self, error: BaseException | None = None, timeout: datetime.timedelta = MIN_TIMEOUT) -> None:
+        """Wait for the other ranks (at most ``timeout``); any rank's ``error`` is raised on every rank
+        (:func:`agree`)."""
+        agree(error, timeout)
+
+
+def current_process(device: str | torch.device | None = "auto") -> Process:
+    """Join ``torchrun``'s process group once (gloo on CPU, NCCL on GPUs). ``device`` as
+    :func:`lidc_cdam.device.resolve_device` (``auto``: this rank's GPU, ``cuda:LOCAL_RANK``, where there is one)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device)
+    if world_size == 1:
+        return Process(device=device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Process(dist.get_rank(), dist.get_world_size(), device)
+
+
+@contextmanager
+def process_group(device: str | torch.device | None = "auto") -> Iterator[Process]:
+    """:func:`current_process` for the length of one job: a process group it started is ended afterwards."""
+    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    process = current_process(device)
+    try:
+        yield process
+    finally:
+        if started:
+            dist.destroy_process_group()

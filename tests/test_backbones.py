@@ -18,13 +18,16 @@ import pytest
 import torch
 from captum.attr import LayerGradientXActivation
 from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
+from toy_family import ToyAdapter, ToyViT
 
 from lidc_cdam import ModelInputError, TargetError, ViTModel, explain
 from lidc_cdam.explain import METHODS
 from lidc_cdam.explain.cdam import cdam_token_scores, cls_row_applies, fast_path_applies
 from lidc_cdam.explain.relevance import RelevanceModelError
 from lidc_cdam.explain.targets import resolve_targets
+from lidc_cdam.models.backbones import ADAPTERS, build_backbone, register_adapter
 from lidc_cdam.models.heads import LinearHead
+from lidc_cdam.models.loading import CheckpointError
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=7)
 TORCHVISION = dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=48, mlp_dim=96, num_classes=7)
@@ -498,3 +501,35 @@ def test_auto_picks_the_faster_exact_path(models, name, one, nine):
     model = build(models, name)
     tokens = model.layout().num_tokens
     assert (auto_implementation(model, 1, tokens), auto_implementation(model, 9, tokens)) == (one, nine)
+
+
+@pytest.fixture
+def toy_family():
+    """The toy family of ``tests/toy_family.py``, registered for one test."""
+    register_adapter(ToyAdapter)  # the one registration
+    try:
+        yield ToyViT
+    finally:
+        ADAPTERS.remove(ToyAdapter)
+
+
+def test_a_new_family_is_one_module_and_one_registration(toy_family, tmp_path):
+    """Wrapped, explained, saved and loaded back (from our checkpoint and from its plain state dict): same outputs."""
+    torch.manual_seed(0)
+    model = sharpen(ViTModel(toy_family(**SMALL))).float()
+    assert model.family == "toy ViT" and model.build["family"] == "toy"
+    x = torch.randn(2, 3, 32, 32)
+    loaded = ViTModel.from_checkpoint(model.save(tmp_path / "toy.pt"))
+    assert type(loaded.backbone) is toy_family and loaded.build == model.build
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(explain(loaded, x, [3]).maps, explain(model, x, [3]).maps, rtol=0, atol=0)
+
+    torch.save(model.backbone.state_dict(), tmp_path / "toy_state_dict.pth")
+    plain = ViTModel.from_checkpoint(tmp_path / "toy_state_dict.pth", num_heads=4)
+    assert type(plain.backbone) is toy_family and plain.meta["source_format"] == "toy state dict"
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+
+
+def test_a_saved_spec_of_an_unknown_family_is_named():
+    with pytest.raises(CheckpointError, match=r"unknown backbone family 'toy'.*timm, torchvision"):
+        build_backbone({"family": "toy"})

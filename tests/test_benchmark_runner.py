@@ -4,9 +4,7 @@ torchrun sharding (2 CPU processes), skip-and-report, tables and figures."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -260,13 +258,14 @@ def test_cli_reports_config_errors(tmp_path, checkpoint, capsys):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_give_the_single_process_table(tmp_path, checkpoint, finished_run):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    from helpers import torchrun
+
     _, reference, _ = finished_run
     path = write_config(tmp_path, checkpoint)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "lidc_cdam.pipelines.cli",
+        [*torchrun(2), "-m", "lidc_cdam.pipelines.cli",
          "benchmark", "--config", str(path), "--out", str(out), "--no-progress"],
         capture_output=True, text=True, env=env, timeout=300,
     )

@@ -19,6 +19,7 @@ from lidc_cdam.ct.report import (
 )
 from lidc_cdam.ct.testing import BIOMARKERS
 from lidc_cdam.models.demo_weights import sha256_of, shipped_checkpoint
+from lidc_cdam.models.provenance import TRUST_CAUTION
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -80,7 +81,8 @@ def test_page_files_text_and_models(tmp_path, crop_and_maps, uncompressed_pdf):
     text = pdf_text(pdf.read_bytes())
     assert RESEARCH_USE.lower() in text.lower() and RESEARCH_USE.upper() in text
     assert title_text(entry) in text and "point nodule_7 (like the training data)" in text
-    assert "like the training data (percentile 42.5, flag above 99)" in text and UNLIKE not in text
+    assert "like the training data: 42.5th percentile of the training crops' distances (flagged above the 99th)" \
+        in text and UNLIKE not in text
     assert "no training statistics" in text  # the biomarker model has none
     assert "15.6% of the crop lies outside the scan" in text  # 5 of 32 columns padded
     for f in folds:  # each checkpoint named with the first 16 hex digits of its SHA-256
@@ -100,7 +102,8 @@ def test_a_flagged_point_and_a_shipped_model(tmp_path, crop_and_maps, uncompress
     text = pdf_text(pdf.read_bytes())
     assert pdf.name == "page.pdf" and (tmp_path / "page.png").is_file()
     assert trust_state(entry) == UNLIKE and f"point p03 ({UNLIKE})" in text
-    assert f"{UNLIKE} (percentile 99.8, flag above 99): treat the predictions with caution" in text
+    assert (f"{UNLIKE}: 99.8th percentile of the training crops' distances (flagged above the 99th): "
+            f"{TRUST_CAUTION}") in text
     assert "outside the scan" not in text and "no map" in text
     assert f"{sha256_of(shipped)[:16]}  phantom-malignancy.pt (shipped phantom-malignancy)" in text
 
@@ -138,7 +141,7 @@ def test_the_training_data_the_phantom_line_and_the_flags_measured_rates(tmp_pat
     in_domain, real = measured_rates("domain")
     assert (f"the flag flags {100 * in_domain:.0f} % of unseen training-like crops, {100 * real:.0f} % of "
             "real-CT crops") in text
-    assert f"{UNLIKE} (percentile 100.0, flag above 97.5)" in text
+    assert f"{UNLIKE}: 100th percentile of the training crops' distances (flagged above the 97.5th)" in text
 
     entry.pop("training_data")  # no training data known: no red line
     _, pdf = write_point_report(entry, crop, maps, tmp_path / "plain")

@@ -23,7 +23,7 @@ from magicgui.widgets import ComboBox, FloatSlider, Label, PushButton
 from lidc_cdam.ct.crop import CROP
 from lidc_cdam.ct.inputs import CENTRE, VIEWS
 from lidc_cdam.ct.maps import METHODS, display_scaled
-from lidc_cdam.ct.volume import window_limits
+from lidc_cdam.ct.volume import window_limits, window_text
 
 SCALES = {"each slice on its own": "slice", "shared by all slices": "nodule"}
 ENSEMBLE, AGREEMENT = "ensemble mean", "sign agreement of the folds"
@@ -48,7 +48,7 @@ class DisplayPanel:
         self.scale = ComboBox(label="Colour scale", choices=list(SCALES), value="each slice on its own",
                               tooltip="symmetric limits per slice (as in the paper) or one limit for the nodule")
         self.opacity = FloatSlider(label="Opacity", min=0.0, max=1.0, value=0.8)
-        self.lung_button = PushButton(text="Lung window (W1500/L-600)")
+        self.lung_button = PushButton(text=f"Lung window ({window_text('lung')})")
         self.mediastinum_button = PushButton(text="Mediastinum window (W400/L40)")
         self.predictions = Label(label="Predictions", value="")
         self.training = Label(label="Trained on", value="")

@@ -35,14 +35,14 @@ def _ratings(name: str, row: Mapping[str, Any]) -> str:
 
 def trust_line(trust: Mapping[str, Any] | None, task: str) -> tuple[str, bool]:
     """``(text, warn)`` for a task's trust flag (:func:`lidc_cdam.ct.ensemble.crop_trust`), in the words of
-    :func:`lidc_cdam.models.provenance.trust_explanation` (percentile, threshold, measured rates)."""
-    from lidc_cdam.models.provenance import trust_explanation
+    :func:`lidc_cdam.models.provenance.trust_warning` (percentile, threshold, measured rates)."""
+    from lidc_cdam.models.provenance import trust_warning
 
     if not trust:
         return f"{task}: no training statistics in the checkpoint(s), no trust flag", False
-    text = f"{task}: {trust_explanation(dict(trust))}"
+    text = f"{task}: {trust_warning(dict(trust))}"
     if trust.get("unlike_training"):
-        return f"WARNING {text}: do not rely on these predictions", True
+        return f"WARNING {text}", True
     return text, False
 
 

@@ -32,6 +32,7 @@ from lidc_cdam.ct.errors import CTError
 from lidc_cdam.ct.point import PointResult, crop_at_point, to_world
 from lidc_cdam.ct.run_folder import RunFolder
 from lidc_cdam.ct.volume import CTVolume
+from lidc_cdam.models.provenance import trust_warning
 
 Warn = Callable[[str], None]
 
@@ -61,9 +62,7 @@ def trust_warnings(pid: str, result: PointResult) -> list[str]:
     out = []
     for e in result.ensembles:
         if e.trust and e.trust.get("unlike_training"):
-            out.append(f"{pid}: unlike the training data for the {e.task} model(s) (percentile "
-                       f"{e.trust['percentile']:.1f} of the training crops' own distances): treat the predictions "
-                       "with caution")
+            out.append(f"{pid}: {e.task} model(s): {trust_warning({'threshold': 99.0, **e.trust})}")
     if result.crop.padded_share > 0:
         out.append(f"{pid}: the crop crosses the volume's edge; {100 * result.crop.padded_share:.1f}% of it is "
                    "padding (-1000 HU)")

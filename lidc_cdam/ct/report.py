@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from lidc_cdam.ct.volume import window_limits, window_text
+from lidc_cdam.models.provenance import trust_warning
+
 RESEARCH_USE = "Research use, not for diagnostic use"
 UNLIKE = "unlike the training data"
 NO_TRUST = "no training statistics"
-#: lung window W1500 / L-600
-LUNG_WINDOW = (-600.0 - 750.0, -600.0 + 750.0)
 PAGE = (8.27, 11.69)  # A4 portrait, inches
 #: the LIDC-IDRI rating scales (the radiologists' units; diameter in mm)
 SCALES = {"subtlety": "1-5", "calcification": "1-6", "sphericity": "1-5", "margin": "1-5", "lobulation": "1-5",
@@ -62,18 +63,11 @@ def model_name(path: str | Path, sha256_16: str | None = None) -> str:
 
 
 def trust_text(trust: Mapping[str, Any] | None) -> tuple[str, bool | None]:
-    """``(text, flagged)`` of a task's trust flag: flagged None when no model carries training statistics."""
+    """``(text, flagged)`` of a task's trust flag in the library's words
+    (:func:`lidc_cdam.models.provenance.trust_warning`): flagged None when no model carries training statistics."""
     if not trust:
         return NO_TRUST + " in the checkpoint(s): no trust flag", None
-    from lidc_cdam.models.provenance import rates_text
-
-    pct, threshold = float(trust["percentile"]), float(trust.get("threshold", 99.0))
-    rates = rates_text(dict(trust))
-    measured = f"; the flag {rates}" if rates else ""
-    if trust.get("unlike_training"):
-        return (f"{UNLIKE} (percentile {pct:.1f}, flag above {threshold:g}): treat the predictions with caution"
-                f"{measured}", True)
-    return f"like the training data (percentile {pct:.1f}, flag above {threshold:g}){measured}", False
+    return trust_warning({"threshold": 99.0, **trust}), bool(trust.get("unlike_training"))
 
 
 def training_data_lines(entry: Mapping[str, Any]) -> tuple[list[str], str | None]:
@@ -166,7 +160,7 @@ def _superior_up(crop: Mapping[str, Any]) -> bool:
 
 
 def _show_ct(ax, plane: np.ndarray, origin: str) -> None:
-    lo, hi = LUNG_WINDOW
+    lo, hi = window_limits("lung")
     ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, origin=origin, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -284,7 +278,7 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
     info = [f"Series: {series_text}" if series else None,
             f"Point {pid}: ({world}) mm, DICOM LPS; voxel index (i, j, k) = ({index})",
             f"Crop: {entry.get('crop_size_mm', 32)} mm at 1 mm centred on the point (yellow ticks), lung window "
-            f"W1500 / L-600; maps: {method} along the {view} view"]
+            f"{window_text('lung')}; maps: {method} along the {view} view"]
     for line in filter(None, info):
         text(margin, y, line, fontsize=7)
         y += 0.15
@@ -328,7 +322,7 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
         y += 0.15
     for task in entry.get("tasks", []):
         msg, flagged = trust_text(task.get("trust"))
-        msg, _, measured = msg.partition("; the flag ")
+        msg, _, measured = msg.partition("; this flag ")
         color = RED if flagged else (GREY if flagged is None else GREEN)
         text(margin, y, f"{task['task']} model(s):", fontsize=7)
         text(margin + 1.3, y, msg, fontsize=7, color=color, fontweight="bold" if flagged else "normal")

@@ -28,6 +28,12 @@ WINDOWS = {"lung": (1500.0, -600.0), "mediastinum": (400.0, 40.0)}
 MAX_SERIES_FOLDERS = 20  # a folder with more DICOM folders below it is a whole download, not one scan
 
 
+def window_text(name: str) -> str:
+    """A window preset as radiologists write it: ``W1500/L-600``."""
+    width, level = WINDOWS[name]
+    return f"W{width:g}/L{level:g}"
+
+
 def window_limits(name: str) -> tuple[float, float]:
     """``(low, high)`` HU of a window preset: lung W1500/L-600 -> (-1350, 150), mediastinum W400/L40."""
     width, level = WINDOWS[name]

@@ -19,6 +19,10 @@ the image loaders.
 
 The committed files are ``data_manifest/imagenet_xval.csv`` and ``data_manifest/imagenet_xmulti.csv``
 (rebuilt by ``lidc-cdam imagenet-manifests``); see ``data_manifest/README.md``.
+
+Why one module of about 560 lines: the manifests and the loaders read the same validation-folder layouts,
+synset order and ReaL labels, and the X_multi pair choice is one seeded procedure; split, each part would
+import the others' private helpers.
 """
 
 from __future__ import annotations

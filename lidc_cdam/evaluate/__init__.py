@@ -9,7 +9,8 @@
 - :mod:`.runner` - the benchmark runner: methods x images x targets into tidy tables, resumable, sharded;
 - :mod:`.report` - tables in the paper's layout and curve plots;
 - :mod:`.paper_tables` - the paper's values beside a benchmark's, rank agreement;
-- :mod:`.cohort` - the LIDC cohort evaluation, :mod:`.cohort_report` its tables and figures;
+- :mod:`.cohort` - the LIDC cohort evaluation: :mod:`.cohort_plan` (settings, checkpoints, folds, concepts),
+  :mod:`.cohort_compute` (maps and metrics), :mod:`.cohort_write` (its files), :mod:`.cohort_report` (tables, figures);
 - :mod:`.trust_shift` - the trust flag measured on a real change of domain.
 
 Forward passes are batched and seeded.

@@ -11,7 +11,8 @@ than the image (docs/method.md, "Evaluation"): a larger size is an error, not si
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -81,45 +82,36 @@ def evaluate_image(
     *,
     patch: int,
     native_maps: dict[str, torch.Tensor] | None = None,
-    box_sizes: Sequence[int] = BOX_SIZES,
-    n_boxes: int = 100,
-    generator: torch.Generator | None = None,
-    percents: Sequence[int] = PERCENTS,
+    batch_size: int = 64,
+    **options: Any,
 ) -> dict[str, ImageMetrics]:
-    """Metrics per method for one image ``[C, H, W]``.
+    """Metrics per method for one image ``[C, H, W]``: :func:`evaluate_targets` with one recorded output.
 
     ``maps[method]`` is ``[H, W]`` (explaining ``record``) or ``[2, H, W]`` (explaining ``record``
-    and a second class, for the primed metrics), at pixel resolution. ``native_maps`` gives the
-    maps at the method's own resolution for compactness (default: ``maps``).
+    and a second class, for the primed metrics: both maps record ``record``, so one set of box forwards serves
+    them), at pixel resolution. ``native_maps`` gives the maps at the method's own resolution for compactness
+    (default: ``maps``). ``options``: ``box_sizes``, ``n_boxes``, ``generator``, ``percents`` as for
+    :func:`evaluate_targets`.
 
     Raises ``ValueError`` before any forward pass when a box side ``s * patch`` is not smaller
     than ``min(H, W)`` (such a box would cover the image).
     """
-    hw = tuple(image.shape[-2:])
-    sizes = list(box_sizes)
-    check_box_sizes(sizes, patch, hw)
-    corners = sample_boxes(hw, patch, sizes, n_boxes, generator or torch.Generator().manual_seed(0))
-    masks = box_masks(corners, sizes, patch, hw, device=image.device)
-    changes, output_scale = box_output_changes(score_fn, image, blurred, masks, record, return_scale=True)
-    results = {}
-    for method, m in maps.items():
-        m = m[None] if m.ndim == 2 else m
-        curves = perturbation_curves(score_fn, image, blurred, m, [record] * m.shape[0], percents)
-        a_mif, a_lif = trapezoid(curves["mif"], percents), trapezoid(curves["lif"], percents)
-        f_box = box_sensitivity(m, masks, changes, output_scale=output_scale)
-        a_box = trapezoid(f_box, sizes) if len(sizes) > 1 else f_box[:, 0]
-        native = (native_maps or maps)[method]
-        native = native[None] if native.ndim == 2 else native
-        primed = m.shape[0] > 1
-        results[method] = ImageMetrics(
-            mif=curves["mif"][0], lif=curves["lif"][0], f_box=f_box[0], a_mif=a_mif[0].item(),
-            a_lif=a_lif[0].item(), a_box=a_box[0].item(), compactness=compactness(native[0]).item(),
-            box_sizes=tuple(sizes),
-            mif_prime=curves["mif"][1] if primed else None, lif_prime=curves["lif"][1] if primed else None,
-            f_box_prime=f_box[1] if primed else None, a_mif_prime=a_mif[1].item() if primed else None,
-            a_lif_prime=a_lif[1].item() if primed else None, a_box_prime=a_box[1].item() if primed else None,
-        )
-    return results
+    maps = {m: v[None] if v.ndim == 2 else v for m, v in maps.items()}
+    counts = {v.shape[0] for v in maps.values()}
+    if len(counts) > 1:
+        raise ValueError(f"every method needs the same number of maps (1, or 2 for the primed metrics), got {counts}")
+    native = {m: v[None] if v.ndim == 2 else v for m, v in (native_maps or maps).items()}
+    per_map = evaluate_targets(score_fn, image, blurred, maps, [record] * counts.pop(), patch=patch,
+                               native_maps=native, batch_size=batch_size, curves_by_method=True, **options)
+    return {method: _with_primed(*rows) for method, rows in per_map.items()}
+
+
+def _with_primed(first: ImageMetrics, primed: ImageMetrics | None = None) -> ImageMetrics:
+    """The metrics of the first map, with those of the second map (the other class's) as the primed ones."""
+    if primed is None:
+        return first
+    return replace(first, mif_prime=primed.mif, lif_prime=primed.lif, f_box_prime=primed.f_box,
+                   a_mif_prime=primed.a_mif, a_lif_prime=primed.a_lif, a_box_prime=primed.a_box)
 
 
 def evaluate_targets(
@@ -136,14 +128,16 @@ def evaluate_targets(
     generator: torch.Generator | None = None,
     percents: Sequence[int] = PERCENTS,
     batch_size: int = 256,
+    curves_by_method: bool = False,
 ) -> dict[str, list[ImageMetrics]]:
     """Metrics per method and target for one image ``[C, H, W]`` with ``K`` targets.
 
     ``maps[method]`` is ``[K, H, W]`` at pixel resolution, map ``k`` explaining output ``records[k]``
-    of ``score_fn`` (a logit, a regression output or a concept similarity). The boxes and their
-    output changes are drawn and computed once for the image and shared by every method and target
-    (one set of box forwards); the MIF / LIF levels of all maps run in shared batches. Returns
-    ``{method: [ImageMetrics of target k]}`` (no primed values).
+    of ``score_fn`` (a logit, a regression output or a concept similarity; several maps may record the same
+    output). The boxes and their output changes are drawn and computed once for the image and shared by every
+    method and target (one set of box forwards, one column per distinct recorded output); the MIF / LIF levels of
+    all maps run in shared batches (``curves_by_method``: the batches of one method at a time, as the benchmark's
+    committed results were computed). Returns ``{method: [ImageMetrics of target k]}`` (no primed values).
     """
     hw = tuple(image.shape[-2:])
     sizes = list(box_sizes)
@@ -151,11 +145,20 @@ def evaluate_targets(
     corners = sample_boxes(hw, patch, sizes, n_boxes, generator or torch.Generator().manual_seed(0))
     masks = box_masks(corners, sizes, patch, hw, device=image.device)
     records = [int(r) for r in records]
-    changes, output_scale = box_output_changes(score_fn, image, blurred, masks, records, batch_size,
-                                               return_scale=True)  # [K, S, n], [K, S]
+    distinct = list(dict.fromkeys(records))
+    changes, output_scale = box_output_changes(score_fn, image, blurred, masks, distinct, batch_size,
+                                               return_scale=True)  # [R, S, n], [R, S]
+    if len(distinct) < len(records):
+        column = torch.tensor([distinct.index(r) for r in records], device=changes.device)
+        changes, output_scale = changes[column], output_scale[column]  # [K, S, n], [K, S]
     methods = list(maps)
-    stacked = torch.cat([maps[m] for m in methods])  # [M * K, H, W]
-    curves = perturbation_curves(score_fn, image, blurred, stacked, records * len(methods), percents, batch_size)
+    if curves_by_method:
+        parts = [perturbation_curves(score_fn, image, blurred, maps[m], records, percents, batch_size)
+                 for m in methods]
+        curves = {name: torch.cat([c[name] for c in parts]) for name in ("mif", "lif")}
+    else:
+        stacked = torch.cat([maps[m] for m in methods])  # [M * K, H, W]
+        curves = perturbation_curves(score_fn, image, blurred, stacked, records * len(methods), percents, batch_size)
     a_mif, a_lif = trapezoid(curves["mif"], percents), trapezoid(curves["lif"], percents)
     results: dict[str, list[ImageMetrics]] = {}
     K = len(records)

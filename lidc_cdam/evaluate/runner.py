@@ -22,19 +22,14 @@ import datetime
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from lidc_cdam.device import resolve_device
-from lidc_cdam.distributed import agree
+from lidc_cdam.distributed import Process, process_group
 from lidc_cdam.evaluate.benchmark_config import BenchmarkConfig, ConfigError, check_against_model
 from lidc_cdam.evaluate.image_sets import BenchImage, ImageSet, open_image_set
 from lidc_cdam.evaluate.localisation import pointing_game, positive_share_in_mask
@@ -45,46 +40,6 @@ from lidc_cdam.io import atomic_write, write_json
 from lidc_cdam.models.vit import ViTModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's place in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    def owns(self, part: int) -> bool:
-        return part % self.world == self.rank
-
-    def barrier(self, error: BaseException | None = None,
-                timeout: datetime.timedelta = datetime.timedelta(minutes=10)) -> None:
-        """Wait for the other ranks (at most ``timeout``); any rank's ``error`` is raised on every rank."""
-        agree(error, timeout)
-
-
-@contextmanager
-def sharding(device: str | torch.device | None = "auto") -> Iterator[Shard]:
-    """Join the process group ``torchrun`` set up (gloo on CPU, NCCL on GPUs); plain runs are one shard.
-    ``device`` as :func:`lidc_cdam.device.resolve_device` (``auto``: this rank's GPU where there is one)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device)
-    if world == 1:
-        yield Shard(device=device)
-        return
-    import torch.distributed as dist
-
-    started = not dist.is_initialized()
-    if started:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield Shard(dist.get_rank(), dist.get_world_size(), device)
-    finally:
-        if started:
-            dist.destroy_process_group()
 
 
 def load_benchmark_model(config: BenchmarkConfig, progress: bool = False) -> tuple[ViTModel, dict[str, Any]]:
@@ -271,7 +226,7 @@ def run_benchmark(config: BenchmarkConfig, out: str | Path, *, restart: bool = F
     returns the summary on rank 0 (``None`` elsewhere, and when ``max_parts`` stopped the run early,
     which tests use to simulate an interruption)."""
     out = Path(out)
-    with sharding(device) as shard:
+    with process_group(device) as shard:
         error = None
         try:
             if shard.rank == 0:
@@ -297,7 +252,7 @@ def run_benchmark(config: BenchmarkConfig, out: str | Path, *, restart: bool = F
         return finish(config, out, model, data_kwargs)
 
 
-def _run_parts(model: ViTModel, config: BenchmarkConfig, data_kwargs: dict[str, Any], out: Path, shard: Shard,
+def _run_parts(model: ViTModel, config: BenchmarkConfig, data_kwargs: dict[str, Any], out: Path, shard: Process,
                progress: bool, max_parts: int | None) -> bool:
     """This rank's parts not yet written; True when ``max_parts`` stopped it early."""
     from tqdm.auto import tqdm

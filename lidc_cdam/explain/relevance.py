@@ -53,6 +53,9 @@ to those positive scalings), and its gradient direction ``l_c - l`` for ``neg_l2
 Only the CLS row of the last block carries relevance (the head reads CLS' alone), so partial LRP
 runs the trunk once (timm's own, fused attention) and the last block on the CLS row only; all
 targets of all images are one batch ``[B, K, ...]``.
+
+Why one module of about 480 lines: the two methods share the forward written over timm's modules and
+the propagation rules, and the rules are Chefer's chain, each a few lines that read best beside the others.
 """
 
 from __future__ import annotations

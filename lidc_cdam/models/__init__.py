@@ -2,9 +2,10 @@
 
 - :mod:`.vit` - :class:`ViTModel`: backbone + head, ``trunk`` / ``last`` split;
 - :mod:`.heads` - the linear classifier / regressor on CLS';
-- :mod:`.backbones` - one adapter per backbone family;
+- :mod:`.backbones` - one adapter per backbone family (wrapping it, building it from a saved spec, reading
+  its state dicts);
 - :mod:`.loading` - building and loading models (timm names, our checkpoints, official DINO / DINOv2 files);
-- :mod:`.checkpoint_format` - reading model files safely, finding the state dict, inferring the architecture;
+- :mod:`.checkpoint_format` - reading model files safely, finding the state dict, writing checkpoints;
 - :mod:`.demo_weights` - the trained demo models shipped in the package;
 - :mod:`.provenance` - what a model was trained on, and the texts results show about it and its trust flag;
 - :mod:`.domain_trust` - the trust flag (version 3), :mod:`.trust` its version 1 and the latent statistics;

@@ -1,6 +1,8 @@
-"""The model-file formats: reading files safely, finding the state dict, inferring the architecture,
-building backbones, writing lidc-cdam checkpoints, and rebuilding a model of a given class.
+"""The model files: reading them safely, finding the state dict in one, writing lidc-cdam checkpoints, and
+rebuilding a model of a given class from any of them.
 
+What a family's backbone is built from (a saved spec) and how its plain state dict is recognised and read belong to
+its adapter (:mod:`lidc_cdam.models.backbones`, the one registry of families); this module only asks the registry.
 Nothing here imports :mod:`lidc_cdam.models.vit`: the model class comes in as an argument, so that
 :class:`~lidc_cdam.models.vit.ViTModel`'s constructors (``from_checkpoint``, ``from_timm``, ``save``) and
 the functions of :mod:`lidc_cdam.models.loading` (the public entry points, which bind ``ViTModel``) both
@@ -11,21 +13,29 @@ build on this module without importing each other. The formats understood are li
 from __future__ import annotations
 
 import argparse
-import math
+import io
 import os
 import pickle
+import pickletools
 import re
-import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, TypeVar
 
-import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from lidc_cdam.models.backbones import adapter_type
+from lidc_cdam.io import atomic_write
+from lidc_cdam.models.backbones import (
+    DEFAULT_BUILD_FAMILY,
+    adapter_for_state_dict,
+    adapter_type,
+    build_backbone,
+    builder_for,
+)
+from lidc_cdam.models.backbones.base import UNDERSTOOD, CheckpointError, first_line
+from lidc_cdam.models.backbones.timm_vit import create_timm_model
 from lidc_cdam.models.heads import LinearHead, build_head
 
 M = TypeVar("M", bound=nn.Module)
@@ -33,34 +43,11 @@ M = TypeVar("M", bound=nn.Module)
 CHECKPOINT_FORMAT = "lidc-cdam-checkpoint"
 CHECKPOINT_VERSION = 1
 
-#: ``num_heads`` of the standard ViT widths (Ti, S, B, L, g); other widths need ``num_heads=``.
-NUM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1536: 24}
-
 #: Plain-data classes allowed when unpickling: DINO training checkpoints store their ``args``.
 _SAFE_GLOBALS = [argparse.Namespace]
 
 #: Keys under which checkpoints nest their state dict, in order of preference.
 _WRAPPER_KEYS = ("teacher", "student", "model", "state_dict", "model_state_dict")
-
-_UNDERSTOOD = (
-    "understood formats: lidc-cdam checkpoints (ViTModel.save), official DINO backbones and DINO "
-    "training checkpoints ('teacher'/'student'), official DINOv2 backbones, timm "
-    "VisionTransformer state dicts (optionally under 'model' or 'state_dict') and torchvision "
-    "VisionTransformer state dicts (e.g. the SWAG weights)"
-)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used (unsafe, unknown format, wrong shapes)."""
-
-
-class PretrainedWeightsUnavailable(CheckpointError):
-    """``pretrained=True`` weights could not be fetched (offline); pass a local file instead."""
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else ""
 
 
 #: globals a plain torch.save of tensors and containers pickles (what torch's weights-only reader allows)
@@ -71,10 +58,6 @@ _MAX_PICKLE_OPS = 2_000_000
 def pickled_globals(path: str | os.PathLike) -> list[str]:
     """The globals (``module.name``) the pickles of a checkpoint would import, in order, without running any:
     read with :mod:`pickletools` from a zip checkpoint's ``data.pkl`` or a legacy file's leading pickles."""
-    import io
-    import pickletools
-    import zipfile
-
     path = Path(path)
     streams: list[io.BufferedIOBase] = []
     try:
@@ -131,10 +114,10 @@ def _read_error(path: Path, err: BaseException) -> CheckpointError:
             "Re-save the weights where the file was made, e.g. torch.save(model.state_dict(), path).")
     if isinstance(err, pickle.UnpicklingError):  # a bad opcode: garbage, or a pickle torch.save did not write
         detail = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
-        detail_text = (detail.group(1) if detail else _first_line(err)).split(" was not an allowed")[0].strip()
+        detail_text = (detail.group(1) if detail else first_line(err)).split(" was not an allowed")[0].strip()
         return CheckpointError(f"{path}: not a readable PyTorch checkpoint, corrupted or not written by "
                                f"torch.save ({detail_text})")
-    first = _first_line(err)
+    first = first_line(err)
     if "weights_only" in first or "Weights only" in first:
         first = "unreadable pickle data"
     return CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupted "
@@ -168,40 +151,6 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         raise _read_error(path, err) from None
 
 
-def build_backbone(build: dict[str, Any]) -> nn.Module:
-    """A randomly initialised backbone from ``{"timm_name": name | None, "timm_kwargs": {...}}`` (timm; without
-    a name a ``VisionTransformer``) or ``{"family": "torchvision", "torchvision_name": name | None,
-    "torchvision_kwargs": {...}}`` (a torchvision builder such as ``vit_b_16``; without a name the class),
-    ``{"family": "monai", "monai_kwargs": {...}}`` (MONAI's ``ViT``) or ``{"family": "transformers",
-    "transformers_class": name, "transformers_config": {...}}`` (a Hugging Face ViT / DINOv2 from its config).
-    A timm build may add ``"layer_norm_eps"``: the epsilon of every ``LayerNorm`` (an imported ViT's own)."""
-    if build.get("family") == "monai":
-        from lidc_cdam.models.backbones.monai_vit import build_monai_vit
-
-        return build_monai_vit(dict(build.get("monai_kwargs") or {}))
-    if build.get("family") == "transformers":
-        from lidc_cdam.models.backbones.hf_vit import build_hf_backbone
-
-        return build_hf_backbone(build["transformers_class"], dict(build.get("transformers_config") or {}))
-    if build.get("family") == "torchvision":
-        import torchvision
-
-        kwargs = dict(build.get("torchvision_kwargs") or {})
-        name = build.get("torchvision_name")
-        if name:
-            return torchvision.models.get_model(name, weights=None, **kwargs)
-        return torchvision.models.VisionTransformer(**kwargs)
-    kwargs = dict(build.get("timm_kwargs") or {})
-    name = build.get("timm_name")
-    backbone = timm.create_model(name, pretrained=False, **kwargs) if name else VisionTransformer(**kwargs)
-    eps = build.get("layer_norm_eps")
-    if eps is not None:  # a ViT imported from elsewhere (e.g. ONNX, transformers' 1e-12): every LayerNorm's epsilon
-        for module in backbone.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.eps = float(eps)
-    return backbone
-
-
 def save_checkpoint(
     model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None
 ) -> Path:
@@ -227,17 +176,7 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": {**model.meta, **(meta or {})},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def build_model_from_payload(model_cls: type[M], payload: dict[str, Any], source: str = "checkpoint") -> M:
@@ -293,7 +232,7 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> tuple[dict[str, 
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         kind = type(obj).__name__
         keys = f" with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else ""
-        raise CheckpointError(f"{source}: no state dict found (a {kind}{keys}); {_UNDERSTOOD}")
+        raise CheckpointError(f"{source}: no state dict found (a {kind}{keys}); {UNDERSTOOD}")
 
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
     if any(k.startswith("backbone.") for k in sd):
@@ -315,7 +254,7 @@ def _load_into(backbone: nn.Module, state_dict: dict[str, Any], source: str) -> 
     except Exception as err:
         raise CheckpointError(
             f"{source}: the weights cannot be converted for this model "
-            f"({err.__class__.__name__}: {_first_line(err)})"
+            f"({err.__class__.__name__}: {first_line(err)})"
         ) from None
     try:
         backbone.load_state_dict(filtered, strict=True)
@@ -326,147 +265,14 @@ def _load_into(backbone: nn.Module, state_dict: dict[str, Any], source: str) -> 
         ) from None
 
 
-def _square_side(n: int) -> int | None:
-    side = math.isqrt(n) if n > 0 else 0
-    return side if side > 0 and side * side == n else None
-
-
-def infer_vit_kwargs(
-    state_dict: dict[str, Any], num_heads: int | None = None, source: str = "checkpoint"
-) -> tuple[str | None, dict[str, Any]]:
-    """``(timm_name, VisionTransformer kwargs)`` that fit a backbone state dict, from its shapes.
-
-    ``timm_name`` is ``None`` (build ``VisionTransformer(**kwargs)``) except for DINOv2 SwiGLU
-    (giant) files, whose MLP type only a timm model name can name.
-    """
-    sd = state_dict
-    proj = sd.get("patch_embed.proj.weight")
-    if not isinstance(proj, torch.Tensor) or proj.ndim != 4:
-        raise CheckpointError(f"{source}: no conv patch embedding 'patch_embed.proj.weight'; "
-                              f"pass arch='<timm model name>'. {_UNDERSTOOD}")
-    embed_dim, in_chans, ph, pw = (int(s) for s in proj.shape)
-    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if not blocks or blocks != set(range(max(blocks) + 1)):
-        raise CheckpointError(f"{source}: transformer blocks 'blocks.<i>.*' missing or not "
-                              f"numbered 0..depth-1 (found {sorted(blocks)[:8]})")
-    if num_heads is None:
-        if embed_dim not in NUM_HEADS:
-            raise CheckpointError(
-                f"{source}: cannot infer the number of attention heads for width {embed_dim} "
-                f"(known widths: {NUM_HEADS}); pass num_heads=... or arch='<timm model name>'"
-            )
-        num_heads = NUM_HEADS[embed_dim]
-
-    dinov2 = "mask_token" in sd
-    reg = sd.get("register_tokens", sd.get("reg_token"))
-    reg_tokens = int(reg.shape[1]) if isinstance(reg, torch.Tensor) else 0
-    class_token = "cls_token" in sd
-    kwargs: dict[str, Any] = {
-        "patch_size": ph if ph == pw else (ph, pw),
-        "in_chans": in_chans,
-        "embed_dim": embed_dim,
-        "depth": len(blocks),
-        "num_heads": num_heads,
-        "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
-        "num_classes": int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
-    }
-    swiglu = "blocks.0.mlp.w12.weight" in sd
-    if "blocks.0.mlp.fc1.weight" in sd:
-        kwargs["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
-    if "blocks.0.ls1.gamma" in sd:
-        kwargs["init_values"] = 1e-5  # any value: the gammas are loaded
-    if "blocks.0.attn.q_norm.weight" in sd:
-        kwargs["qk_norm"] = True
-    if "norm_pre.weight" in sd:
-        kwargs["pre_norm"] = True
-    if not class_token:
-        kwargs["class_token"] = False
-        kwargs["global_pool"] = "avg"
-    if "fc_norm.weight" in sd:
-        kwargs["global_pool"], kwargs["fc_norm"] = "avg", True
-    elif not class_token:
-        kwargs["fc_norm"] = False
-    if reg_tokens:
-        kwargs["reg_tokens"] = reg_tokens
-
-    pos = sd.get("pos_embed")
-    if not isinstance(pos, torch.Tensor):
-        kwargs["pos_embed"] = "none"
-    else:
-        length, prefix = int(pos.shape[1]), int(class_token) + reg_tokens
-        if dinov2:  # CLS slot, no register slots; timm drops the CLS slot when there are registers
-            layouts = [(bool(reg_tokens), length - int(class_token))]
-        elif reg_tokens:  # DINOv2-style registers first (timm's *_reg*_dinov2 use no_embed_class)
-            layouts = [(True, length), (False, length - prefix)]
-        else:
-            layouts = [(False, length - prefix), (True, length)]
-        fits = [(flag, side) for flag, n in layouts if (side := _square_side(n)) is not None]
-        if not fits:
-            raise CheckpointError(f"{source}: cannot infer the image size from pos_embed of "
-                                  f"{length} tokens; pass img_size=... or arch='<timm model name>'")
-        no_embed_class, side = fits[0]
-        if no_embed_class and prefix:
-            kwargs["no_embed_class"] = True
-        kwargs["img_size"] = side * ph if ph == pw else (side * ph, side * pw)
-
-    if swiglu:
-        name = "vit_giant_patch14_reg4_dinov2" if reg_tokens == 4 else "vit_giant_patch14_dinov2"
-        return name, kwargs
-    return None, kwargs
-
-
-def is_torchvision_vit(state_dict: dict[str, Any]) -> bool:
-    """Keys of a torchvision ``VisionTransformer`` (``conv_proj``, ``encoder.pos_embedding``, ``class_token``)."""
-    return "encoder.pos_embedding" in state_dict and "class_token" in state_dict
-
-
-def infer_torchvision_kwargs(
-    state_dict: dict[str, Any], num_heads: int | None = None, source: str = "checkpoint"
-) -> dict[str, Any]:
-    """``torchvision.models.VisionTransformer`` keyword arguments that fit a state dict, from its shapes."""
-    sd = state_dict
-    proj = sd.get("conv_proj.weight")
-    if not isinstance(proj, torch.Tensor) or proj.ndim != 4:
-        raise CheckpointError(f"{source}: torchvision ViT without a conv patch embedding 'conv_proj.weight' "
-                              "(conv-stem models): pass arch='<torchvision builder name>'")
-    hidden, _, patch, _ = (int(d) for d in proj.shape)
-    layers = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layers\.encoder_layer_(\d+)\.", k))}
-    if not layers or layers != set(range(max(layers) + 1)):
-        raise CheckpointError(f"{source}: encoder layers 'encoder.layers.encoder_layer_<i>.*' missing or not "
-                              f"numbered 0..depth-1 (found {sorted(layers)[:8]})")
-    if num_heads is None:
-        if hidden not in NUM_HEADS:
-            raise CheckpointError(f"{source}: cannot infer the number of attention heads for width {hidden}; "
-                                  "pass num_heads=...")
-        num_heads = NUM_HEADS[hidden]
-    side = _square_side(int(sd["encoder.pos_embedding"].shape[1]) - 1)
-    if side is None:
-        raise CheckpointError(f"{source}: cannot infer the image size from encoder.pos_embedding; pass image_size=")
-    first = "encoder.layers.encoder_layer_0.mlp."
-    mlp = sd.get(first + "0.weight", sd.get(first + "linear_1.weight"))  # torchvision's MLP keys, new and legacy
-    kwargs: dict[str, Any] = {
-        "image_size": side * patch,
-        "patch_size": patch,
-        "num_layers": len(layers),
-        "num_heads": num_heads,
-        "hidden_dim": hidden,
-        "mlp_dim": int(mlp.shape[0]),
-        "num_classes": int(sd["heads.head.weight"].shape[0]) if "heads.head.weight" in sd else 1000,
-    }
-    if "heads.pre_logits.weight" in sd:
-        kwargs["representation_size"] = int(sd["heads.pre_logits.weight"].shape[0])
-    return kwargs
-
-
-def _load_torchvision_file(model_cls: type[M], state_dict: dict[str, Any], source: str, arch: str | None,
-                           kwargs: dict[str, Any]) -> M:
-    inferred = infer_torchvision_kwargs(state_dict, kwargs.get("num_heads"), source)
-    if arch is not None:  # a builder (vit_b_16...) fixes the architecture; size and classes come from the file
-        inferred = {k: inferred[k] for k in ("image_size", "num_classes")}
-    build = {"family": "torchvision", "torchvision_name": arch, "torchvision_kwargs": {**inferred, **kwargs}}
-    backbone = build_backbone(build)
-    model = model_cls(backbone, build=build, meta={"loaded_from": source, "source_format": "torchvision"})
-    _load_into(model.backbone, state_dict, source)
+def _with_weights(model: M, checkpoint: str | os.PathLike | None) -> M:
+    """``model`` with the backbone weights of a local file, if given (any format :func:`extract_state_dict` finds)."""
+    if checkpoint is not None:
+        source = str(checkpoint)
+        state_dict, fmt = extract_state_dict(read_checkpoint(checkpoint), source)
+        _load_into(model.backbone, state_dict, source)
+        fmt = adapter_type(model.backbone).state_dict_format or fmt
+        model.meta.update({"loaded_from": source, "source_format": fmt})
     return model.eval()
 
 
@@ -475,13 +281,7 @@ def model_from_torchvision(model_cls: type[M], name: str, /, *, checkpoint: str 
     """``torchvision.models.get_model(name, weights=None, **kwargs)`` as a ``model_cls``, with the weights of
     a local state-dict ``checkpoint`` if given (read with ``weights_only=True``). No downloads."""
     build = {"family": "torchvision", "torchvision_name": name, "torchvision_kwargs": dict(kwargs)}
-    model = model_cls(build_backbone(build), build=build)
-    if checkpoint is not None:
-        source = str(checkpoint)
-        state_dict, _ = extract_state_dict(read_checkpoint(checkpoint), source)
-        _load_into(model.backbone, state_dict, source)
-        model.meta.update({"loaded_from": source, "source_format": "torchvision"})
-    return model.eval()
+    return _with_weights(model_cls(build_backbone(build), build=build), checkpoint)
 
 
 # --------------------------------------------------------------------------- models of a given class
@@ -507,37 +307,27 @@ def load_model_file(model_cls: type[M], path: str | os.PathLike, /, *, arch: str
     if is_lidc_cdam_checkpoint(obj):
         if arch is not None or timm_kwargs:
             saved = dict(obj.get("backbone") or {})
-            prefix = saved.get("family") if saved.get("family") in ("torchvision", "monai") else "timm"
-            build = {**saved, f"{prefix}_name": arch or saved.get(f"{prefix}_name"),
-                     f"{prefix}_kwargs": {**(saved.get(f"{prefix}_kwargs") or {}), **timm_kwargs}}
-            obj = {**obj, "backbone": build}
+            builder = builder_for(saved.get("family", DEFAULT_BUILD_FAMILY))
+            obj = {**obj, "backbone": builder.override_spec(saved, arch, timm_kwargs)}
         try:
             return build_model_from_payload(model_cls, obj, source=source)
         except KeyError as err:
             raise CheckpointError(f"{source}: incomplete lidc-cdam checkpoint (no {err})") from None
 
     state_dict, fmt = extract_state_dict(obj, source)
-    if is_torchvision_vit(state_dict):
-        return _load_torchvision_file(model_cls, state_dict, source, arch, timm_kwargs)
-    if arch is None and "patch_embed.proj.weight" not in state_dict:
-        raise CheckpointError(f"{source}: not a Vision Transformer state dict (no "
-                              f"'patch_embed.proj.weight'); {_UNDERSTOOD}")
-    if arch is not None:
-        kwargs = {"num_classes": int(state_dict["head.weight"].shape[0])
-                  if "head.weight" in state_dict else 0, **timm_kwargs}
-        name: str | None = arch
-    else:
-        name, kwargs = infer_vit_kwargs(state_dict, timm_kwargs.get("num_heads"), source)
-        kwargs.update(timm_kwargs)
-        if name is not None:
-            kwargs.pop("mlp_ratio", None)  # SwiGLU: the timm model name sets it
-    build = {"timm_name": name, "timm_kwargs": kwargs}
+    family = adapter_for_state_dict(state_dict)
+    if family is None:
+        if arch is None:
+            raise CheckpointError(f"{source}: not a Vision Transformer state dict (no "
+                                  f"'patch_embed.proj.weight'); {UNDERSTOOD}")
+        family = builder_for(DEFAULT_BUILD_FAMILY)  # a timm name for a file of unknown keys
+    build = family.spec_from_state_dict(state_dict, arch, timm_kwargs, source)
     backbone = build_backbone(build)
     model = model_cls(
         backbone,
-        task="features" if backbone.num_classes == 0 else "classification",
+        task="features" if getattr(backbone, "num_classes", 1) == 0 else "classification",
         build=build,
-        meta={"loaded_from": source, "source_format": fmt},
+        meta={"loaded_from": source, "source_format": family.state_dict_format or fmt},
     )
     _load_into(model.backbone, state_dict, source)
     return model.eval()
@@ -559,30 +349,13 @@ def model_from_timm(
     a DINO / DINOv2 file or a timm state dict, converted with timm's ``checkpoint_filter_fn``).
     Without network access ``pretrained=True`` raises :class:`PretrainedWeightsUnavailable`.
     """
-    download = pretrained and checkpoint is None
-    try:
-        backbone = timm.create_model(name, pretrained=download, **kwargs)
-    except OSError as err:  # huggingface_hub / urllib errors are all OSErrors
-        if not download:
-            raise
-        raise PretrainedWeightsUnavailable(
-            f"could not get the pretrained weights of timm model {name!r} "
-            f"({err.__class__.__name__}: {_first_line(err)}). Without network access, fetch the "
-            f"weights file elsewhere and pass it: ViTModel.from_timm({name!r}, checkpoint=PATH), "
-            f"or on the command line --model {name} --checkpoint PATH. (Set HF_HUB_OFFLINE=1 to "
-            "fail at once instead of retrying the download.)"
-        ) from err
+    backbone = create_timm_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
     model = model_cls(
         backbone,
         task="features" if getattr(backbone, "num_classes", 1) == 0 else "classification",
         build={"timm_name": name, "timm_kwargs": dict(kwargs)},
     )
-    if checkpoint is not None:
-        source = str(checkpoint)
-        state_dict, fmt = extract_state_dict(read_checkpoint(checkpoint), source)
-        _load_into(model.backbone, state_dict, source)
-        model.meta.update({"loaded_from": source, "source_format": fmt})
-    return model.eval()
+    return _with_weights(model, checkpoint)
 
 
 def model_from_onnx(model_cls: type[M], path: str | os.PathLike, /, *, image_size: int | tuple[int, int] | None = None,

@@ -16,12 +16,12 @@ shipped files and their manifest (a maintainer's job).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from lidc_cdam.io import sha256_of
 from lidc_cdam.models.loading import CheckpointError, load_model
 from lidc_cdam.models.vit import ViTModel
 from lidc_cdam.resources import weights_path
@@ -33,14 +33,6 @@ SHIPPED: dict[str, str] = {
     "phantom-biomarkers": "phantom-biomarkers.pt",
 }
 MANIFEST = "MANIFEST.json"
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @cache

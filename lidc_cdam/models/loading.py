@@ -14,8 +14,9 @@ Formats :func:`load_model` understands:
 * plain timm ``VisionTransformer`` state dicts (also under a ``model`` / ``state_dict`` key).
 
 The code is in :mod:`lidc_cdam.models.checkpoint_format`, which takes the model class as an argument (so
-``ViTModel.from_checkpoint`` / ``from_timm`` / ``save`` use it without importing this module); the functions
-here bind it to :class:`~lidc_cdam.models.vit.ViTModel`, and its other names are re-exported.
+``ViTModel.from_checkpoint`` / ``from_timm`` / ``save`` use it without importing this module), and in the family
+adapters (:mod:`lidc_cdam.models.backbones`: building a backbone from a saved spec, reading a family's plain state
+dict); the functions here bind it to :class:`~lidc_cdam.models.vit.ViTModel`, and the other names are re-exported.
 """
 
 from __future__ import annotations
@@ -23,16 +24,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lidc_cdam.models.backbones import build_backbone
+from lidc_cdam.models.backbones.base import NUM_HEADS, CheckpointError, PretrainedWeightsUnavailable
+from lidc_cdam.models.backbones.timm_vit import infer_vit_kwargs
 from lidc_cdam.models.checkpoint_format import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
-    NUM_HEADS,
-    CheckpointError,
-    PretrainedWeightsUnavailable,
-    build_backbone,
     build_model_from_payload,
     extract_state_dict,
-    infer_vit_kwargs,
     is_lidc_cdam_checkpoint,
     load_model_file,
     model_from_timm,

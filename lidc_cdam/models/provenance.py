@@ -18,12 +18,13 @@ its measured rates from the committed evaluation, :func:`trust_rates`).
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from lidc_cdam.io import sha256_of
 
 KINDS = ("phantom", "lidc-idri", "other")
 PHANTOM_WARNING = "trained on synthetic phantoms, not CT: its predictions on real CT mean nothing"
@@ -31,12 +32,8 @@ PHANTOM_WARNING = "trained on synthetic phantoms, not CT: its predictions on rea
 TRUST_RATES = "TRUST_RATES.json"
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+#: a file's SHA-256 (:func:`lidc_cdam.io.sha256_of`)
+file_sha256 = sha256_of
 
 
 @cache
@@ -204,3 +201,17 @@ def _ordinal(value: float) -> str:
     n = int(number)
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
+
+
+#: what a flagged prediction asks of its reader, wherever the flag is shown (report, the command's warnings, viewer)
+TRUST_CAUTION = "treat the predictions with caution"
+
+
+def trust_warning(trust: dict[str, Any] | None) -> str | None:
+    """:func:`trust_explanation`, with :data:`TRUST_CAUTION` after the verdict (before the measured rates) when the
+    crop is flagged: the one wording of the trust flag in the report, the command's warnings and the viewer."""
+    text = trust_explanation(trust)
+    if text is None or not trust.get("unlike_training"):
+        return text
+    verdict, sep, rates = text.partition("; this flag ")
+    return f"{verdict}: {TRUST_CAUTION}{sep}{rates}"

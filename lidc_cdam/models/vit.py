@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lidc_cdam.models import checkpoint_format
-from lidc_cdam.models.backbones import BackboneAdapter, QKVAttention, adapter_for
+from lidc_cdam.models.backbones import BackboneAdapter, QKVAttention, adapter_for, build_backbone
 from lidc_cdam.models.backbones.base import ModelInputError, TokenLayout
 
 Task = Literal["classification", "regression", "features"]
@@ -46,7 +46,7 @@ class ViTModel(nn.Module):
         task: what the outputs are: class logits, regression outputs, or plain features.
         output_names: a name per output (e.g. the biomarker names), usable as targets.
         build: how to rebuild the backbone (``{"timm_name": ..., "timm_kwargs": {...}}``, see
-            :func:`~lidc_cdam.models.checkpoint_format.build_backbone`); saved in checkpoints by
+            :func:`~lidc_cdam.models.backbones.build_backbone`); saved in checkpoints by
             :func:`lidc_cdam.models.loading.save_checkpoint`. Default: what the backbone says of itself (a Hugging
             Face config; a MONAI ViT made by :meth:`from_monai`), else nothing (the model cannot be saved).
         meta: free-form, checkpoint-safe metadata (normalisation statistics, fold, metrics...).
@@ -94,7 +94,7 @@ class ViTModel(nn.Module):
         from lidc_cdam.models.heads import LinearHead
 
         build = {"timm_name": timm_name, "timm_kwargs": dict(timm_kwargs)}
-        backbone = checkpoint_format.build_backbone(build)
+        backbone = build_backbone(build)
         head = LinearHead(adapter_for(backbone).embed_dim, head_outputs, head_dropout) if head_outputs else None
         return cls(backbone, head, build=build, **kwargs)
 
@@ -132,7 +132,7 @@ class ViTModel(nn.Module):
         from lidc_cdam.models.heads import LinearHead
 
         build = {"family": "monai", "monai_kwargs": {"classification": True, **monai_kwargs}}
-        backbone = checkpoint_format.build_backbone(build)
+        backbone = build_backbone(build)
         head = LinearHead(adapter_for(backbone).embed_dim, head_outputs, head_dropout) if head_outputs else None
         return cls(backbone, head, task=task, build=build)
 

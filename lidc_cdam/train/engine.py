@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lidc_cdam.distributed import Process, current_process
 from lidc_cdam.io import atomic_write, write_json
 from lidc_cdam.models.loading import read_checkpoint, save_checkpoint
 from lidc_cdam.models.vit import ViTModel
@@ -49,37 +49,6 @@ class FoldData:
     input_stats: dict[str, Any] = field(default_factory=dict)
     target_stats: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Process:
-    """This process's rank in a ``torchrun`` job (0 of 1 when run plainly) and its device."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def current_process(device: str | torch.device | None = "auto") -> Process:
-    """Join ``torchrun``'s process group once (gloo on CPU, NCCL on GPUs). ``device`` as
-    :func:`lidc_cdam.device.resolve_device` (``auto``: this rank's GPU, ``cuda:LOCAL_RANK``, where there is one)."""
-    from lidc_cdam.device import resolve_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device)
-    if world == 1:
-        return Process(device=device)
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Process(dist.get_rank(), dist.get_world_size(), device)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

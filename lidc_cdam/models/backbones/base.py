@@ -8,13 +8,18 @@ Notation (paper section 3, Fig. 2b; docs/method.md, "Token layout", "Backbone fa
 * the latent ``l = pool(Z)`` that the head reads (CLS' for token pooling).
 
 A :class:`BackboneAdapter` answers these questions for one family; the explainers only talk to it through
-:class:`~lidc_cdam.models.vit.ViTModel`. Grids are tuples of any length (``(gh, gw)`` in 2D, ``(gd, gh, gw)``
-for a 3D ViT), images ``[B, C, *spatial]``.
+:class:`~lidc_cdam.models.vit.ViTModel`. It also owns how its family is saved and loaded: how a backbone is built
+from a saved spec (:meth:`BackboneAdapter.build`, for ``build["family"] ==`` :attr:`~BackboneAdapter.build_family`),
+and how a plain state dict of the family is recognised and its spec inferred
+(:meth:`~BackboneAdapter.recognises`, :meth:`~BackboneAdapter.spec_from_state_dict`);
+:mod:`lidc_cdam.models.checkpoint_format` only reads and writes the files.
+Grids are tuples of any length (``(gh, gw)`` in 2D, ``(gd, gh, gw)`` for a 3D ViT), images ``[B, C, *spatial]``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +31,57 @@ from torch import nn
 
 class ModelInputError(ValueError):
     """Images that this model cannot take (channels, size, NaN values)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (unsafe, unknown format, wrong shapes)."""
+
+
+class PretrainedWeightsUnavailable(CheckpointError):
+    """``pretrained=True`` weights could not be fetched (offline); pass a local file instead."""
+
+
+#: ``num_heads`` of the standard ViT widths (Ti, S, B, L, g); other widths need ``num_heads=``.
+NUM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1536: 24}
+
+#: the model files :func:`lidc_cdam.models.loading.load_model` reads (said when a file is none of them)
+UNDERSTOOD = (
+    "understood formats: lidc-cdam checkpoints (ViTModel.save), official DINO backbones and DINO "
+    "training checkpoints ('teacher'/'student'), official DINOv2 backbones, timm "
+    "VisionTransformer state dicts (optionally under 'model' or 'state_dict') and torchvision "
+    "VisionTransformer state dicts (e.g. the SWAG weights)"
+)
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of an error's text."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def square_side(n: int) -> int | None:
+    """``s`` with ``s * s == n`` (``n > 0``), else ``None``."""
+    side = math.isqrt(n) if n > 0 else 0
+    return side if side > 0 and side * side == n else None
+
+
+def numbered(state_dict: dict[str, Any], pattern: str, source: str, what: str) -> int:
+    """How many layers ``pattern`` (a regex whose group 1 is the layer number) finds in a state dict's keys;
+    :class:`CheckpointError` unless they are numbered ``0 .. depth - 1``."""
+    found = {int(m.group(1)) for k in state_dict if (m := re.match(pattern, k))}
+    if not found or found != set(range(max(found) + 1)):
+        raise CheckpointError(f"{source}: {what} missing or not numbered 0..depth-1 (found {sorted(found)[:8]})")
+    return len(found)
+
+
+def heads_for(width: int, num_heads: int | None, source: str, hint: str) -> int:
+    """``num_heads`` if given, else the standard one of ``width`` (:data:`NUM_HEADS`)."""
+    if num_heads is not None:
+        return num_heads
+    if width not in NUM_HEADS:
+        raise CheckpointError(f"{source}: cannot infer the number of attention heads for width {width} "
+                              f"(known widths: {NUM_HEADS}); pass num_heads=...{hint}")
+    return NUM_HEADS[width]
 
 
 @dataclass(frozen=True)
@@ -80,6 +136,13 @@ class BackboneAdapter(ABC):
     module_type: ClassVar[type[nn.Module]]
     #: what to do about an image of the wrong size (appended to the error)
     size_hint: ClassVar[str] = "resize the images"
+    #: ``build["family"]`` of the saved specs that :meth:`build` builds (``None``: this adapter builds none)
+    build_family: ClassVar[str | None] = None
+    #: the keys of those specs that hold an architecture name and keyword arguments (``arch=`` and keyword
+    #: arguments given when a checkpoint is loaded override them: :meth:`override_spec`)
+    spec_keys: ClassVar[tuple[str | None, str | None]] = (None, None)
+    #: ``meta["source_format"]`` of a model loaded from a plain state dict of this family (``None``: as found)
+    state_dict_format: ClassVar[str | None] = None
 
     def __init__(self, backbone: nn.Module) -> None:
         self.check(backbone)
@@ -94,6 +157,35 @@ class BackboneAdapter(ABC):
     def filter_state_dict(cls, state_dict: dict[str, Any], backbone: nn.Module) -> dict[str, Any]:
         """Convert an external state dict to this family's keys (default: unchanged)."""
         return state_dict
+
+    # ------------------------------------------------------ saving and loading
+    @classmethod
+    def build(cls, spec: dict[str, Any]) -> nn.Module:
+        """A randomly initialised backbone from a saved spec (``ViTModel.build``) of :attr:`build_family`."""
+        raise NotImplementedError(f"{cls.family}: no builder for saved specs")
+
+    @classmethod
+    def override_spec(cls, spec: dict[str, Any], arch: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A saved spec with an architecture name and keyword arguments given at loading (:attr:`spec_keys`)."""
+        name_key, kwargs_key = cls.spec_keys
+        out = dict(spec)
+        if name_key is not None and arch is not None:
+            out[name_key] = arch
+        if kwargs_key is not None and kwargs:
+            out[kwargs_key] = {**(spec.get(kwargs_key) or {}), **kwargs}
+        return out
+
+    @classmethod
+    def recognises(cls, state_dict: dict[str, Any]) -> bool:
+        """True when a plain state dict (no saved spec) is one of this family's (default: never)."""
+        return False
+
+    @classmethod
+    def spec_from_state_dict(cls, state_dict: dict[str, Any], arch: str | None, kwargs: dict[str, Any],
+                             source: str) -> dict[str, Any]:
+        """The spec (for :meth:`build`) of a backbone that fits a recognised state dict, inferred from its shapes;
+        ``arch`` (an architecture name of the family) and ``kwargs`` override the inference."""
+        raise NotImplementedError(f"{cls.family}: plain state dicts are not read")
 
     def unused_parameters(self) -> set[str]:
         """Names (in the backbone) of parameters the forward pass never uses, e.g. layers built but switched off.
@@ -266,6 +358,25 @@ class BackboneAdapter(ABC):
     @property
     def num_classes(self) -> int:
         return int(getattr(self.backbone, "num_classes", 0))
+
+
+class ClassTokenPooling:
+    """For families whose one prefix token is CLS and whose latent is CLS' (torchvision, MONAI): put it before
+    :class:`BackboneAdapter` in the bases."""
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1
+
+    @property
+    def has_class_token(self) -> bool:
+        return True
+
+    def pool(self, z: torch.Tensor) -> torch.Tensor:
+        return z[:, 0]
+
+    def pooled_rows(self, num_tokens: int) -> slice:
+        return slice(0, 1)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -48,6 +48,13 @@ class HFAdapterBase(BackboneAdapter):
 
     size_hint = "resize the images (this transformers model takes one image size)"
     class_names: ClassVar[tuple[str, ...]]
+    build_family = "transformers"
+
+    @classmethod
+    def build(cls, spec: dict[str, Any]) -> nn.Module:
+        """:func:`build_hf_backbone` of ``{"family": "transformers", "transformers_class": name,
+        "transformers_config": {...}}``."""
+        return build_hf_backbone(spec["transformers_class"], dict(spec.get("transformers_config") or {}))
 
     @classmethod
     def check(cls, backbone: nn.Module) -> None:

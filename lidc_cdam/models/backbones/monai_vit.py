@@ -20,7 +20,7 @@ from monai.networks.blocks.transformerblock import TransformerBlock
 from monai.networks.nets.vit import ViT
 from torch import nn
 
-from lidc_cdam.models.backbones.base import BackboneAdapter, QKVAttention, split_heads
+from lidc_cdam.models.backbones.base import BackboneAdapter, ClassTokenPooling, QKVAttention, split_heads
 
 
 def build_monai_vit(kwargs: dict[str, Any]) -> ViT:
@@ -33,12 +33,19 @@ def build_monai_vit(kwargs: dict[str, Any]) -> ViT:
     return backbone
 
 
-class MonaiViTAdapter(BackboneAdapter):
+class MonaiViTAdapter(ClassTokenPooling, BackboneAdapter):
     """MONAI ``ViT`` with ``classification=True``: one fixed image size, CLS pooling, any number of spatial dims."""
 
     family = "MONAI ViT"
     module_type = ViT
     size_hint = "resize (resample) the volumes: a MONAI ViT takes one image size"
+    build_family = "monai"
+    spec_keys = (None, "monai_kwargs")
+
+    @classmethod
+    def build(cls, spec: dict[str, Any]) -> nn.Module:
+        """:func:`build_monai_vit` of ``{"family": "monai", "monai_kwargs": {...}}``."""
+        return build_monai_vit(dict(spec.get("monai_kwargs") or {}))
 
     @classmethod
     def check(cls, backbone: nn.Module) -> None:
@@ -88,14 +95,6 @@ class MonaiViTAdapter(BackboneAdapter):
     @property
     def embed_dim(self) -> int:
         return int(self.backbone.norm.normalized_shape[0])
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 1
-
-    @property
-    def has_class_token(self) -> bool:
-        return True
 
     @property
     def in_chans(self) -> int:
@@ -154,12 +153,6 @@ class MonaiViTAdapter(BackboneAdapter):
 
     def final_norm(self, y: torch.Tensor) -> torch.Tensor:
         return self.backbone.norm(y)
-
-    def pool(self, z: torch.Tensor) -> torch.Tensor:
-        return z[:, 0]
-
-    def pooled_rows(self, num_tokens: int) -> slice:
-        return slice(0, 1)
 
     def _projections(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn = self.last_block.attn

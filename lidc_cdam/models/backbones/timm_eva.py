@@ -96,13 +96,6 @@ class TimmEvaAdapter(TimmPatchEmbedLayout, BackboneAdapter):
             x_mlp = blk.gamma_2 * x_mlp
         return blk.drop_path2(x_mlp)
 
-    def final_norm(self, y: torch.Tensor) -> torch.Tensor:
-        return self.backbone.norm(y)
-
-    def pool(self, z: torch.Tensor) -> torch.Tensor:
-        bb = self.backbone
-        return bb.head_drop(bb.fc_norm(bb.pool(z)))
-
     def pooled_rows(self, num_tokens: int) -> slice:
         bb = self.backbone
         if bb.attn_pool is not None:  # Eva.pool gives every token to the attention pool

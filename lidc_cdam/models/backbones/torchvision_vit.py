@@ -3,24 +3,94 @@
 ``EncoderBlock``: ``x = X + dropout(MHA(ln_1(X))); Y = x + mlp(ln_2(x))``; then ``encoder.ln`` and CLS'.
 ``nn.MultiheadAttention`` keeps q, k, v as one affine map (``in_proj_weight``, ``in_proj_bias``): ``ln_1`` is
 ``norm1`` and the CLS-row closed form applies as for timm.
+
+Saved specs: ``{"family": "torchvision", "torchvision_name": name | None, "torchvision_kwargs": {...}}`` (a builder
+such as ``vit_b_16``; without a name the class). A plain state dict (``conv_proj``, ``encoder.pos_embedding``,
+``class_token``) is recognised and its architecture inferred (:func:`infer_torchvision_kwargs`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torchvision
 from torch import nn
 from torch.nn import functional as F
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
-from lidc_cdam.models.backbones.base import BackboneAdapter, QKVAttention, split_heads
+from lidc_cdam.models.backbones.base import (
+    BackboneAdapter,
+    CheckpointError,
+    ClassTokenPooling,
+    QKVAttention,
+    heads_for,
+    numbered,
+    split_heads,
+    square_side,
+)
 
 
-class TorchvisionViTAdapter(BackboneAdapter):
+def infer_torchvision_kwargs(
+    state_dict: dict[str, Any], num_heads: int | None = None, source: str = "checkpoint"
+) -> dict[str, Any]:
+    """``torchvision.models.VisionTransformer`` keyword arguments that fit a state dict, from its shapes."""
+    sd = state_dict
+    proj = sd.get("conv_proj.weight")
+    if not isinstance(proj, torch.Tensor) or proj.ndim != 4:
+        raise CheckpointError(f"{source}: torchvision ViT without a conv patch embedding 'conv_proj.weight' "
+                              "(conv-stem models): pass arch='<torchvision builder name>'")
+    hidden, _, patch, _ = (int(d) for d in proj.shape)
+    depth = numbered(sd, r"encoder\.layers\.encoder_layer_(\d+)\.", source,
+                     "encoder layers 'encoder.layers.encoder_layer_<i>.*'")
+    side = square_side(int(sd["encoder.pos_embedding"].shape[1]) - 1)
+    if side is None:
+        raise CheckpointError(f"{source}: cannot infer the image size from encoder.pos_embedding; pass image_size=")
+    first = "encoder.layers.encoder_layer_0.mlp."
+    mlp = sd.get(first + "0.weight", sd.get(first + "linear_1.weight"))  # torchvision's MLP keys, new and legacy
+    kwargs: dict[str, Any] = {
+        "image_size": side * patch,
+        "patch_size": patch,
+        "num_layers": depth,
+        "num_heads": heads_for(hidden, num_heads, source, ""),
+        "hidden_dim": hidden,
+        "mlp_dim": int(mlp.shape[0]),
+        "num_classes": int(sd["heads.head.weight"].shape[0]) if "heads.head.weight" in sd else 1000,
+    }
+    if "heads.pre_logits.weight" in sd:
+        kwargs["representation_size"] = int(sd["heads.pre_logits.weight"].shape[0])
+    return kwargs
+
+
+class TorchvisionViTAdapter(ClassTokenPooling, BackboneAdapter):
     """torchvision ``VisionTransformer``: CLS token, CLS pooling, one fixed square image size."""
 
     family = "torchvision VisionTransformer"
     module_type = VisionTransformer
     size_hint = "resize the images (a torchvision VisionTransformer takes one image size)"
+    build_family = "torchvision"
+    spec_keys = ("torchvision_name", "torchvision_kwargs")
+    state_dict_format = "torchvision"
+
+    @classmethod
+    def build(cls, spec: dict[str, Any]) -> nn.Module:
+        """``torchvision.models.get_model(torchvision_name, weights=None, **torchvision_kwargs)``, or the class."""
+        kwargs = dict(spec.get("torchvision_kwargs") or {})
+        name = spec.get("torchvision_name")
+        return torchvision.models.get_model(name, weights=None, **kwargs) if name else VisionTransformer(**kwargs)
+
+    @classmethod
+    def recognises(cls, state_dict: dict[str, Any]) -> bool:
+        """Keys of a torchvision ``VisionTransformer`` (``encoder.pos_embedding``, ``class_token``)."""
+        return "encoder.pos_embedding" in state_dict and "class_token" in state_dict
+
+    @classmethod
+    def spec_from_state_dict(cls, state_dict: dict[str, Any], arch: str | None, kwargs: dict[str, Any],
+                             source: str) -> dict[str, Any]:
+        inferred = infer_torchvision_kwargs(state_dict, kwargs.get("num_heads"), source)
+        if arch is not None:  # a builder (vit_b_16...) fixes the architecture; size and classes come from the file
+            inferred = {k: inferred[k] for k in ("image_size", "num_classes")}
+        return {"family": "torchvision", "torchvision_name": arch, "torchvision_kwargs": {**inferred, **kwargs}}
 
     @classmethod
     def check(cls, backbone: nn.Module) -> None:
@@ -35,14 +105,6 @@ class TorchvisionViTAdapter(BackboneAdapter):
     @property
     def embed_dim(self) -> int:
         return int(self.backbone.hidden_dim)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 1
-
-    @property
-    def has_class_token(self) -> bool:
-        return True
 
     @property
     def in_chans(self) -> int:
@@ -95,12 +157,6 @@ class TorchvisionViTAdapter(BackboneAdapter):
     def final_norm(self, y: torch.Tensor) -> torch.Tensor:
         return self.backbone.encoder.ln(y)
 
-    def pool(self, z: torch.Tensor) -> torch.Tensor:
-        return z[:, 0]
-
-    def pooled_rows(self, num_tokens: int) -> slice:
-        return slice(0, 1)
-
     def qkv_attention(self, grid: tuple[int, ...] | None) -> QKVAttention | None:
         mha = self.last_block.self_attention
         if mha.bias_k is not None:
@@ -128,3 +184,6 @@ class TorchvisionViTAdapter(BackboneAdapter):
     def remove_head(self) -> None:
         self.backbone.heads = nn.Identity()
         self.backbone.num_classes = 0
+
+
+__all__ = ["TorchvisionViTAdapter", "infer_torchvision_kwargs"]
