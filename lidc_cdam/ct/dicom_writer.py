@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lidc_cdam.ct.volume import CTVolume
+from lidc_cdam.io import atomic_write
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -82,5 +83,6 @@ def write_ct_series(volume: CTVolume, folder: str | Path, patient_id: str | None
         ds.HighBit, ds.PixelRepresentation = 15, 0
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
         ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
-        pydicom.dcmwrite(folder / f"{k + 1:04d}.dcm", ds, enforce_file_format=True)
+        atomic_write(folder / f"{k + 1:04d}.dcm",
+                     lambda tmp, ds=ds: pydicom.dcmwrite(tmp, ds, enforce_file_format=True))
     return folder

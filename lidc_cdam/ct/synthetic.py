@@ -215,7 +215,7 @@ def write_synthetic(out_dir: str | Path, seed: int = 0, dicom: bool = True, look
     rows = crop_rows(volume, masks, out_dir)
     table = pd.DataFrame(rows)
     atomic_write(out_dir / "nodules.csv", lambda tmp: table.to_csv(tmp, index=False, lineterminator="\n"))
-    (out_dir / "NOTE.txt").write_text(SYNTHETIC_NOTE + "\n")
+    atomic_write(out_dir / "NOTE.txt", lambda tmp: tmp.write_text(SYNTHETIC_NOTE + "\n"))
     paths = {"root": out_dir, "crops_dir": out_dir, "table": out_dir / "nodules.csv"}
     if dicom:
         paths["dicom"] = write_dicom(volume, out_dir / "dicom")
@@ -225,11 +225,12 @@ def write_synthetic(out_dir: str | Path, seed: int = 0, dicom: bool = True, look
 def synthetic_data(root: str | Path | None = None) -> dict[str, Path]:
     """The synthetic scan written once into ``root`` (default: the lidc-cdam cache); returns its paths."""
     from lidc_cdam.cache import cache_dir
+    from lidc_cdam.io import atomic_write
 
     root = Path(root) if root is not None else cache_dir() / "viewer" / f"synthetic-v{VERSION}"
     paths = {"root": root, "crops_dir": root, "table": root / "nodules.csv", "dicom": root / "dicom"}
     done = root / "DONE"
     if not done.exists():
         write_synthetic(root)
-        done.write_text("ok\n")
+        atomic_write(done, lambda tmp: tmp.write_text("ok\n"))  # last: the folder is complete
     return paths

@@ -282,7 +282,7 @@ def timm_backbone_from_onnx(path: str | os.PathLike, *, image_size: int | tuple[
     """
     from timm.layers import resample_abs_pos_embed
 
-    from lidc_cdam.models.checkpoint_format import build_backbone
+    from lidc_cdam.models.backbones import build_backbone
 
     read = onnx_vit_state_dict(path)
     sd = hf_to_timm(read.tensors)
