@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -92,10 +90,11 @@ def test_bad_data_folder_is_a_clear_error(tmp_path, capsys):
 
 
 def test_torchrun_trains_with_ddp_on_two_cpu_processes(phantoms, tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    from helpers import torchrun
+
     out = tmp_path / "ddp"
     result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "lidc_cdam.pipelines.cli", "train",
+        [*torchrun(2), "-m", "lidc_cdam.pipelines.cli", "train",
          "--config", "tiny-phantom-malignancy", "--data", str(phantoms), "--folds", "0", "--set", "epochs=2",
          "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

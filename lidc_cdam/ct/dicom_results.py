@@ -32,7 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from lidc_cdam.ct.dicom_reader import check_series
 from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.series import SeriesInfo
+from lidc_cdam.io import atomic_write
 
 RESEARCH_USE = "research use, not for diagnostic use"
 SCHEME = "99LIDCCDAM"  # private coding scheme of lidc-cdam (DICOM PS3.16: "99" prefix)
@@ -127,9 +130,6 @@ def source_grid(source: Any) -> tuple[list[Any], dict[str, Any]]:
     dataset for a multi-frame source) and the grid: ``ipp`` (slice positions, patient mm), ``iop``,
     ``pixel_spacing`` (row, column), ``slice_spacing``, ``shape`` (z, y, x), ``frames`` (frame number per slice,
     None for single-frame). The same sorting and checks as :func:`lidc_cdam.ct.read_ct`."""
-    from lidc_cdam.ct.dicom_reader import check_series
-    from lidc_cdam.ct.series import SeriesInfo
-
     datasets = load_source_datasets(source)
     first = datasets[0]
     uids = {str(ds.SeriesInstanceUID) for ds in datasets}
@@ -377,6 +377,4 @@ def write_structured_report(source: Any, points: Sequence[Mapping[str, Any]], ou
 
 
 def _save(ds: Any, out_path: str | Path) -> Path:
-    from lidc_cdam.io import atomic_write
-
     return atomic_write(out_path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))

@@ -28,11 +28,19 @@ import numpy as np
 
 from lidc_cdam.ct.concepts import ConceptResolver
 from lidc_cdam.ct.crop import CROP
+from lidc_cdam.ct.ensemble import explain_tasks_steps, group_checkpoints
 from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.export import export_nifti
+from lidc_cdam.ct.maps import drain
+from lidc_cdam.ct.placement import place_on_scan
 from lidc_cdam.ct.point import PointResult, crop_at_point, to_world
 from lidc_cdam.ct.run_folder import RunFolder
 from lidc_cdam.ct.volume import CTVolume
-from lidc_cdam.models.provenance import trust_warning
+from lidc_cdam.data.lidc.crops import ct_image, write_crop
+from lidc_cdam.device import resolve_device
+from lidc_cdam.io import atomic_write, write_json, write_npz
+from lidc_cdam.models.demo_weights import sha256_of
+from lidc_cdam.models.provenance import provenance_line, training_data, trust_warning
 
 Warn = Callable[[str], None]
 
@@ -129,11 +137,6 @@ def write_point(folder: Path, entry: dict[str, Any], result: PointResult, volume
                 checkpoint_hashes: dict[str, str] | None = None, series_label: str | None = None) -> dict[str, Any]:
     """Every file of one point in ``folder`` (see the module docstring); returns ``entry`` with its ``files``
     (the ``predictions.json`` written last)."""
-    from lidc_cdam.ct.export import export_nifti
-    from lidc_cdam.ct.placement import place_on_scan
-    from lidc_cdam.data.lidc.crops import write_crop
-    from lidc_cdam.io import write_json, write_npz
-
     pc = result.crop
     write_crop(folder / "crop.npz", {**pc.crop, "padded": pc.padded.astype(np.uint8)})
     arrays: dict[str, np.ndarray] = {}
@@ -193,18 +196,10 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
     ``source`` describes the input for the summary (``"series"``: what was read; ``"pacs"``: where it came from);
     ``progress(done, total)`` counts explained slices batches; ``device`` (``auto``, ``cpu``, ``cuda[:N]``:
     :func:`lidc_cdam.device.resolve_device`) runs the models there."""
-    from lidc_cdam.ct.ensemble import explain_tasks_steps, group_checkpoints
-    from lidc_cdam.ct.maps import drain
-    from lidc_cdam.data.lidc.crops import ct_image
-    from lidc_cdam.models.demo_weights import sha256_of
-    from lidc_cdam.models.provenance import training_data
-
     concepts = concepts or ConceptResolver()
     if dicom and not volume.source_files:
         raise CTError("DICOM results (--dicom) reference the source series' instances, so the input must be a DICOM "
                       "series (this one has no DICOM source files, e.g. NIfTI or NRRD); run without DICOM results")
-    from lidc_cdam.device import resolve_device
-
     device = resolve_device(device)
     groups = group_checkpoints(checkpoints)
     worlds = [to_world(volume, p, ijk) for _, p in points]  # every point checked before any work
@@ -273,9 +268,6 @@ def finish_run(folder: RunFolder, entries: Sequence[dict[str, Any]], volume: CTV
     Maps and Segmentations as evidence), and ``summary.json`` (``summary`` plus the volume, the points and the
     files); recorded in the manifest. :func:`explain_points` ends with it; the viewer's export calls it too."""
     import pandas as pd
-
-    from lidc_cdam.io import atomic_write, write_json
-    from lidc_cdam.models.provenance import provenance_line
 
     entries = list(entries)
     table = pd.DataFrame([row for e in entries for row in rows_of(e)])

@@ -30,8 +30,12 @@ from typing import Any
 import numpy as np
 
 from lidc_cdam.ct.crop import CROP
+from lidc_cdam.ct.ensemble import explain_tasks_steps
 from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.maps import drain
+from lidc_cdam.ct.placement import crop_box_on_scan, place_on_scan
 from lidc_cdam.ct.volume import CTVolume
+from lidc_cdam.data.lidc.crops import box_at, crop_hu, crop_record, ct_image
 
 PAD_HU = -1000
 
@@ -119,8 +123,6 @@ def _check_invalid(volume: CTVolume, record: dict[str, Any], where: str) -> None
     invalid = getattr(volume, "invalid", None)
     if invalid is None:
         return
-    from lidc_cdam.ct.placement import crop_box_on_scan
-
     start, stop = crop_box_on_scan(record, volume, pad=1)
     if (stop <= start).any():
         return
@@ -135,8 +137,6 @@ def crop_at_point(volume: CTVolume, point: Sequence[float], ijk: bool = False, i
     """The 32 mm crop at 1 mm centred on ``point`` (see the module docstring); ``image`` is the scan as a
     SimpleITK float image (:func:`lidc_cdam.data.lidc.crops.ct_image`), made here when not given (pass it
     when cropping several points of one scan)."""
-    from lidc_cdam.data.lidc.crops import box_at, crop_hu, crop_record, ct_image
-
     world = to_world(volume, point, ijk)
     geom = volume.geometry()
     if image is None:
@@ -169,8 +169,6 @@ class PointResult:
     def on_scan(self, crop_map: np.ndarray, volume: CTVolume) -> np.ndarray:
         """A ``[32, 32, 32]`` crop-grid array placed on the scan's grid
         (:func:`~lidc_cdam.ct.placement.place_on_scan`)."""
-        from lidc_cdam.ct.placement import place_on_scan
-
         return place_on_scan(crop_map, self.crop.crop, volume)
 
 
@@ -184,8 +182,6 @@ def explain_point_steps(volume: CTVolume, point: Sequence[float], checkpoints: S
     ``targets`` limits each task to those of its outputs (a task with none of them is skipped); ``cache``
     (a :class:`~lidc_cdam.ct.cache.MapCache`) keeps the maps of each checkpoint and crop; ``concepts(model)`` gives
     a model its concept targets (:func:`lidc_cdam.ct.ensemble.explain_tasks_steps`)."""
-    from lidc_cdam.ct.ensemble import explain_tasks_steps
-
     crop = crop_at_point(volume, point, ijk, image, point_id)
     ensembles = yield from explain_tasks_steps(checkpoints, crop.crop, targets, method=method, view=view,
                                                slices=slices, margin=margin, options=options, batch=batch,
@@ -204,7 +200,5 @@ def explain_point(volume: CTVolume, point: Sequence[float], checkpoints: Sequenc
     ``slices`` is ``"all"`` (the 32 slices along the view) or ``"nodule"`` (the centre slice +- ``margin``:
     the crop has no mask); ``progress(done, total)`` is called after each batch of slices; ``kwargs`` go to
     :func:`explain_point_steps` (``batch``, ``targets``, ``cache``)."""
-    from lidc_cdam.ct.maps import drain
-
     return drain(explain_point_steps(volume, point, checkpoints, ijk, method, view, slices, margin, options, image,
                                      point_id, **kwargs), progress)

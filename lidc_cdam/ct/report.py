@@ -20,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from lidc_cdam.ct.inputs import CENTRE, VIEWS, slice_plane
 from lidc_cdam.ct.volume import window_limits, window_text
-from lidc_cdam.models.provenance import trust_warning
+from lidc_cdam.models.demo_weights import sha256_of
+from lidc_cdam.models.provenance import phantom_warning, provenance_line, trust_warning
+from lidc_cdam.viz import cdam_cmap, symmetric_limit
 
 RESEARCH_USE = "Research use, not for diagnostic use"
 UNLIKE = "unlike the training data"
@@ -38,8 +41,6 @@ RED, GREEN, GREY = "#b2182b", "#1b7837", "#666666"
 
 def short_hash(path: str | Path) -> str | None:
     """The first 16 hex digits of a file's SHA-256 (None when it cannot be read)."""
-    from lidc_cdam.models.demo_weights import sha256_of
-
     try:
         return sha256_of(path)[:16]
     except OSError:
@@ -73,8 +74,6 @@ def trust_text(trust: Mapping[str, Any] | None) -> tuple[str, bool | None]:
 def training_data_lines(entry: Mapping[str, Any]) -> tuple[list[str], str | None]:
     """``(provenance lines, red line or None)`` from a point's ``training_data`` (or the run's, as
     :func:`lidc_cdam.models.provenance.training_data` gives it): one line per distinct provenance."""
-    from lidc_cdam.models.provenance import phantom_warning, provenance_line
-
     data = entry.get("training_data")
     if not data:
         return [], None
@@ -147,8 +146,6 @@ def table_lines(rows: list[dict[str, str]]) -> list[str]:
 
 
 def _plane(volume: np.ndarray, view: str, index: int) -> np.ndarray:
-    from lidc_cdam.ct.inputs import slice_plane
-
     return np.asarray(slice_plane(np.asarray(volume), view, index), dtype=float)
 
 
@@ -229,9 +226,6 @@ def write_point_report(point_entry: Mapping[str, Any], crop: Mapping[str, Any], 
 
     from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
-
-    from lidc_cdam.ct.inputs import CENTRE, VIEWS
-    from lidc_cdam.viz import cdam_cmap, symmetric_limit
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

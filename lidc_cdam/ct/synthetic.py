@@ -18,7 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from lidc_cdam.cache import cache_dir
+from lidc_cdam.ct.dicom_writer import write_ct_series
 from lidc_cdam.ct.volume import CTVolume
+from lidc_cdam.data.lidc.crops import crop_nodule, crop_record, ct_image, write_crop
+from lidc_cdam.io import atomic_write
 
 SYNTHETIC_NOTE = "synthetic chest CT with phantom nodules written by lidc-cdam's viewer: not CT"
 PATIENT_ID = "SYNTHETIC-0001"
@@ -173,15 +177,11 @@ def synthetic_scan(seed: int = 0, look: str = "phantom") -> tuple[CTVolume, list
 def write_dicom(volume: CTVolume, folder: str | Path, patient_id: str | None = None, **options: Any) -> Path:
     """``volume`` (axial) as a CT DICOM series, one file per slice (HU stored with intercept -1024): see
     :func:`lidc_cdam.ct.dicom_writer.write_ct_series` (``options``: ``fresh_uids``, ``study_date``...)."""
-    from lidc_cdam.ct.dicom_writer import write_ct_series
-
     return write_ct_series(volume, folder, patient_id, **options)
 
 
 def crop_rows(volume: CTVolume, masks: list[np.ndarray], out_dir: str | Path) -> list[dict[str, Any]]:
     """Cut and write each nodule's crop as ``lidc-cdam preprocess`` does; returns the table rows."""
-    from lidc_cdam.data.lidc.crops import crop_nodule, crop_record, ct_image, write_crop
-
     out_dir = Path(out_dir)
     geom = volume.geometry()
     image = ct_image(volume.hu, geom)
@@ -208,8 +208,6 @@ def write_synthetic(out_dir: str | Path, seed: int = 0, dicom: bool = True, look
     """Write the synthetic scan's DICOM series, crops and ``nodules.csv`` under ``out_dir``."""
     import pandas as pd
 
-    from lidc_cdam.io import atomic_write
-
     out_dir = Path(out_dir)
     volume, masks = synthetic_scan(seed, look)
     rows = crop_rows(volume, masks, out_dir)
@@ -224,9 +222,6 @@ def write_synthetic(out_dir: str | Path, seed: int = 0, dicom: bool = True, look
 
 def synthetic_data(root: str | Path | None = None) -> dict[str, Path]:
     """The synthetic scan written once into ``root`` (default: the lidc-cdam cache); returns its paths."""
-    from lidc_cdam.cache import cache_dir
-    from lidc_cdam.io import atomic_write
-
     root = Path(root) if root is not None else cache_dir() / "viewer" / f"synthetic-v{VERSION}"
     paths = {"root": root, "crops_dir": root, "table": root / "nodules.csv", "dicom": root / "dicom"}
     done = root / "DONE"

@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lidc_cdam.data.images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_image
+from lidc_cdam.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +300,6 @@ _INT_COLUMNS = ("val_index", "c1", "c2")
 
 def write_manifest(rows: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a manifest CSV atomically; list columns as JSON (``[417, 681]``), floats with 4 decimals."""
-    from lidc_cdam.io import atomic_write
-
     out = rows.copy()
     for col in _LIST_COLUMNS:
         if col in out:

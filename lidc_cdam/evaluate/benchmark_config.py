@@ -17,6 +17,7 @@ from typing import Any
 
 from lidc_cdam.config_overrides import read_yaml_config
 from lidc_cdam.evaluate.metrics import BOX_SIZES
+from lidc_cdam.explain.api import METHODS
 
 #: the paper's method order (Tables 1-3)
 PAPER_METHOD_ORDER = (
@@ -119,8 +120,6 @@ def _build(cls: type, data: Any, where: str, file: str) -> Any:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> BenchmarkConfig:
     """Read and check a benchmark config; ``overrides`` are ``key.sub=value`` strings."""
-    from lidc_cdam.explain.api import METHODS
-
     file = str(path)
     data = read_yaml_config(path, overrides, ConfigError)
     for key in ("name", "model", "image_sets", "methods"):

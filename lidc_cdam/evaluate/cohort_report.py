@@ -21,6 +21,7 @@ import pandas as pd
 
 from lidc_cdam.evaluate.report import markdown_table, method_order, randomization_table, randomization_verdicts
 from lidc_cdam.io import atomic_write, write_json
+from lidc_cdam.viz import save_figure
 
 N_BOOTSTRAP = 2000
 
@@ -158,8 +159,6 @@ def evidence_figure(evidence: pd.DataFrame, path: Path, title: str) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from lidc_cdam.viz import save_figure
-
     methods = method_order(list(evidence["method"].unique()))
     models = list(dict.fromkeys(evidence["model"]))
     cols = min(len(methods), 2)
@@ -195,8 +194,6 @@ def correlation_figure(corr: pd.DataFrame, path: Path, title: str) -> Path:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from lidc_cdam.viz import save_figure
 
     models = list(dict.fromkeys(corr["model"]))
     corr = corr.assign(column=[_label(m, t, models) for m, t in zip(corr["model"], corr["target"], strict=True)])

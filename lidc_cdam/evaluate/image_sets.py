@@ -17,9 +17,12 @@ from typing import Protocol
 
 import torch
 
+from lidc_cdam.data.imagenet import ImageNetValImages, load_manifest
 from lidc_cdam.data.images import ImageReadError, list_images, load_image, model_normalization
+from lidc_cdam.data.multi_digits import make_multi_digits
 from lidc_cdam.evaluate.benchmark_config import ConfigError, ImageSetConfig
 from lidc_cdam.models.vit import ViTModel
+from lidc_cdam.resources import manifest_path
 
 
 @dataclass
@@ -47,8 +50,6 @@ class MultiDigitImages:
     with the generation settings the model was trained on."""
 
     def __init__(self, name: str, n: int, seed: int, split: str, data_kwargs: dict) -> None:
-        from lidc_cdam.data.multi_digits import make_multi_digits
-
         self.name = name
         self.data = make_multi_digits(n, split=split, seed=seed, **data_kwargs)
 
@@ -106,8 +107,6 @@ class ImageNetImages:
     """ImageNet validation images listed by a manifest (:mod:`lidc_cdam.data.imagenet`)."""
 
     def __init__(self, name: str, manifest: str, root: str, size: tuple[int, int], mean, std) -> None:
-        from lidc_cdam.data.imagenet import ImageNetValImages, load_manifest
-
         self.name = name
         self.dataset = ImageNetValImages(root, load_manifest(resolve_manifest(manifest)), image_size=size[0],
                                          mean=mean, std=std, on_error="skip")
@@ -124,8 +123,6 @@ class ImageNetImages:
 
 def resolve_manifest(manifest: str) -> Path:
     """A manifest path as given, else a shipped one (``data_manifest/<name>``, see :mod:`lidc_cdam.resources`)."""
-    from lidc_cdam.resources import manifest_path
-
     if Path(manifest).is_file():
         return Path(manifest)
     shipped = Path(manifest).name if Path(manifest).parent.name in ("", "data_manifest") else None

@@ -24,6 +24,7 @@ import pandas as pd
 from lidc_cdam.evaluate import paper_tables as pt
 from lidc_cdam.evaluate.benchmark_config import PAPER_METHOD_ORDER, BenchmarkConfig
 from lidc_cdam.io import atomic_write, write_json
+from lidc_cdam.viz import save_figure
 
 #: table name -> [(metrics column, header)]; arrows say which direction is better
 TABLES: dict[str, list[tuple[str, str]]] = {
@@ -216,8 +217,6 @@ def plot_curves(curves: pd.DataFrame, folder: Path, name: str, label: str) -> li
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from lidc_cdam.viz import save_figure
 
     if not len(curves):
         return []

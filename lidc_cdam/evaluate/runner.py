@@ -35,8 +35,11 @@ from lidc_cdam.evaluate.image_sets import BenchImage, ImageSet, open_image_set
 from lidc_cdam.evaluate.localisation import pointing_game, positive_share_in_mask
 from lidc_cdam.evaluate.metrics import ImageMetrics, evaluate_image
 from lidc_cdam.evaluate.perturbation import gaussian_blur
+from lidc_cdam.evaluate.randomization import cascading_randomization
+from lidc_cdam.evaluate.report import write_report
 from lidc_cdam.explain.api import explain
 from lidc_cdam.io import atomic_write, write_json
+from lidc_cdam.models.loading import load_model
 from lidc_cdam.models.vit import ViTModel
 
 log = logging.getLogger(__name__)
@@ -53,8 +56,6 @@ def load_benchmark_model(config: BenchmarkConfig, progress: bool = False) -> tup
 
         model = real_photos_model(config.model.checkpoint)
         return model, {"size": int(model.default_image_size[0])}
-    from lidc_cdam.models.loading import load_model
-
     model = load_model(config.model.checkpoint or "", arch=config.model.arch, **config.model.timm_kwargs)
     return model, {"size": int(model.default_image_size[0])}
 
@@ -313,8 +314,6 @@ def merge_parts(out: Path, config: BenchmarkConfig) -> tuple[pd.DataFrame, pd.Da
 
 def finish(config: BenchmarkConfig, out: Path, model: ViTModel, data_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Merge the parts, run the randomisation check once, write tables and figures."""
-    from lidc_cdam.evaluate.report import write_report
-
     metrics, curves, skipped = merge_parts(out, config)
     front = ["image_set", "image_id", "method"]
     metrics = metrics[front + [c for c in metrics.columns if c not in front]]
@@ -329,8 +328,6 @@ def finish(config: BenchmarkConfig, out: Path, model: ViTModel, data_kwargs: dic
 def _randomization(config: BenchmarkConfig, out: Path, model: ViTModel, data_kwargs: dict[str, Any]
                    ) -> pd.DataFrame | None:
     """The cascading model-randomisation check on the first images of the first set (cached)."""
-    from lidc_cdam.evaluate.randomization import cascading_randomization
-
     settings = config.randomization
     if settings.images < 1:
         return None

@@ -69,6 +69,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from lidc_cdam.device import memory_budget
 from lidc_cdam.explain.api import register
 from lidc_cdam.explain.attribution import Attribution
 from lidc_cdam.explain.targets import TargetSpec
@@ -234,8 +235,6 @@ def relevance_propagation_scores(
     signed=False,
 )
 def relevance_propagation(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **options: Any) -> Attribution:
-    from lidc_cdam.device import memory_budget
-
     # a share of the GPU's free memory on CUDA, the CPU-sized default elsewhere
     chunk_bytes = options.get("chunk_bytes") or memory_budget(images.device, DEFAULT_CHUNK_BYTES)
     scores, values = relevance_propagation_scores(model, images, spec, chunk_bytes=chunk_bytes)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lidc_cdam.io import sha256_of
+from lidc_cdam.resources import weights_path
 
 KINDS = ("phantom", "lidc-idri", "other")
 PHANTOM_WARNING = "trained on synthetic phantoms, not CT: its predictions on real CT mean nothing"
@@ -148,8 +149,6 @@ def phantom_warning(provenance_or_data: dict[str, Any] | None) -> str | None:
 def trust_rates() -> dict[str, Any]:
     """The committed evaluation of the trust flag (shipped as ``lidc_cdam/models/weights/TRUST_RATES.json``):
     per shipped model and method, AUROC and the shares flagged; ``{}`` when not shipped."""
-    from lidc_cdam.resources import weights_path
-
     try:
         return json.loads(weights_path(TRUST_RATES).read_text())
     except (FileNotFoundError, OSError, ValueError):

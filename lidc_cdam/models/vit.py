@@ -26,6 +26,7 @@ from torch import nn
 from lidc_cdam.models import checkpoint_format
 from lidc_cdam.models.backbones import BackboneAdapter, QKVAttention, adapter_for, build_backbone
 from lidc_cdam.models.backbones.base import ModelInputError, TokenLayout
+from lidc_cdam.models.heads import LinearHead
 
 Task = Literal["classification", "regression", "features"]
 
@@ -91,8 +92,6 @@ class ViTModel(nn.Module):
         """A new (randomly initialised) model: ``timm.create_model(timm_name, **timm_kwargs)`` or,
         without a name, ``VisionTransformer(**timm_kwargs)``; with ``head_outputs`` a
         :class:`~lidc_cdam.models.heads.LinearHead` replaces the timm head."""
-        from lidc_cdam.models.heads import LinearHead
-
         build = {"timm_name": timm_name, "timm_kwargs": dict(timm_kwargs)}
         backbone = build_backbone(build)
         head = LinearHead(adapter_for(backbone).embed_dim, head_outputs, head_dropout) if head_outputs else None
@@ -129,8 +128,6 @@ class ViTModel(nn.Module):
         """A new MONAI ``ViT(classification=True, **monai_kwargs)``, e.g. ``in_channels=1, img_size=(32, 32, 32),
         patch_size=(8, 8, 8)`` (3D by default; MONAI's ``spatial_dims``); with ``head_outputs`` a
         :class:`~lidc_cdam.models.heads.LinearHead` on CLS' replaces MONAI's ``Linear`` + ``Tanh`` head."""
-        from lidc_cdam.models.heads import LinearHead
-
         build = {"family": "monai", "monai_kwargs": {"classification": True, **monai_kwargs}}
         backbone = build_backbone(build)
         head = LinearHead(adapter_for(backbone).embed_dim, head_outputs, head_dropout) if head_outputs else None

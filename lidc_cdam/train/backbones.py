@@ -9,14 +9,13 @@ import torch
 
 from lidc_cdam.models.backbones import adapter_for
 from lidc_cdam.models.heads import LinearHead
+from lidc_cdam.models.loading import build_backbone, from_timm, load_model
 from lidc_cdam.models.vit import ViTModel
 from lidc_cdam.train.config import TrainConfig
 
 
 def build_model(config: TrainConfig, output_names: list[str], meta: dict[str, Any] | None = None) -> ViTModel:
     """The backbone of ``config.backbone`` with a fresh :class:`LinearHead` for ``output_names``."""
-    from lidc_cdam.models.loading import build_backbone, from_timm, load_model
-
     spec = config.backbone
     task = "classification" if config.task == "malignancy" else "regression"
     if spec.monai_kwargs:

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lidc_cdam.config_overrides import read_yaml_config
+
 TASKS = ("malignancy", "biomarkers")
 LOSSES = ("bce", "huber", "mse")
 SCHEDULES = ("none", "exponential", "cyclic")
@@ -206,8 +208,6 @@ def _check_monai(config: TrainConfig, file: str) -> None:
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    from lidc_cdam.config_overrides import read_yaml_config
-
     file = str(path)
     data = read_yaml_config(path, overrides, TrainConfigError)
     try:

@@ -20,6 +20,7 @@ import pandas as pd
 from lidc_cdam.io import atomic_write, write_json
 from lidc_cdam.train.config import TrainConfig
 from lidc_cdam.train.engine import FoldData, Process, current_process, train_fold
+from lidc_cdam.viz import save_figure
 
 BIOMARKERS = ("subtlety", "calcification", "sphericity", "margin", "lobulation", "spiculation", "texture",
               "diameter_mm")
@@ -148,8 +149,6 @@ def plot_learning_curves(out: Path, folds: list[int]) -> Path | None:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from lidc_cdam.viz import save_figure
 
     histories = {f: pd.read_csv(out / f"fold{f}" / "history.csv") for f in folds
                  if (out / f"fold{f}" / "history.csv").exists()}

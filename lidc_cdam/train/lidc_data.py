@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from lidc_cdam.data.lidc.datasets import checkpoint_dataset, lidc_datasets
+from lidc_cdam.data.lidc.folds import read_folds, split
+from lidc_cdam.data.lidc.nodules import BIOMARKERS
+from lidc_cdam.models.provenance import file_sha256
 from lidc_cdam.train.config import TrainConfig, TrainConfigError
 from lidc_cdam.train.engine import FoldData
 
@@ -23,8 +27,6 @@ MIN_VALIDATION = 10
 
 
 def output_names(task: str) -> list[str]:
-    from lidc_cdam.data.lidc.nodules import BIOMARKERS
-
     return list(MALIGNANCY_OUTPUTS) if task == "malignancy" else list(BIOMARKERS)
 
 
@@ -62,9 +64,6 @@ def check_validation_size(val: pd.DataFrame, fold: int, task: str) -> dict[str, 
 
 
 def lidc_fold_data(config: TrainConfig, fold: int) -> FoldData:
-    from lidc_cdam.data.lidc.datasets import checkpoint_dataset, lidc_datasets
-    from lidc_cdam.models.provenance import file_sha256
-
     root = check_data_root(config)
     parts = lidc_datasets(root, fold=fold, view=config.data.view,
                           task="classification" if config.task == "malignancy" else "regression",
@@ -101,8 +100,6 @@ def nodule_table(config: TrainConfig) -> pd.DataFrame:
 
 
 def fold_split(config: TrainConfig, fold: int) -> dict[str, list[str]]:
-    from lidc_cdam.data.lidc.folds import read_folds, split
-
     folds = read_folds(*(() if config.data.folds is None else (config.data.folds,)))
     present = set(nodule_table(config)["nodule_id"])
     parts = split(folds[folds["nodule_id"].isin(present)], fold)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from lidc_cdam.data.lidc.errors import LidcError
+from lidc_cdam.io import write_npz
 
 CROP = 32
 HU_WINDOW = (-1000, 400)
@@ -207,8 +208,6 @@ def crop_record(crop: dict[str, np.ndarray], geom: Geometry, nodule_id: str, cen
 
 
 def write_crop(path: str | Path, record: dict[str, Any]) -> Path:
-    from lidc_cdam.io import write_npz
-
     return write_npz(path, **record)
 
 

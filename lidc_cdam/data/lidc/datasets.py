@@ -35,6 +35,7 @@ from monai.transforms import (
     ToTensord,
 )
 
+from lidc_cdam.data.lidc.folds import read_folds
 from lidc_cdam.data.lidc.model_input import (
     CENTRE,
     CROP_SIZE,
@@ -258,8 +259,6 @@ def lidc_datasets(data_dir: str | Path, fold: int = 0, view: str = "axial", task
     (default the next fold; -1 for none), train = the rest. Statistics come from the training part only.
     ``size``: the model's input size (224 for the paper's backbones).
     """
-    from lidc_cdam.data.lidc.folds import read_folds
-
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     root = Path(data_dir)

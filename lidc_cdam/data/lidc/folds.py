@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lidc_cdam.io import atomic_write
+
 N_FOLDS = 5
 SEED = 20240  # fixed: the committed data_manifest/lidc_folds.csv was made with it
 MANIFEST = "lidc_folds.csv"  # shipped in lidc_cdam.data_manifest
@@ -32,8 +34,6 @@ def make_folds(nodules: pd.DataFrame, n_folds: int = N_FOLDS, seed: int = SEED) 
 
 
 def write_folds(folds: pd.DataFrame, path: str | Path) -> Path:
-    from lidc_cdam.io import atomic_write
-
     return atomic_write(path, lambda tmp: folds.to_csv(tmp, index=False, lineterminator="\n"))
 
 

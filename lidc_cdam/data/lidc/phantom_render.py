@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from lidc_cdam.data.lidc.crops import CROP, HU_WINDOW, Geometry, _resample, crop_box, mask_image
+from lidc_cdam.data.lidc.synthetic_dicom import COLS, ROWS, in_plane_origin
 
 PHANTOM_NOTE = ("PHANTOM: nodule rendered from the LIDC-IDRI annotations' consensus contours into a synthetic "
                 "lung background; not CT")
@@ -19,8 +20,6 @@ PHANTOM_NOTE = ("PHANTOM: nodule rendered from the LIDC-IDRI annotations' consen
 
 def phantom_geometry(scan: Any) -> Geometry:
     """The scan's grid from the database: 512 x 512 x slices, centred in-plane (no DICOM needed)."""
-    from lidc_cdam.data.lidc.synthetic_dicom import COLS, ROWS, in_plane_origin
-
     zvals = np.asarray(scan.slice_zvals, dtype=float)
     ps = float(scan.pixel_spacing)
     x0, y0 = in_plane_origin(ps)

