@@ -58,7 +58,7 @@ class CountingScore:
         with torch.no_grad():
             latent = self.model.latent(x.to(self.device))
             parts = [self.model.head(latent)] + [c.score(latent)[:, None] for c in self.concepts]
-            return torch.cat(parts, dim=1).float().cpu()
+            return torch.cat(parts, dim=1).float()  # on the device: the metrics stay there
 
 
 def _time(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
@@ -96,8 +96,8 @@ def explain_all(cm: CohortModel, inputs: torch.Tensor, methods: dict[str, dict[s
             return [_stack_attributions([row[c] for row in per_nodule]) for c in range(len(calls))]
 
         attributions, took = _time(run, device)
-        pixel[method] = torch.cat([a.upsample("nearest").detach().float().cpu() for a in attributions], 1)
-        native[method] = torch.cat([a.maps.detach().float().cpu() for a in attributions], 1)
+        pixel[method] = torch.cat([a.upsample("nearest").detach().float() for a in attributions], 1)
+        native[method] = torch.cat([a.maps.detach().float() for a in attributions], 1)
         seconds[method] = took
     return pixel, native, seconds
 
@@ -117,12 +117,13 @@ def evaluate_part(models: list[CohortModel], planes, labels: dict[str, float], f
     maps_of: dict[str, dict[str, torch.Tensor]] = {}
     timing: dict[str, Any] = {"nodules": len(ids), "models": {}}
     for cm in models:
-        inputs = plane_inputs(planes.hu, cm.stats, cm.size)
-        blurred = plane_inputs(blurred_hu, cm.stats, cm.size)
-        regions = model_regions(planes.mask, settings.ring_mm, cm.size)
+        inputs = plane_inputs(planes.hu, cm.stats, cm.size).to(device)  # images, masks, maps, scores on the device
+        blurred = plane_inputs(blurred_hu, cm.stats, cm.size).to(device)
+        regions = {r: m.to(device) for r, m in model_regions(planes.mask, settings.ring_mm, cm.size).items()}
         score = CountingScore(cm.model, cm.concepts, device)
         values, forward_s = _time(lambda inputs=inputs, score=score: score(inputs), device)
-        values_blurred = score(blurred)  # the whole plane blurred: how far from neutral the baseline is
+        values_blurred = score(blurred).cpu()  # the whole plane blurred: how far from neutral the baseline is
+        values = values.cpu()  # one copy each to the host, for the rows
         pixel, native, explain_s = explain_all(cm, inputs, settings.methods, device, ids)
         maps_of[cm.name] = pixel
         patch = int(cm.model.patch_size[0])
