@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from _timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "data" / "lung1"
@@ -51,16 +50,6 @@ def evaluation(progress: bool = False) -> dict[str, Any]:
                      "goals": {"auroc": 0.95, "real_ct_flagged": 0.90, "in_domain_flagged": 0.05}}}
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def cost(repeats: int = 50) -> dict[str, Any]:
     """Seconds per point of the flag vs one forward pass (batch 1, the central slice), per shipped model:
@@ -80,9 +69,9 @@ def cost(repeats: int = 50) -> dict[str, Any]:
         x1 = model_inputs(crop, "axial", [CENTRE], input_stats, size)
         x7 = domain_trust.crop_inputs(crop, "axial", input_stats, size)
         feats = domain_trust.input_features(model, x7)
-        forward = _median_seconds(lambda m=model, x=x1: m(x), repeats)
-        from_pass = _median_seconds(lambda s=stats, f=feats: domain_trust.crop_percentile(s, f), repeats)
-        standalone = _median_seconds(lambda m=model, s=stats, x=x7: domain_trust.crop_percentile(
+        forward = timed(lambda m=model, x=x1: m(x), repeats)
+        from_pass = timed(lambda s=stats, f=feats: domain_trust.crop_percentile(s, f), repeats)
+        standalone = timed(lambda m=model, s=stats, x=x7: domain_trust.crop_percentile(
             s, domain_trust.input_features(m, x)), repeats)
         out[name] = {"forward_seconds": forward, "from_pass_seconds": from_pass, "standalone_seconds": standalone,
                      "from_pass_ratio": from_pass / forward, "standalone_ratio": standalone / forward}
