@@ -19,7 +19,7 @@ import pandas as pd
 
 from lidc_cdam.io import atomic_write, write_json
 from lidc_cdam.train.config import TrainConfig
-from lidc_cdam.train.engine import FoldData, Process, current_process, train_fold
+from lidc_cdam.train.engine import FoldData, Process, current_process, r_squared, train_fold
 from lidc_cdam.viz import save_figure
 
 BIOMARKERS = ("subtlety", "calcification", "sphericity", "margin", "lobulation", "spiculation", "texture",
@@ -58,8 +58,10 @@ def biomarker_logistic_regression(train: pd.DataFrame, test: pd.DataFrame) -> di
 def training_mean_mse(train: pd.DataFrame, test: pd.DataFrame, names: list[str]) -> dict[str, float]:
     """MSE of predicting the training mean, in units standardised with the training statistics."""
     mean, std = train[names].mean(), train[names].std(ddof=0).replace(0, 1)
-    per = (((test[names] - mean) / std) ** 2).mean()
-    return {"mse": float(per.mean()), **{f"mse_{n}": float(v) for n, v in per.items()}}
+    standardised = (test[names] - mean) / std
+    per = (standardised**2).mean()
+    return {"mse": float(per.mean()), **{f"mse_{n}": float(v) for n, v in per.items()},
+            **r_squared(per, standardised.var(ddof=0), names)}
 
 
 def baselines(config: TrainConfig, nodules: pd.DataFrame, split: dict[str, list[str]],
@@ -111,12 +113,12 @@ def run_cross_validation(
     return per_fold
 
 
-METRIC_COLUMNS = ("accuracy", "auc", "mse")
+METRIC_COLUMNS = ("accuracy", "auc", "mse", "r2")
 
 
 def summarise(per_fold: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd over folds per model, for the test metrics."""
-    columns = [c for c in per_fold.columns if c in METRIC_COLUMNS or c.startswith("mse_")]
+    columns = [c for c in per_fold.columns if c in METRIC_COLUMNS or c.startswith(("mse_", "r2_"))]
     grouped = per_fold.groupby("model", sort=False)[columns]
     summary = pd.concat({"mean": grouped.mean(), "sd": grouped.std(ddof=1)}, axis=1)
     summary.columns = [f"{c} {stat}" for stat, c in summary.columns]
@@ -141,6 +143,12 @@ def summary_markdown(config: TrainConfig, summary: pd.DataFrame, per_fold: pd.Da
                   "| model | " + " | ".join(c[4:-5] for c in per_output) + " |", "|---|" + "---:|" * len(per_output)]
         for model, row in summary.iterrows():
             lines.append(f"| {model} | " + " | ".join(f"{row[c]:.3f}" for c in per_output) + " |")
+    per_r2 = [c for c in summary.columns if c.startswith("r2_") and c.endswith(" mean")]
+    if per_r2:
+        lines += ["", "Held-out R^2 per biomarker (1 - MSE / variance of the test part's ratings):", "",
+                  "| model | " + " | ".join(c[3:-5] for c in per_r2) + " |", "|---|" + "---:|" * len(per_r2)]
+        for model, row in summary.iterrows():
+            lines.append(f"| {model} | " + " | ".join(f"{row[c]:.3f}" for c in per_r2) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -356,7 +356,18 @@ def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, task: str, names: 
         auc = float(roc_auc_score(y, logit)) if len(set(y.tolist())) == 2 else math.nan
         return {"accuracy": float(((logit > 0) == (y > 0.5)).mean()), "auc": auc}
     per = ((outputs - labels) ** 2).mean(0)
-    return {"mse": float(per.mean()), **{f"mse_{n}": float(v) for n, v in zip(names, per, strict=True)}}
+    return {"mse": float(per.mean()), **{f"mse_{n}": float(v) for n, v in zip(names, per, strict=True)},
+            **r_squared(per, labels.var(0, unbiased=False), names)}
+
+
+def r_squared(mse: Any, variance: Any, names: list[str]) -> dict[str, float]:
+    """Held-out R^2 per output, ``1 - MSE / variance`` (the variance of the held-out targets themselves, so
+    predicting their own mean scores 0), and ``r2`` their mean; NaN where the targets are constant."""
+    mse, variance = np.asarray(mse, dtype=float), np.asarray(variance, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.where(variance > 0, 1.0 - mse / variance, np.nan)
+    return {"r2": float(np.nanmean(r2)) if np.isfinite(r2).any() else math.nan,
+            **{f"r2_{n}": float(v) for n, v in zip(names, r2, strict=True)}}
 
 
 def evaluate_model(model: ViTModel, dataset: Dataset, config: TrainConfig, device: torch.device):

@@ -25,7 +25,9 @@ One ``.npz`` per nodule (written atomically), arrays in numpy order ``[z, y, x]`
   k slice, 1), continuous; ``crop_to_world`` 4 x 4: crop index (z, y, x, 1) -> patient mm (x, y, z, 1);
 - ``scan_spacing``, ``scan_origin`` (x, y, z), ``scan_shape`` (z, y, x) of the original series;
 - ``centre_ijk`` the box centre in pylidc's scan index; ``nodule_id``, ``source`` ("ct" or "phantom"),
-  ``note``, ``hu_window``, ``axes`` ("zyx").
+  ``note``, ``hu_window``, ``axes`` ("zyx");
+- phantoms only: ``cause_<target>`` uint8 [32, 32, 32], where each biomarker's rendered cause lies
+  (:mod:`lidc_cdam.data.lidc.phantom_causes`).
 """
 
 from __future__ import annotations
@@ -204,6 +206,7 @@ def crop_record(crop: dict[str, np.ndarray], geom: Geometry, nodule_id: str, cen
         "scan_shape": np.asarray(geom.shape_zyx), "centre_ijk": np.asarray(centre_ijk, dtype=float),
         "nodule_id": np.array(nodule_id), "source": np.array(source), "note": np.array(note),
         "hu_window": np.array(HU_WINDOW), "axes": np.array("zyx"), "format_version": np.array(FORMAT_VERSION),
+        **{k: v for k, v in crop.items() if k.startswith("cause_")},
     }
 
 

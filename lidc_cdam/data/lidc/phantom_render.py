@@ -10,12 +10,16 @@ import zlib
 from typing import Any
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from lidc_cdam.data.lidc.crops import CROP, HU_WINDOW, Geometry, _resample, crop_box, mask_image
+from lidc_cdam.data.lidc.phantom_causes import CAUSE_REGION, Ratings, render_causes
 from lidc_cdam.data.lidc.synthetic_dicom import COLS, ROWS, in_plane_origin
 
-PHANTOM_NOTE = ("PHANTOM: nodule rendered from the LIDC-IDRI annotations' consensus contours into a synthetic "
-                "lung background; not CT")
+PHANTOM_NOTE = ("PHANTOM: nodule rendered from the LIDC-IDRI annotations' consensus contours and mean ratings "
+                "(each biomarker a rendered cause) into a synthetic lung background; not CT")
+#: the rendering's version: 2 renders every biomarker's cause (:mod:`.phantom_causes`); caches key on it
+RENDER_VERSION = 2
 
 
 def phantom_geometry(scan: Any) -> Geometry:
@@ -29,8 +33,6 @@ def phantom_geometry(scan: Any) -> Geometry:
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
     n = gaussian_filter(rng.normal(size=shape), sigma, mode="wrap")
     return n / (n.std() + 1e-8)
 
@@ -52,23 +54,17 @@ def lung_background(rng: np.random.Generator, size: int = CROP) -> np.ndarray:
 
 
 def render_phantom(nodule: Any, geom: Geometry, size: int = CROP) -> dict[str, np.ndarray]:
-    """The phantom crop of one nodule (:class:`~lidc_cdam.data.lidc.nodules.Nodule`), same fields as a CT crop."""
-    from scipy.ndimage import distance_transform_edt
-
+    """The phantom crop of one nodule (:class:`~lidc_cdam.data.lidc.nodules.Nodule`): the CT crop's fields, the
+    mask of the nodule as rendered, and each target's cause region ``cause_<target>`` (:mod:`.phantom_causes`)."""
     start, _ = crop_box(geom, nodule.box_centre_ijk, size)
     cbbox_start = np.array([s.start for s in nodule.cbbox])
     soft = _resample(mask_image(geom, nodule.cmask, cbbox_start, dtype=np.float32), geom, start, size,
                      linear=True, default=0.0)
     soft = np.clip(soft.astype(np.float64), 0.0, 1.0)
-    mask = soft >= 0.5
     rng = np.random.default_rng(zlib.crc32(nodule.row["nodule_id"].encode()))
     background = lung_background(rng, size)
-    texture = float(nodule.row["texture"])
-    solid = float(np.interp(texture, [1, 5], [-650.0, 20.0]))
-    inside = solid + 40.0 * _smooth_noise(rng, (size,) * 3, 1.0)
-    if float(nodule.row["calcification"]) < 5.5 and mask.any():  # 6 = absent; most annotators saw calcium
-        depth = distance_transform_edt(mask)
-        inside = np.where(depth >= 0.5 * depth.max(), 600.0, inside)
-    image = background * (1 - soft) + inside * soft
+    noise = _smooth_noise(rng, (size,) * 3, 1.0)
+    image, mask, regions = render_causes(soft, Ratings.of(nodule.row), background, noise, rng)
     image = np.clip(np.rint(image), *HU_WINDOW).astype(np.int16)
-    return {"image": image, "mask": mask.astype(np.uint8), "start_resampled": start}
+    causes = {f"cause_{target}": regions[region].astype(np.uint8) for target, region in CAUSE_REGION.items()}
+    return {"image": image, "mask": mask.astype(np.uint8), "start_resampled": start, **causes}

@@ -1,0 +1,217 @@
+"""Each biomarker's rendered cause in a phantom nodule, and the region where that cause lives.
+
+A phantom (:mod:`.phantom_render`) starts from the nodule's real consensus contour. Every rated biomarker then
+gets a visible cause whose strength follows the nodule's mean rating (``docs/method.md``, "Phantoms with a
+known cause"), on the crop's 1 mm grid:
+
+=============  ==========================================================  ===================================
+target         cause (rating low -> high)                                  cause region (``cause_<target>``)
+=============  ==========================================================  ===================================
+sphericity     the contour stretched in-plane: 3 : 1 (linear) -> 1 : 1      ``nodule``: the whole nodule
+lobulation     in-plane lobes on the contour: none -> 45 % of the radius    ``boundary``: the boundary band
+spiculation    eight radial spikes: none -> 3 mm (2) -> 8 mm long (5)       ``spikes``: the spikes' voxels
+margin         edge blur: sigma 2.2 mm (poorly defined) -> 0.2 mm (sharp)   ``boundary``: the boundary band
+texture        interior HU: -700 (ground glass) -> +30 (solid)              ``interior``: nodule minus core
+calcification  a 600 HU core: popcorn-size laminated (1) ... central (5),   ``core``: the calcified core
+               none (6)
+subtlety       the lung around the nodule: hazy -450 HU (1) -> clear (5)     ``surround``: 2-6 mm outside it
+diameter_mm    size (the contour's own)                                    ``nodule``: the whole nodule
+=============  ==========================================================  ===================================
+
+The boundary band is the nodule's mask dilated by 2 mm minus the mask eroded by 2 mm; the surround is the
+mask dilated by 6 mm minus the mask dilated by 2 mm, so the two do not overlap. Lobulation and margin share
+the boundary band by construction: a map cannot be told to be right for one and wrong for the other there.
+A region can be empty (no spikes at spiculation 1, no core at calcification 6); such a nodule has no cause
+region for that target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import binary_dilation, binary_erosion, distance_transform_edt, gaussian_filter, map_coordinates
+
+#: the cause region of each target (see the module docstring)
+CAUSE_REGION = {"subtlety": "surround", "calcification": "core", "sphericity": "nodule", "margin": "boundary",
+                "lobulation": "boundary", "spiculation": "spikes", "texture": "interior", "diameter_mm": "nodule"}
+REGIONS = ("nodule", "boundary", "interior", "core", "spikes", "surround")
+CALCIUM_HU = 600.0
+N_SPIKES = 8
+
+
+@dataclass(frozen=True)
+class Ratings:
+    """A nodule's mean ratings (LIDC-IDRI scales)."""
+
+    subtlety: float
+    calcification: float
+    sphericity: float
+    margin: float
+    lobulation: float
+    spiculation: float
+    texture: float
+
+    @classmethod
+    def of(cls, row) -> Ratings:
+        return cls(**{k: float(row[k]) for k in cls.__dataclass_fields__})
+
+
+def _ball(radius: float) -> np.ndarray:
+    r = int(np.ceil(radius))
+    g = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1]
+    return (g**2).sum(0) <= radius**2 + 1e-9
+
+
+def _grid(shape: tuple[int, ...]) -> np.ndarray:
+    return np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"))
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    return np.argwhere(mask).mean(0) if mask.any() else (np.asarray(mask.shape, dtype=float) - 1) / 2
+
+
+def stretched(soft: np.ndarray, sphericity: float, angle: float) -> np.ndarray:
+    """The soft mask stretched in the axial plane along ``angle`` by ``sqrt(e)`` and shrunk across by the
+    same factor (area kept; axis ratio ``e``), ``e`` = 3.0 at sphericity 1 (linear) down to 1.0 at 5 (round)."""
+    e = float(np.interp(sphericity, [1.0, 5.0], [3.0, 1.0]))
+    if e <= 1.0 + 1e-6 or not (soft >= 0.5).any():
+        return soft
+    c = _centroid(soft >= 0.5)
+    g = _grid(soft.shape) - c[:, None, None, None]
+    u = np.array([np.cos(angle), np.sin(angle)])  # (y, x)
+    along = g[1] * u[0] + g[2] * u[1]
+    across = -g[1] * u[1] + g[2] * u[0]
+    s = np.sqrt(e)
+    along, across = along / s, across * s  # where each output voxel samples the input
+    src = np.stack([g[0], along * u[0] - across * u[1], along * u[1] + across * u[0]]) + c[:, None, None, None]
+    return map_coordinates(soft, src, order=1, mode="constant", cval=0.0)
+
+
+def signed_distance(mask: np.ndarray) -> np.ndarray:
+    """Distance to the boundary in mm, positive inside (half a voxel at the first voxel each side)."""
+    return np.where(mask, distance_transform_edt(mask) - 0.5, -(distance_transform_edt(~mask) - 0.5))
+
+
+def lobulated(mask: np.ndarray, lobulation: float, phase: float, lobes: int = 4) -> np.ndarray:
+    """Lobes on the contour: the signed distance plus ``a cos(lobes * theta + phase)`` (theta the axial angle
+    about the centroid), ``a`` from 0 at lobulation 1 through half its full size at 2 to 45 % of the
+    equivalent radius (at least 1.5 mm) at 5 (most nodules are rated 1 to 2.5)."""
+    if not mask.any():
+        return mask
+    radius = (3 * mask.sum() / (4 * np.pi)) ** (1 / 3)
+    a = float(np.interp(lobulation, [1.0, 2.0, 5.0], [0.0, 0.5, 1.0])) * max(0.45 * radius, 1.5)
+    if a < 0.05:
+        return mask
+    c = _centroid(mask)
+    g = _grid(mask.shape)
+    theta = np.arctan2(g[1] - c[1], g[2] - c[2])
+    out = signed_distance(mask) + a * np.cos(lobes * theta + phase) >= 0
+    return out | mask if out.sum() < 0.5 * mask.sum() else out
+
+
+def spikes(mask: np.ndarray, spiculation: float, rng: np.random.Generator) -> np.ndarray:
+    """Soft spikes ``[0, 1]`` outside ``mask``: ``N_SPIKES`` tapering lines (1.2 -> 0.4 mm radius) from the
+    surface outwards, nearly in the axial plane, ``L`` long (0 at spiculation 1, 3 mm at 2, 8 mm at 5; +-25 %
+    each)."""
+    out = np.zeros(mask.shape)
+    length = float(np.interp(spiculation, [1.0, 2.0, 5.0], [0.0, 3.0, 8.0]))
+    if length < 0.5 or not mask.any():
+        return out
+    c = _centroid(mask)
+    g = _grid(mask.shape) - c[:, None, None, None]
+    sd = signed_distance(mask)
+    start = rng.uniform(0, 2 * np.pi)
+    for k in range(N_SPIKES):
+        alpha = start + 2 * np.pi * k / N_SPIKES + rng.uniform(-0.25, 0.25)
+        d = np.array([rng.uniform(-0.2, 0.2), np.sin(alpha), np.cos(alpha)])
+        d /= np.linalg.norm(d)
+        steps = np.arange(0.0, 24.0, 0.25)
+        points = c[:, None] + d[:, None] * steps
+        inside = map_coordinates(sd, points, order=1, mode="constant", cval=-10.0) >= 0
+        surface = float(steps[np.nonzero(inside)[0].max()]) if inside.any() else 0.0
+        tip = surface + length * rng.uniform(0.75, 1.25)
+        t = np.tensordot(d, g, axes=1)
+        perp = np.sqrt(np.maximum((g**2).sum(0) - t**2, 0.0))
+        frac = np.clip((t - surface) / max(tip - surface, 1e-6), 0.0, 1.0)
+        width = 1.2 - 0.8 * frac
+        spike = np.clip(width + 0.5 - perp, 0.0, 1.0) * (t >= 0) * (t <= tip)
+        out = np.maximum(out, spike)
+    return np.where(mask, 0.0, out)
+
+
+def calcified_core(mask: np.ndarray, calcification: float, rng: np.random.Generator) -> np.ndarray:
+    """The calcified core: the deepest part of the nodule, a fraction ``f`` of its depth (0.85 at rating 1,
+    0.7 at 2, 0.6 at 3, 0.45 at 4, 0.35 at 5, 0.2 at 5.75, none at 6); laminated (1 mm rings) at ratings below
+    2.5 and off centre (towards a random side) from 3.5 to 4.5, as the rating's pattern says."""
+    f = float(np.interp(calcification, [1, 2, 3, 4, 5, 5.75, 6], [0.85, 0.7, 0.6, 0.45, 0.35, 0.2, 0.0]))
+    if f < 0.03 or not mask.any():
+        return np.zeros(mask.shape, dtype=bool)
+    depth = distance_transform_edt(mask)
+    if 3.5 <= calcification < 4.5:  # non-central: depth measured from a point shifted off the centre
+        shift = rng.normal(size=3) * np.array([0.2, 1.0, 1.0])
+        shift *= 0.5 * depth.max() / (np.linalg.norm(shift) + 1e-9)
+        c = np.unravel_index(np.argmax(depth), depth.shape) + shift
+        g = _grid(mask.shape)
+        near = np.sqrt(((g - c[:, None, None, None]) ** 2).sum(0))
+        core = mask & (near <= f * depth.max() + 0.5)
+    else:
+        core = mask & (depth >= (1 - f) * depth.max())
+    if calcification < 2.5:
+        core &= (np.floor(depth) % 2 == 0) | (depth >= depth.max() - 1)  # laminated: alternate 1 mm rings
+    if not core.any():
+        core[np.unravel_index(np.argmax(depth), depth.shape)] = True
+    return core
+
+
+def cause_regions(mask: np.ndarray, core: np.ndarray, spike_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The six regions (bool ``[z, y, x]``) of the module docstring's table."""
+    inner = binary_erosion(mask, _ball(2.0))
+    near = binary_dilation(mask, _ball(2.0))
+    return {"nodule": mask, "boundary": near & ~inner, "interior": mask & ~core, "core": core,
+            "spikes": spike_mask, "surround": binary_dilation(mask, _ball(6.0)) & ~near}
+
+
+def surround_weight(mask: np.ndarray) -> np.ndarray:
+    """1 from the surface to 5 mm out, falling linearly to 0 at 8 mm: where the subtlety haze lies."""
+    if not mask.any():
+        return np.zeros(mask.shape)
+    out = distance_transform_edt(~mask)
+    return np.clip((8.0 - out) / 3.0, 0.0, 1.0) * ~mask
+
+
+def haze_hu(subtlety: float) -> float:
+    """The lung's HU around a nodule: -450 at subtlety 1 (extremely subtle) to -850 at 5 (obvious: clear lung)."""
+    return float(np.interp(subtlety, [1.0, 5.0], [-450.0, -850.0]))
+
+
+def texture_hu(texture: float) -> float:
+    """The interior HU: -700 at texture 1 (ground glass), -450 at 3 (part solid), -250 at 4, +30 at 5 (solid):
+    steepest where most nodules are rated (4 to 5)."""
+    return float(np.interp(texture, [1.0, 3.0, 4.0, 5.0], [-700.0, -450.0, -250.0, 30.0]))
+
+
+def margin_sigma(margin: float) -> float:
+    """The edge blur in mm: 2.2 at margin 1 (poorly defined) to 0.2 at 5 (sharp)."""
+    return float(np.interp(margin, [1.0, 5.0], [2.2, 0.2]))
+
+
+def render_causes(soft: np.ndarray, ratings: Ratings, background: np.ndarray, noise: np.ndarray,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """``(image HU float, nodule mask, cause regions)`` of a nodule whose consensus contour is ``soft``
+    (``[0, 1]`` on the crop grid) in ``background`` (HU), ``noise`` a unit correlated field for the interior."""
+    angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+    shape = stretched(soft, ratings.sphericity, angle) >= 0.5
+    shape = lobulated(shape, ratings.lobulation, phase)
+    spike = spikes(shape, ratings.spiculation, rng)
+    spike_mask = spike >= 0.5
+    mask = shape | spike_mask
+    core = calcified_core(shape, ratings.calcification, rng)
+    soft_nodule = np.maximum(shape.astype(float), spike)
+    sigma = margin_sigma(ratings.margin)
+    soft_nodule = np.clip(gaussian_filter(soft_nodule, sigma), 0.0, 1.0) if sigma > 0 else soft_nodule
+    hazy = surround_weight(mask)
+    lung = background * (1 - hazy) + (haze_hu(ratings.subtlety) + (background - background.mean())) * hazy
+    inside = np.where(core, CALCIUM_HU, texture_hu(ratings.texture) + 40.0 * noise)
+    image = lung * (1 - soft_nodule) + inside * soft_nodule
+    return image, mask, cause_regions(mask, core, spike_mask)
