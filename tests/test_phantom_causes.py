@@ -1,0 +1,143 @@
+"""Each biomarker's rendered cause follows its rating, and its cause region is where the rendering changed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from lidc_cdam.data.lidc.phantom_causes import (
+    CAUSE_REGION,
+    REGIONS,
+    Ratings,
+    calcified_core,
+    lobulated,
+    render_causes,
+    spikes,
+    stretched,
+)
+
+SIZE = 32
+NEUTRAL = Ratings(subtlety=5.0, calcification=6.0, sphericity=5.0, margin=5.0, lobulation=1.0, spiculation=1.0,
+                  texture=5.0)
+
+
+def ball(radius: float = 5.0, size: int = SIZE) -> np.ndarray:
+    g = np.mgrid[:size, :size, :size] - (size - 1) / 2
+    return ((g**2).sum(0) <= radius**2).astype(float)
+
+
+def render(ratings: Ratings, radius: float = 5.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    background = np.full((SIZE,) * 3, -850.0)
+    return render_causes(ball(radius), ratings, background, np.zeros((SIZE,) * 3), rng)
+
+
+def axis_ratio(mask: np.ndarray) -> float:
+    """Long / short axis of the central axial plane's second moments."""
+    yx = np.argwhere(mask[SIZE // 2])
+    eig = np.linalg.eigvalsh(np.cov(yx.T))
+    return float(np.sqrt(eig[-1] / eig[0]))
+
+
+def test_every_target_has_a_region():
+    assert set(CAUSE_REGION.values()) <= set(REGIONS)
+    assert len(CAUSE_REGION) == 8
+
+
+def test_sphericity_stretches_the_contour_and_keeps_its_area():
+    sphere = ball()
+    ratios = [axis_ratio(stretched(sphere, s, 0.3) >= 0.5) for s in (5.0, 4.0, 3.0, 1.0)]
+    assert ratios[0] == pytest.approx(1.0, abs=0.05)
+    assert all(a < b for a, b in zip(ratios, ratios[1:], strict=False)), ratios
+    assert ratios[-1] == pytest.approx(3.0, rel=0.2)
+    assert (stretched(sphere, 1.0, 0.3) >= 0.5).sum() == pytest.approx(sphere.sum(), rel=0.1)
+
+
+def test_lobulation_adds_lobes_graded_by_the_rating():
+    sphere = ball() > 0.5
+    changed = [(lobulated(sphere, level, 0.0) ^ sphere).sum() for level in (1.0, 2.0, 3.5, 5.0)]
+    assert changed[0] == 0
+    assert all(a < b for a, b in zip(changed, changed[1:], strict=False)), changed
+
+
+def test_spiculation_grows_spikes_outside_the_nodule():
+    sphere = ball() > 0.5
+    sizes = [(spikes(sphere, level, np.random.default_rng(1)) >= 0.5).sum() for level in (1.0, 2.0, 3.5, 5.0)]
+    assert sizes[0] == 0
+    assert all(a < b for a, b in zip(sizes, sizes[1:], strict=False)), sizes
+    assert not (spikes(sphere, 5.0, np.random.default_rng(1))[sphere] > 0).any()
+
+
+def test_calcified_core_shrinks_as_the_rating_rises_and_is_absent_at_6():
+    sphere = ball(6.0) > 0.5
+    volume = {c: calcified_core(sphere, c, np.random.default_rng(0)).sum() for c in (3.0, 5.0, 5.75, 6.0)}
+    assert volume[6.0] == 0
+    assert volume[3.0] > volume[5.0] > volume[5.75] > 0
+    assert (calcified_core(sphere, 2.0, np.random.default_rng(0)) <= sphere).all()
+
+
+def test_texture_sets_the_interior_hu():
+    means = []
+    for texture in (1.0, 3.0, 4.0, 4.5, 5.0):
+        image, _, regions = render(replace(NEUTRAL, texture=texture))
+        means.append(image[regions["interior"]].mean())
+    assert all(a < b for a, b in zip(means, means[1:], strict=False)), means
+    assert means[0] == pytest.approx(-700, abs=5) and means[-1] == pytest.approx(30, abs=5)
+
+
+def test_margin_blurs_the_edge():
+    def edge_step(margin: float) -> float:
+        image, _, _ = render(replace(NEUTRAL, margin=margin))
+        profile = image[SIZE // 2, SIZE // 2]
+        return float(np.abs(np.diff(profile)).max())
+
+    steps = [edge_step(m) for m in (1.0, 3.0, 5.0)]
+    assert steps[0] < steps[1] < steps[2], steps
+
+
+def test_subtlety_hazes_the_surround():
+    means = []
+    for subtlety in (1.0, 3.0, 4.5, 5.0):
+        image, _, regions = render(replace(NEUTRAL, subtlety=subtlety))
+        means.append(image[regions["surround"]].mean())
+    assert all(a > b for a, b in zip(means, means[1:], strict=False)), means
+    assert means[-1] == pytest.approx(-850, abs=10)
+
+
+def test_calcification_core_is_calcium():
+    image, _, regions = render(replace(NEUTRAL, calcification=3.0), radius=6.0)
+    assert regions["core"].any() and image[regions["core"]].mean() > 400
+
+
+def test_regions_are_where_they_say():
+    image, mask, regions = render(replace(NEUTRAL, calcification=3.0, spiculation=4.0, lobulation=3.0))
+    assert set(regions) == set(REGIONS)
+    assert (regions["nodule"] == mask).all()
+    assert not (regions["interior"] & regions["core"]).any()
+    assert not (regions["boundary"] & regions["surround"]).any()
+    assert not (regions["spikes"] & regions["surround"]).any()
+    assert (regions["core"] <= mask).all() and (regions["spikes"] <= mask).all()
+    assert regions["spikes"].any() and regions["surround"].any()
+
+
+def test_neutral_nodule_has_no_core_and_no_spikes():
+    _, _, regions = render(NEUTRAL)
+    assert not regions["core"].any() and not regions["spikes"].any()
+
+
+def test_phantom_crops_carry_the_cause_regions(tmp_path):
+    from lidc_cdam.data.lidc.crops import read_crop
+    from lidc_cdam.data.lidc.phantoms import build_phantoms
+
+    build_phantoms(tmp_path, n_scans=1, progress=False)
+    files = sorted((tmp_path / "crops").glob("*.npz"))
+    assert files
+    for f in files:
+        crop = read_crop(f)
+        for target in CAUSE_REGION:
+            region = crop[f"cause_{target}"]
+            assert region.shape == crop["image"].shape and region.dtype == np.uint8
+        assert (crop["cause_diameter_mm"] == crop["mask"]).all()
+        assert crop["mask"].any()
