@@ -7,7 +7,8 @@ from the fold's training nodules) and every method: the share of positive eviden
 blur made in HU (sigma in mm), compactness, the correlation of the malignancy map with every other map, and
 the cascading randomisation check; on phantoms (crops with ``cause_<target>`` regions) the ground-truth test of
 each biomarker's map in its own cause region (``OUT/causes/`` or ``--causes-out``). Tidy tables
-(``metrics.parquet`` / ``.csv``, ``correlations.*``), ``tables.md``, ``tables/*.csv`` and figures. Interrupted runs resume (same ``--out``).
+(``metrics.parquet`` / ``.csv``, ``correlations.*``), ``tables.md``, ``tables/*.csv`` and figures. Interrupted
+runs resume (same ``--out``).
 Example (phantoms, not CT): ``lidc-cdam cohort --checkpoint phantom-malignancy phantom-biomarkers
 --data phantoms/ --out cohort/``.
 """
