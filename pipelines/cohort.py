@@ -5,8 +5,10 @@ for, every target (its outputs and the radiological concepts of ``data_manifest/
 from the fold's training nodules) and every method: the share of positive evidence in the consensus mask, a
 3 mm ring and the background against a uniform map, the pointing game, MIF / LIF and box sensitivity with the
 blur made in HU (sigma in mm), compactness, the correlation of the malignancy map with every other map, and
-the cascading randomisation check. Tidy tables (``metrics.parquet`` / ``.csv``, ``correlations.*``),
-``tables.md``, ``tables/*.csv`` and figures. Interrupted runs resume (same ``--out``).
+the cascading randomisation check; on phantoms (crops with ``cause_<target>`` regions) the ground-truth test of
+each biomarker's map in its own cause region (``OUT/causes/`` or ``--causes-out``). Tidy tables
+(``metrics.parquet`` / ``.csv``, ``correlations.*``), ``tables.md``, ``tables/*.csv`` and figures. Interrupted
+runs resume (same ``--out``).
 Example (phantoms, not CT): ``lidc-cdam cohort --checkpoint phantom-malignancy phantom-biomarkers
 --data phantoms/ --out cohort/``.
 """
@@ -44,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-nodules", type=int, default=16, help="nodules per part (default 16)")
     parser.add_argument("--randomization-nodules", type=int, default=16,
                         help="nodules of the randomisation check (0: skip)")
+    parser.add_argument("--causes-out", type=Path,
+                        help="folder of the cause-region report (default OUT/causes; phantoms only), e.g. "
+                             "benchmarks/results/biomarker-causes")
     add_device_argument(parser)
     parser.add_argument("--restart", action="store_true", help="discard earlier results in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,8 +68,11 @@ def run(args: argparse.Namespace) -> dict | None:
         similarity=args.similarity, reference=args.reference, randomization_nodules=args.randomization_nodules)
     summary = run_cohort(args.checkpoint, args.data, args.out, folds=args.folds, settings=settings,
                          folds_table=args.folds_table, restart=args.restart, device=args.device,
-                         progress=not args.no_progress and sys.stderr.isatty())
+                         progress=not args.no_progress and sys.stderr.isatty(), causes_out=args.causes_out)
     if summary is not None:
         print((args.out / "tables.md").read_text())
         print(f"\nResults in {args.out}/ (metrics.csv, correlations.csv, tables.md, tables/, figures/)")
+        if "causes" in summary:
+            folder = args.causes_out or args.out / "causes"
+            print(f"Cause regions: {folder}/ (tables.md, causes.csv, tables/, figures/)")
     return summary

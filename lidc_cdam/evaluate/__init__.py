@@ -11,6 +11,9 @@
 - :mod:`.paper_tables` - the paper's values beside a benchmark's, rank agreement;
 - :mod:`.cohort` - the LIDC cohort evaluation: :mod:`.cohort_plan` (settings, checkpoints, folds, concepts),
   :mod:`.cohort_compute` (maps and metrics), :mod:`.cohort_write` (its files), :mod:`.cohort_report` (tables, figures);
+- :mod:`.cause_regions` - the ground truth for per-target maps: evidence in each target's own cause region on
+  phantoms, pointing game, discrimination against the other targets' regions; :mod:`.cause_report` (its tables,
+  figures);
 - :mod:`.trust_shift` - the trust flag measured on a real change of domain.
 
 Forward passes are batched and seeded.

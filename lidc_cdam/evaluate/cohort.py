@@ -13,7 +13,11 @@ Eq. 3-4, from the fold's training part) and every method, on the central slice o
   plane (Gaussian, ``blur_mm``) and then passed through the checkpoint's input transforms; compactness;
 * the Pearson correlation, per nodule and method, of the reference map (``malignant``) with every other
   target's map;
-* the cascading randomisation check (:mod:`~lidc_cdam.evaluate.randomization`).
+* the cascading randomisation check (:mod:`~lidc_cdam.evaluate.randomization`);
+* on phantoms, whose crops carry each biomarker's cause region, the ground-truth test of the per-target maps:
+  evidence share and pointing game in the target's own cause region, discrimination against the other targets'
+  regions (:mod:`~lidc_cdam.evaluate.cause_regions`, columns of the metric rows; the report
+  :mod:`~lidc_cdam.evaluate.cause_report` in ``OUT/causes/`` or ``causes_out``).
 
 Nodules are processed in parts of ``batch_nodules`` per fold; each part's rows are written atomically
 (``parts/fold<k>/part_NNNNN.*``, the ``.json`` last as its done-marker), so an interrupted run resumes.
@@ -109,11 +113,13 @@ def run_cohort(checkpoints: Sequence[str | Path], data_root: str | Path, out: st
                folds: Sequence[int] | None = None, settings: CohortSettings | None = None,
                folds_table: str | Path | None = None, restart: bool = False, progress: bool = True,
                device: str | torch.device | None = "cpu", max_parts: int | None = None,
-               concepts_from: str | Path | None = None) -> dict[str, Any] | None:
+               concepts_from: str | Path | None = None, causes_out: str | Path | None = None
+               ) -> dict[str, Any] | None:
     """Run (or resume) the cohort evaluation into ``out``; returns the summary (``None`` when ``max_parts``
     stopped it early, which tests use to simulate an interruption). ``concepts_from``: the ``concepts.pt``
     of an earlier run, whose concept vectors are used instead of recomputing them from the training part
-    (to reproduce a run on a subset of its data)."""
+    (to reproduce a run on a subset of its data). ``causes_out``: the folder of the cause report (default
+    ``out / "causes"``; written only where the crops carry cause regions)."""
     settings = settings or CohortSettings()
     unknown = sorted(set(settings.methods) - set(METHODS))
     if unknown:
@@ -168,4 +174,5 @@ def run_cohort(checkpoints: Sequence[str | Path], data_root: str | Path, out: st
     counts = pd.concat(concept_counts, ignore_index=True)
     atomic_write(out / "concepts.csv", lambda tmp: counts.to_csv(tmp, index=False))
     save_concepts(out / "concepts.pt", vectors)
-    return finish(out, plan, table, settings, device, fixed, str(concepts_from))
+    return finish(out, plan, table, settings, device, fixed, str(concepts_from),
+                  None if causes_out is None else Path(causes_out))

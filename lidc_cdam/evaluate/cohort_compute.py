@@ -1,7 +1,9 @@
 """The LIDC cohort evaluation, its computation: for a part of the test nodules, every checkpoint's maps of every
-method and target, their evidence shares, pointing game, MIF / LIF, box sensitivity and compactness
-(:func:`evaluate_part`), the correlations with the reference map (:func:`correlation_rows`), and the cascading
-randomisation check (:func:`randomization_rows`). Nothing here writes a file (:mod:`.cohort_write` does)."""
+method and target, their evidence shares, pointing game, MIF / LIF, box sensitivity and compactness, and on
+phantoms the evidence in each target's own cause region (:mod:`.cause_regions`) (:func:`evaluate_part`); one
+nodule's maps for the cause figure (:func:`cause_example`); the correlations with the reference map
+(:func:`correlation_rows`), and the cascading randomisation check (:func:`randomization_rows`). Nothing here
+writes a file (:mod:`.cohort_write` does)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lidc_cdam.data.lidc.nodule_inputs import load_planes, plane_inputs
+from lidc_cdam.evaluate.cause_regions import cause_columns, cause_model_regions, other_regions
 from lidc_cdam.evaluate.cohort_plan import REGIONS, CohortModel, CohortSettings, attach_concepts, reference_model
 from lidc_cdam.evaluate.localisation import pointing_game, positive_share_in_mask, ring_regions
 from lidc_cdam.evaluate.metrics import evaluate_targets
@@ -120,6 +123,7 @@ def evaluate_part(models: list[CohortModel], planes, labels: dict[str, float], f
         inputs = plane_inputs(planes.hu, cm.stats, cm.size).to(device)  # images, masks, maps, scores on the device
         blurred = plane_inputs(blurred_hu, cm.stats, cm.size).to(device)
         regions = {r: m.to(device) for r, m in model_regions(planes.mask, settings.ring_mm, cm.size).items()}
+        causes = {t: m.to(device) for t, m in cause_model_regions(planes.causes, cm.size).items()}
         score = CountingScore(cm.model, cm.concepts, device)
         values, forward_s = _time(lambda inputs=inputs, score=score: score(inputs), device)
         values_blurred = score(blurred).cpu()  # the whole plane blurred: how far from neutral the baseline is
@@ -129,6 +133,7 @@ def evaluate_part(models: list[CohortModel], planes, labels: dict[str, float], f
         patch = int(cm.model.patch_size[0])
         sizes = settings.box_sizes or tuple(range(1, (cm.size - 1) // patch + 1))
         names, kinds = cm.target_names, cm.target_kinds()
+        outputs = [n if kind == "output" else "" for n, kind in zip(names, kinds, strict=True)]  # causes: outputs
         score.images = 0
         start = time.perf_counter()
         for j, nodule in enumerate(ids):
@@ -139,9 +144,12 @@ def evaluate_part(models: list[CohortModel], planes, labels: dict[str, float], f
                 percents=settings.percents)
             region_j = {r: regions[r][j] for r in REGIONS}
             uniform = {r: region_j[r].float().mean().item() for r in REGIONS}
+            cause_j = {t: m[j] for t, m in causes.items()}
+            others_j = other_regions(cause_j)
             for method, per_target in results.items():
                 shares = {r: positive_share_in_mask(pixel[method][j], region_j[r]) for r in REGIONS}  # [K]
                 hits = pointing_game(pixel[method][j], region_j["mask"])
+                cause = cause_columns(pixel[method][j], outputs, cause_j, others_j)
                 for k, r in enumerate(per_target):
                     has_mask = bool(region_j["mask"].any())
                     metric_rows.append({
@@ -152,7 +160,7 @@ def evaluate_part(models: list[CohortModel], planes, labels: dict[str, float], f
                         **{f"uniform_{reg}": uniform[reg] if has_mask else math.nan for reg in REGIONS},
                         "pointing_hit": float(hits[k].item()) if has_mask else math.nan,
                         "a_mif": r.a_mif, "a_lif": r.a_lif, "a_lif_mif": r.fidelity, "a_box": r.a_box,
-                        "compactness": r.compactness,
+                        "compactness": r.compactness, **cause[k],
                     })
         eval_s = time.perf_counter() - start
         timing["models"][cm.name] = {"targets": len(names), "forward_seconds": forward_s,
@@ -160,6 +168,23 @@ def evaluate_part(models: list[CohortModel], planes, labels: dict[str, float], f
                                      "evaluate_forward_images": score.images,
                                      "per_image_forward_seconds": _per_image_forward(score, inputs, device)}
     return metric_rows, correlation_rows(models, maps_of, ids, fold, settings.reference), timing
+
+
+def cause_example(models: list[CohortModel], data_root: Path, table: pd.DataFrame, nodule_id: str,
+                  settings: CohortSettings, device: torch.device) -> dict[str, Any]:
+    """One nodule's central plane, its cause regions (1 mm grid) and every method's output maps ``[K, H, W]`` of
+    each model (as :func:`evaluate_part` made them: seeded methods keyed to the nodule), for the cause figure."""
+    row = table[table["nodule_id"] == nodule_id]
+    planes = load_planes(data_root, row, models[0].stats["view"])
+    maps = {}
+    for cm in models:
+        outputs_only = replace(cm, concepts=[])
+        pixel, _, _ = explain_all(outputs_only, plane_inputs(planes.hu, cm.stats, cm.size).to(device),
+                                  settings.methods, device, [nodule_id])
+        maps[cm.name] = {"targets": outputs_only.target_names,
+                         "maps": {m: p[0].cpu().numpy() for m, p in pixel.items()}}
+    return {"nodule_id": nodule_id, "hu": planes.hu[0], "mask": planes.mask[0],
+            "causes": {t: r[0] for t, r in planes.causes.items()}, "models": maps}
 
 
 def _per_image_forward(score: CountingScore, inputs: torch.Tensor, device: torch.device, batch: int = 256) -> float:

@@ -30,6 +30,8 @@ COHORT_METHODS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"n": 50, "sigma": 0.15, "seed": 0}, "intgrad": {"n": 50}, "gradcam": {}, "input-x-grad": {},
 }
 REGIONS = ("mask", "ring", "background")
+#: what a run's rows hold beyond its settings: 2 added the cause-region columns (an older run's parts do not resume)
+ROWS_VERSION = 2
 PHANTOM_WARNING = "phantoms, not CT"
 
 
@@ -137,7 +139,7 @@ def reference_model(models: list[CohortModel], reference: str) -> CohortModel | 
 def fingerprint(models: list[CohortModel], settings: CohortSettings, data_root: Path, folds_table: pd.DataFrame,
                 concepts_file: str, concepts_from: str | Path | None = None) -> str:
     """What the results depend on: checkpoints, the data's nodule table, the folds, settings, definitions."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"rows {ROWS_VERSION}\n".encode())
     for m in models:
         digest.update(f"{m.name}:{m.sha256 or m.source}\n".encode())
     digest.update((data_root / "nodules.csv").read_bytes())
@@ -192,6 +194,6 @@ def attach_concepts(models: list[CohortModel], fold: int, data_root: Path, table
         cm.concepts = concept_vectors(latents, train, names, definitions, similarity=settings.similarity,
                                       strict=settings.concepts is not None)
     used = {c.name for cm in models for c in cm.concepts}
-    counts = pd.DataFrame(rows)
+    counts = pd.DataFrame(rows, columns=["fold", "concept", "n_train", "n_high", "n_low"])  # none: `--concept`
     counts["used"] = counts["concept"].isin(used)
     return counts

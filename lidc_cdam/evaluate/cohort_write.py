@@ -1,6 +1,7 @@
 """The LIDC cohort evaluation, its files: the output folder's check against another run's, each part's rows
 (written atomically, the ``.json`` last as its done-marker), the concept vectors, and at the end the merged tables,
-the cached randomisation check and the report (:mod:`lidc_cdam.evaluate.cohort_report`)."""
+the cached randomisation check and the report (:mod:`lidc_cdam.evaluate.cohort_report`), and on phantoms the
+ground-truth test of the per-target maps (:mod:`lidc_cdam.evaluate.cause_report`, ``OUT/causes/`` by default)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lidc_cdam.evaluate.cohort_compute import randomization_rows
+from lidc_cdam.evaluate.cause_report import cause_rows, example_nodule, has_causes, write_cause_report
+from lidc_cdam.evaluate.cohort_compute import cause_example, randomization_rows
 from lidc_cdam.evaluate.cohort_plan import CohortError, CohortModel, CohortSettings
 from lidc_cdam.evaluate.cohort_report import write_cohort_report
 from lidc_cdam.evaluate.runner import write_parquet
@@ -90,13 +92,31 @@ def randomization_check(out: Path, plan: dict[int, list[CohortModel]], table: pd
 
 
 def finish(out: Path, plan: dict[int, list[CohortModel]], table: pd.DataFrame, settings: CohortSettings,
-           device: torch.device, fixed: dict[str, list[Concept]] | None = None, fixed_source: str = ""
-           ) -> dict[str, Any]:
-    """Merge the parts, run the randomisation check, write the tables and figures."""
+           device: torch.device, fixed: dict[str, list[Concept]] | None = None, fixed_source: str = "",
+           causes_out: Path | None = None) -> dict[str, Any]:
+    """Merge the parts, run the randomisation check, write the tables and figures; where the crops carry cause
+    regions, the cause report into ``causes_out`` (default ``out / "causes"``)."""
     metrics, correlations, timing = merge_parts(out, plan)
     for name, frame in (("metrics", metrics), ("correlations", correlations), ("timing", timing)):
         write_parquet(frame, out / f"{name}.parquet")
         atomic_write(out / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     run = json.loads((out / "run.json").read_text())
     randomization = randomization_check(out, plan, table, Path(run["data"]), settings, device, fixed, fixed_source)
-    return write_cohort_report(out, metrics, correlations, timing, randomization, run)
+    summary = write_cohort_report(out, metrics, correlations, timing, randomization, run)
+    if has_causes(metrics):
+        summary["causes"] = cause_report(Path(causes_out or out / "causes"), metrics, plan, table, settings, device,
+                                         run)
+    return summary
+
+
+def cause_report(folder: Path, metrics: pd.DataFrame, plan: dict[int, list[CohortModel]], table: pd.DataFrame,
+                 settings: CohortSettings, device: torch.device, run: dict[str, Any]) -> dict[str, Any]:
+    """The cause report, its figure's maps recomputed on the nodule with the most cause regions."""
+    rows = cause_rows(metrics)
+    nodule = example_nodule(rows)
+    example = None
+    if nodule is not None:
+        fold = int(rows.loc[rows["nodule_id"] == nodule, "fold"].iloc[0])
+        models = [cm for cm in plan[fold] if cm.name in set(rows["model"])]
+        example = cause_example(models, Path(run["data"]), table, nodule, settings, device)
+    return write_cause_report(folder, metrics, run, example)

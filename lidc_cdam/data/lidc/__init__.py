@@ -11,6 +11,7 @@ The pieces, each in its own module, imported on demand (importing :mod:`lidc_cda
 - :mod:`.preprocess` - the resumable process pool behind ``lidc-cdam preprocess``;
 - :mod:`.synthetic_dicom` - synthetic DICOM series with a real scan's geometry (tests, benchmarks);
 - :mod:`.phantom_render` - one nodule rendered from its real contours into a lung-like background;
+- :mod:`.phantom_causes` - each biomarker's rendered cause in a phantom and the region where it lives;
 - :mod:`.phantoms` - the phantom data set of many scans (offline data, not CT);
 - :mod:`.model_input` - the one model-input contract: a crop's slice (or the whole crop) as a model's input;
 - :mod:`.datasets` - MONAI datasets whose dict transforms wrap that contract (and a trained checkpoint's

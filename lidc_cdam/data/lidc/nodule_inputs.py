@@ -3,12 +3,14 @@
 The central slice (index 16) of each 32^3 crop along the checkpoint's view, built exactly as training
 built it (:func:`lidc_cdam.data.lidc.model_input.model_inputs`: HU clipped, 3 channels, bilinear resize,
 ``(HU - mean) / std`` with ``meta["input_stats"]``), and the same slice of the consensus mask on the
-crop's 1 mm grid. Crop paths come from the folder's ``nodules.csv`` and must stay inside the folder.
+crop's 1 mm grid, and of each target's cause region where the crop has one (phantoms: ``cause_<target>``,
+:mod:`lidc_cdam.data.lidc.phantom_causes`; CT crops have none). Crop paths come from the folder's
+``nodules.csv`` and must stay inside the folder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,20 @@ import pandas as pd
 from lidc_cdam.data.lidc.errors import LidcError
 from lidc_cdam.data.lidc.model_input import CENTRE, VIEWS, model_inputs, slice_plane
 
+CAUSE_PREFIX = "cause_"
+
 
 @dataclass(frozen=True)
 class NodulePlanes:
-    """HU and consensus-mask planes ``[n, 32, 32]`` (1 mm grid) of nodules, in the order of ``nodule_ids``."""
+    """HU and consensus-mask planes ``[n, 32, 32]`` (1 mm grid) of nodules, in the order of ``nodule_ids``;
+    ``causes``: target -> its cause-region planes ``[n, 32, 32]`` (bool), for the targets whose
+    ``cause_<target>`` every crop carries (none for CT crops)."""
 
     nodule_ids: list[str]
     hu: np.ndarray  # float32
     mask: np.ndarray  # bool
     view: str
+    causes: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def read_data_table(data_root: str | Path, folds: str | Path | pd.DataFrame | None = None) -> pd.DataFrame:
@@ -64,21 +71,26 @@ def load_planes(data_root: str | Path, table: pd.DataFrame, view: str) -> Nodule
         raise LidcError(f"view {view!r}: the cohort tools read 2-D views ({', '.join(VIEWS)}); a 3-D "
                         "checkpoint is not supported here")
     root = Path(data_root)
-    hu, mask = [], []
+    hu, mask, causes = [], [], []
     for nodule, rel in zip(table["nodule_id"], table["crop_path"], strict=True):
         path = root / str(rel)
         try:
             with np.load(path, allow_pickle=False) as crop:
                 image, consensus = crop["image"], crop["mask"]
+                regions = {k[len(CAUSE_PREFIX):]: crop[k] for k in crop.files if k.startswith(CAUSE_PREFIX)}
         except (OSError, KeyError, ValueError) as err:
             raise LidcError(f"{path}: cannot read the crop of {nodule} ({err})") from None
-        if image.ndim != 3 or image.shape != consensus.shape:
-            raise LidcError(f"{path}: image {image.shape} and mask {consensus.shape} are not one 3-D crop")
+        if image.ndim != 3 or any(a.shape != image.shape for a in (consensus, *regions.values())):
+            raise LidcError(f"{path}: image {image.shape}, mask {consensus.shape} and cause regions are not one "
+                            "3-D crop")
         hu.append(slice_plane(image.astype(np.float32), view, CENTRE))
         mask.append(slice_plane(consensus, view, CENTRE) > 0)
+        causes.append({t: slice_plane(r, view, CENTRE) > 0 for t, r in regions.items()})
     shape = (0, 32, 32)
+    shared = [t for t in causes[0] if all(t in c for c in causes)] if causes else []
     return NodulePlanes(list(table["nodule_id"]), np.stack(hu) if hu else np.zeros(shape, np.float32),
-                        np.stack(mask) if mask else np.zeros(shape, bool), view)
+                        np.stack(mask) if mask else np.zeros(shape, bool), view,
+                        {t: np.stack([c[t] for c in causes]) for t in shared})
 
 
 def plane_inputs(planes: np.ndarray, input_stats: dict[str, Any], size: int):
