@@ -7,7 +7,7 @@ committed result is computed from these files, never from a model trained during
 
 * ``digits-vit.pt``: :func:`lidc_cdam.train.digits.train_digits_vit` with the default config;
 * ``phantom-malignancy.pt`` / ``phantom-biomarkers.pt``: the LIDC demo's two models, fold 0 of the
-  phantoms of the first 120 scans (``lidc-cdam demo --retrain`` runs the same training).
+  phantoms of every nodule (``lidc-cdam demo --retrain`` runs the same training).
 
 Each file is a lidc-cdam checkpoint (tensors and plain values; loads with ``weights_only=True``),
 and ``MANIFEST.json`` records its SHA-256, size, how it was trained and its test metrics.
@@ -52,6 +52,8 @@ def ship_digits(out: Path, progress: bool) -> dict[str, Any]:
 
 
 def ship_phantom_models(out: Path, progress: bool) -> dict[str, dict[str, Any]]:
+    """Train both phantom models (fold 0 of the phantoms of every nodule, :func:`trained_demo_models`) and
+    ship them: their provenance and trust flag come from the training itself."""
     from lidc_cdam.pipelines.demo_lidc import DEMO_SCANS, demo_phantoms, trained_demo_models
 
     from lidc_cdam.models.loading import load_model, save_checkpoint
@@ -62,26 +64,18 @@ def ship_phantom_models(out: Path, progress: bool) -> dict[str, dict[str, Any]]:
         model = load_model(run["checkpoint"])
         _strip(model)
         path = save_checkpoint(model, out / f"phantom-{task}.pt")
+        result = json.loads((Path(run["checkpoint"]).parent / "result.json").read_text())
         trained = {"code": "lidc_cdam.pipelines.demo_lidc.trained_demo_models",
                    "config": f"pipelines/configs/train/tiny-phantom-{task}.yaml", "folds": [0],
-                   "phantom_scans": DEMO_SCANS, "note": "phantoms rendered from LIDC annotations: NOT CT"}
-        result = json.loads((Path(run["checkpoint"]).parent / "result.json").read_text())
+                   "phantom_scans": DEMO_SCANS or "all", "train_seconds": round(result["seconds"], 1),
+                   "note": "phantoms rendered from LIDC annotations, every biomarker a rendered cause: NOT CT",
+                   "trust": "meta['trust']: version 3 (lidc_cdam.models.domain_trust), fitted by the trainer on the "
+                            "fold 0 training crops; meta['provenance']: written by the trainer"}
         metrics = {"fold": 0, "best_epoch": model.meta.get("epoch"), "val_metrics": model.meta.get("val_metrics"),
-                   "test_metrics": result.get("test_metrics")}
+                   "test_metrics": result.get("test_metrics"), "train_size": result["train_size"],
+                   "val_size": result["val_size"]}
         entries[f"phantom-{task}"] = _entry(path, trained, metrics, run["summary"])
     return entries
-
-
-def _weights_commit_date(path: Path) -> tuple[str | None, str | None]:
-    """``(commit, ISO date)`` of the first git commit of ``path``: when its weights were trained (None outside git)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "-C", str(path.parent), "log", "--reverse", "--format=%h %cI", "--", path.name],
-                             capture_output=True, text=True, timeout=10, check=True).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    return (out[0], out[1]) if len(out) >= 2 else (None, None)
 
 
 def _save_payload(payload: dict[str, Any], path: Path, before: dict[str, torch.Tensor]) -> None:
@@ -93,60 +87,9 @@ def _save_payload(payload: dict[str, Any], path: Path, before: dict[str, torch.T
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def add_provenance(out: Path, progress: bool) -> dict[str, dict[str, Any]]:
-    """Add ``meta["provenance"]`` to every shipped file, and the version-2 trust flag to the phantom models
-    (fitted on their fold-0 training crops, the 120-scan phantoms; the version-1 statistics move to
-    ``meta["trust_latent"]``), their weights unchanged. Returns the manifest entries' changes."""
-    from lidc_cdam.pipelines.demo_lidc import DEMO_SCANS, demo_phantoms
-
-    from lidc_cdam import __version__
-    from lidc_cdam.data.lidc.folds import read_folds
-    from lidc_cdam.evaluate.trust_shift import fold_crops
-    from lidc_cdam.models.demo_weights import sha256_of
-    from lidc_cdam.models.domain_trust import fit_from_crops, is_domain_stats
-    from lidc_cdam.models.loading import load_model
-    from lidc_cdam.models.provenance import file_sha256, training_provenance
-
-    changes: dict[str, dict[str, Any]] = {}
-    phantoms = None
-    for name in ("digits-vit", "phantom-malignancy", "phantom-biomarkers"):
-        path = out / f"{name}.pt"
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        before = {k: v.clone() for k, v in payload["state_dict"].items()}
-        meta = payload["meta"]
-        commit, date = _weights_commit_date(path)
-        version = f"lidc-cdam {__version__}" + (f"+g{commit}" if commit else "")
-        if name == "digits-vit":
-            meta["provenance"] = {"kind": "other", "nodule_table_sha256": None, "counts": {},
-                                  "fold": None, "preset": "two-digit images (lidc_cdam.train.digits, default config)",
-                                  "code_version": version, "date": date}
-        else:
-            if phantoms is None:
-                phantoms = demo_phantoms(progress, DEMO_SCANS)
-            info = dict(meta.get("data") or {})
-            folds = read_folds()
-            sizes = {part: len(fold_crops(phantoms, 0, part).ids) for part in ("train", "val", "test")} \
-                if not info.get("sizes") else info["sizes"]
-            info.update({"kind": "phantom", "sizes": sizes,
-                         "nodule_table_sha256": file_sha256(phantoms / "nodules.csv")})
-            meta["provenance"] = training_provenance(info, fold=int(meta.get("fold", 0)),
-                                                     preset=f"tiny-phantom-{name.split('-', 1)[1]}", date=date)
-            meta["provenance"]["code_version"] = version
-            meta["provenance"]["folds_table_sha256"] = sha256_of_frame(folds)
-            if meta.get("trust") and not is_domain_stats(meta["trust"]):
-                meta["trust_latent"] = meta.pop("trust")
-            model = load_model(path)
-            train = fold_crops(phantoms, 0, "train")
-            meta["trust"] = fit_from_crops(model, train.crops, meta["input_stats"])
-            meta["trust"]["data"] = {"phantom_scans": DEMO_SCANS, "fold": 0, "part": "train"}
-        _save_payload(payload, path, before)
-        changes[name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
-    return changes
-
-
 def refit_trust(out: Path, progress: bool) -> dict[str, dict[str, Any]]:
     """Refit the phantom models' trust flag (``meta["trust"]``, the current version of
-    :mod:`lidc_cdam.models.domain_trust`) on their fold-0 training crops of the 120-scan phantoms; everything
+    :mod:`lidc_cdam.models.domain_trust`) on their fold-0 training crops of the demo's phantoms; everything
     else in the files (weights, provenance, ``meta["trust_latent"]``) unchanged. Returns the manifest changes."""
     from lidc_cdam.pipelines.demo_lidc import DEMO_SCANS, demo_phantoms
 
@@ -163,16 +106,10 @@ def refit_trust(out: Path, progress: bool) -> dict[str, dict[str, Any]]:
         before = {k: v.clone() for k, v in payload["state_dict"].items()}
         meta = payload["meta"]
         meta["trust"] = fit_from_crops(load_model(path), train.crops, meta["input_stats"])
-        meta["trust"]["data"] = {"phantom_scans": DEMO_SCANS, "fold": 0, "part": "train"}
+        meta["trust"]["data"] = {"phantom_scans": DEMO_SCANS or "all", "fold": 0, "part": "train"}
         _save_payload(payload, path, before)
         changes[name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
     return changes
-
-
-def sha256_of_frame(frame: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,9 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the weights folder (lidc_cdam/models/weights)")
     parser.add_argument("--only", choices=("digits", "phantoms"), help="rebuild one family, keep the other's entries")
-    parser.add_argument("--add-provenance", action="store_true",
-                        help="no training: add the provenance (and the phantom models' version-2 trust flag) to the "
-                             "files in --out, weights unchanged, and re-record their SHA-256")
     parser.add_argument("--refit-trust", action="store_true",
                         help="no training: refit the phantom models' trust flag (the current version) in --out, "
                              "weights and provenance unchanged, and re-record their SHA-256")
@@ -199,21 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             manifest[name].update(change)
             manifest[name].setdefault("trained", {})["trust"] = (
                 f"meta['trust']: version {TRUST_VERSION} (lidc_cdam.models.domain_trust), fitted afterwards "
-                "(ship_demo_weights --refit-trust) on the fold 0 training crops of the same 120-scan phantoms; "
+                "(ship_demo_weights --refit-trust) on the fold 0 training crops of the same phantoms; "
                 "meta['trust_latent']: the version-1 statistics (lidc_cdam.models.trust); weights unchanged")
-        write_json(manifest_file, dict(sorted(manifest.items())))
-        return 0
-    if args.add_provenance:
-        for name, change in add_provenance(args.out, progress).items():
-            manifest[name].update(change)
-            trained = manifest[name].setdefault("trained", {})
-            trained["provenance"] = ("meta['provenance'] added afterwards (ship_demo_weights --add-provenance); "
-                                     "weights unchanged")
-            if name.startswith("phantom-"):
-                trained["trust"] = ("meta['trust']: version 2 (lidc_cdam.models.domain_trust), fitted afterwards "
-                                    "on the fold 0 training crops of the same 120-scan phantoms; "
-                                    "meta['trust_latent']: the version-1 statistics (lidc_cdam.models.trust); "
-                                    "weights unchanged")
         write_json(manifest_file, dict(sorted(manifest.items())))
         return 0
     if args.only in (None, "digits"):
