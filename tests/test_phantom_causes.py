@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -50,7 +51,7 @@ def test_sphericity_stretches_the_contour_and_keeps_its_area():
     sphere = ball()
     ratios = [axis_ratio(stretched(sphere, s, 0.3) >= 0.5) for s in (5.0, 4.0, 3.0, 1.0)]
     assert ratios[0] == pytest.approx(1.0, abs=0.05)
-    assert all(a < b for a, b in zip(ratios, ratios[1:], strict=False)), ratios
+    assert all(a < b for a, b in itertools.pairwise(ratios)), ratios
     assert ratios[-1] == pytest.approx(3.0, rel=0.2)
     assert (stretched(sphere, 1.0, 0.3) >= 0.5).sum() == pytest.approx(sphere.sum(), rel=0.1)
 
@@ -59,14 +60,14 @@ def test_lobulation_adds_lobes_graded_by_the_rating():
     sphere = ball() > 0.5
     changed = [(lobulated(sphere, level, 0.0) ^ sphere).sum() for level in (1.0, 2.0, 3.5, 5.0)]
     assert changed[0] == 0
-    assert all(a < b for a, b in zip(changed, changed[1:], strict=False)), changed
+    assert all(a < b for a, b in itertools.pairwise(changed)), changed
 
 
 def test_spiculation_grows_spikes_outside_the_nodule():
     sphere = ball() > 0.5
     sizes = [(spikes(sphere, level, np.random.default_rng(1)) >= 0.5).sum() for level in (1.0, 2.0, 3.5, 5.0)]
     assert sizes[0] == 0
-    assert all(a < b for a, b in zip(sizes, sizes[1:], strict=False)), sizes
+    assert all(a < b for a, b in itertools.pairwise(sizes)), sizes
     assert not (spikes(sphere, 5.0, np.random.default_rng(1))[sphere] > 0).any()
 
 
@@ -83,7 +84,7 @@ def test_texture_sets_the_interior_hu():
     for texture in (1.0, 3.0, 4.0, 4.5, 5.0):
         image, _, regions = render(replace(NEUTRAL, texture=texture))
         means.append(image[regions["interior"]].mean())
-    assert all(a < b for a, b in zip(means, means[1:], strict=False)), means
+    assert all(a < b for a, b in itertools.pairwise(means)), means
     assert means[0] == pytest.approx(-700, abs=5) and means[-1] == pytest.approx(30, abs=5)
 
 
@@ -102,7 +103,7 @@ def test_subtlety_hazes_the_surround():
     for subtlety in (1.0, 3.0, 4.5, 5.0):
         image, _, regions = render(replace(NEUTRAL, subtlety=subtlety))
         means.append(image[regions["surround"]].mean())
-    assert all(a > b for a, b in zip(means, means[1:], strict=False)), means
+    assert all(a > b for a, b in itertools.pairwise(means)), means
     assert means[-1] == pytest.approx(-850, abs=10)
 
 
@@ -112,7 +113,7 @@ def test_calcification_core_is_calcium():
 
 
 def test_regions_are_where_they_say():
-    image, mask, regions = render(replace(NEUTRAL, calcification=3.0, spiculation=4.0, lobulation=3.0))
+    _image, mask, regions = render(replace(NEUTRAL, calcification=3.0, spiculation=4.0, lobulation=3.0))
     assert set(regions) == set(REGIONS)
     assert (regions["nodule"] == mask).all()
     assert not (regions["interior"] & regions["core"]).any()
@@ -141,3 +142,42 @@ def test_phantom_crops_carry_the_cause_regions(tmp_path):
             assert region.shape == crop["image"].shape and region.dtype == np.uint8
         assert (crop["cause_diameter_mm"] == crop["mask"]).all()
         assert crop["mask"].any()
+
+
+def test_what_if_phantom_renders_the_changed_ratings():
+    from lidc_cdam.data.lidc.phantoms import what_if_phantom
+
+    nodule = "LIDC-IDRI-0835_s0820_n02"  # rated calcification 4.25, margin 3.5, texture 4.25
+    plain = what_if_phantom(nodule, {})
+    what_if = what_if_phantom(nodule, {"calcification": 6.0, "margin": 5.0, "texture": 5.0})
+    calcified = what_if_phantom(nodule, {"calcification": 2.0})
+    assert not what_if["cause_calcification"].any() and plain["cause_calcification"].any()
+    assert calcified["cause_calcification"].sum() > plain["cause_calcification"].sum()
+    note = str(calcified["note"])
+    assert "calcification 2" in note and "what-if" in note
+    interior = what_if["cause_texture"] > 0
+    assert what_if["image"][interior].mean() > plain["image"][plain["cause_texture"] > 0].mean()
+    np.testing.assert_array_equal(plain["crop_to_world"], what_if["crop_to_world"])
+    with pytest.raises(ValueError, match="malignancy"):
+        what_if_phantom(nodule, {"malignancy": 5})
+
+
+def test_held_out_r_squared():
+    import pandas as pd
+    import torch
+
+    from lidc_cdam.train.cross_validation import training_mean_mse
+    from lidc_cdam.train.engine import task_metrics
+
+    labels = torch.tensor([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0], [3.0, 1.0]])
+    perfect = task_metrics(labels.clone(), labels, "biomarkers", ["a", "b"])
+    assert perfect["r2_a"] == pytest.approx(1.0) and np.isnan(perfect["r2_b"])  # b is constant: undefined
+    assert perfect["r2"] == pytest.approx(1.0)
+    own_mean = task_metrics(labels.mean(0, keepdim=True).expand_as(labels), labels, "biomarkers", ["a", "b"])
+    assert own_mean["r2_a"] == pytest.approx(0.0)
+    half = task_metrics(labels * 0.5 + 0.75, labels, "biomarkers", ["a", "b"])
+    assert half["r2_a"] == pytest.approx(1 - half["mse_a"] / labels[:, 0].var(unbiased=False).item())
+    train = pd.DataFrame({"a": [0.0, 1.0, 2.0, 3.0]})
+    test = pd.DataFrame({"a": [10.0, 11.0]})  # a shifted test part: the training mean does worse than 0
+    baseline = training_mean_mse(train, test, ["a"])
+    assert baseline["r2_a"] < 0
