@@ -47,13 +47,17 @@ def test_every_target_has_a_region():
     assert len(CAUSE_REGION) == 8
 
 
-def test_sphericity_stretches_the_contour_and_keeps_its_area():
+def test_sphericity_sets_the_axis_ratio_and_keeps_the_area():
     sphere = ball()
-    ratios = [axis_ratio(stretched(sphere, s, 0.3) >= 0.5) for s in (5.0, 4.0, 3.0, 1.0)]
+    ratios = [axis_ratio(stretched(sphere, s) >= 0.5) for s in (5.0, 4.0, 3.0, 1.0)]
     assert ratios[0] == pytest.approx(1.0, abs=0.05)
     assert all(a < b for a, b in itertools.pairwise(ratios)), ratios
-    assert ratios[-1] == pytest.approx(3.0, rel=0.2)
-    assert (stretched(sphere, 1.0, 0.3) >= 0.5).sum() == pytest.approx(sphere.sum(), rel=0.1)
+    assert ratios[-1] == pytest.approx(2.5, rel=0.15)
+    assert (stretched(sphere, 1.0) >= 0.5).sum() == pytest.approx(sphere.sum(), rel=0.1)
+    g = np.mgrid[:SIZE, :SIZE, :SIZE] - (SIZE - 1) / 2
+    cigar = ((g[0] / 5) ** 2 + (g[1] / 3) ** 2 + (g[2] / 8) ** 2 <= 1).astype(float)  # its own ratio 8 : 3
+    assert axis_ratio(stretched(cigar, 5.0) >= 0.5) == pytest.approx(1.0, abs=0.15)  # made round
+    assert axis_ratio(stretched(cigar, 1.0) >= 0.5) == pytest.approx(2.5, rel=0.15)
 
 
 def test_lobulation_adds_lobes_graded_by_the_rating():

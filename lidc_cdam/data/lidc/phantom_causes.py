@@ -7,7 +7,7 @@ known cause"), on the crop's 1 mm grid:
 =============  ==========================================================  ===================================
 target         cause (rating low -> high)                                  cause region (``cause_<target>``)
 =============  ==========================================================  ===================================
-sphericity     the contour stretched in-plane: 3 : 1 (linear) -> 1 : 1      ``nodule``: the whole nodule
+sphericity     in-plane axis ratio set to 2.5 : 1 (linear) -> 1 : 1        ``nodule``: the whole nodule
 lobulation     in-plane lobes on the contour: none -> 45 % of the radius    ``boundary``: the boundary band
 spiculation    eight radial spikes: none -> 3 mm (2) -> 8 mm long (5)       ``spikes``: the spikes' voxels
 margin         edge blur: sigma 2.2 mm (poorly defined) -> 0.2 mm (sharp)   ``boundary``: the boundary band
@@ -71,20 +71,28 @@ def _centroid(mask: np.ndarray) -> np.ndarray:
     return np.argwhere(mask).mean(0) if mask.any() else (np.asarray(mask.shape, dtype=float) - 1) / 2
 
 
-def stretched(soft: np.ndarray, sphericity: float, angle: float) -> np.ndarray:
-    """The soft mask stretched in the axial plane along ``angle`` by ``sqrt(e)`` and shrunk across by the
-    same factor (area kept; axis ratio ``e``), ``e`` = 3.0 at sphericity 1 (linear) down to 1.0 at 5 (round)."""
-    e = float(np.interp(sphericity, [1.0, 5.0], [3.0, 1.0]))
-    if e <= 1.0 + 1e-6 or not (soft >= 0.5).any():
+def stretched(soft: np.ndarray, sphericity: float) -> np.ndarray:
+    """The soft mask stretched in the axial plane along its own long axis (and shrunk across, area kept) so that
+    its in-plane axis ratio becomes ``e`` = 2.5 at sphericity 1 (linear) down to 1.0 at 5 (round); the contour's
+    own elongation is replaced, its lobes and spicules kept."""
+    e = float(np.interp(sphericity, [1.0, 5.0], [2.5, 1.0]))
+    weight = np.clip(soft, 0.0, 1.0)
+    if weight.sum() < 3:
         return soft
-    c = _centroid(soft >= 0.5)
-    g = _grid(soft.shape) - c[:, None, None, None]
-    u = np.array([np.cos(angle), np.sin(angle)])  # (y, x)
-    along = g[1] * u[0] + g[2] * u[1]
-    across = -g[1] * u[1] + g[2] * u[0]
-    s = np.sqrt(e)
-    along, across = along / s, across * s  # where each output voxel samples the input
-    src = np.stack([g[0], along * u[0] - across * u[1], along * u[1] + across * u[0]]) + c[:, None, None, None]
+    g = _grid(soft.shape)
+    c = (g * weight).reshape(3, -1).sum(1) / weight.sum()
+    yx = (g[1:] - c[1:, None, None, None]).reshape(2, -1)
+    cov = (yx * weight.reshape(-1)) @ yx.T / weight.sum()
+    eig, vec = np.linalg.eigh(cov)
+    u = vec[:, 1]  # the long axis (y, x)
+    own = float(np.sqrt(eig[1] / max(eig[0], 1e-6)))
+    s = float(np.clip(np.sqrt(e / own), 0.5, 2.0))  # along u by s, across by 1 / s: the ratio becomes own * s^2
+    if abs(s - 1.0) < 1e-3:
+        return soft
+    rel = g - c[:, None, None, None]
+    along = (rel[1] * u[0] + rel[2] * u[1]) / s  # where each output voxel samples the input
+    across = (-rel[1] * u[1] + rel[2] * u[0]) * s
+    src = np.stack([g[0], c[1] + along * u[0] - across * u[1], c[2] + along * u[1] + across * u[0]])
     return map_coordinates(soft, src, order=1, mode="constant", cval=0.0)
 
 
@@ -203,8 +211,8 @@ def render_causes(soft: np.ndarray, ratings: Ratings, background: np.ndarray, no
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """``(image HU float, nodule mask, cause regions)`` of a nodule whose consensus contour is ``soft``
     (``[0, 1]`` on the crop grid) in ``background`` (HU), ``noise`` a unit correlated field for the interior."""
-    angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
-    shape = stretched(soft, ratings.sphericity, angle) >= 0.5
+    phase = rng.uniform(0, 2 * np.pi)
+    shape = stretched(soft, ratings.sphericity) >= 0.5
     shape = lobulated(shape, ratings.lobulation, phase)
     spike = spikes(shape, ratings.spiculation, rng)
     spike_mask = spike >= 0.5
