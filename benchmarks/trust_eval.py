@@ -2,7 +2,7 @@
 
 For each shipped phantom model and both methods of the flag (``latent``: version 1, the latent's Mahalanobis
 distance; ``domain``: version 3, the block before the last, :mod:`lidc_cdam.models.domain_trust`): held-out
-phantom crops (the test part of fold 0 of the 120-scan phantoms the models were trained on) against crops of a
+phantom crops (the test part of fold 0 of the phantoms the models were trained on) against crops of a
 real chest CT (``tests/data/lung1``: its nodule and 240 random points in the lung and soft tissue), see
 :mod:`lidc_cdam.evaluate.trust_shift`. Writes
 
@@ -32,20 +32,20 @@ MODELS = ("phantom-malignancy", "phantom-biomarkers")
 
 def evaluation(progress: bool = False) -> dict[str, Any]:
     """The deterministic part: rows per model and method, pooled rates and per-crop percentiles."""
-    from lidc_cdam.pipelines.demo_lidc import DEMO_SCANS, demo_phantoms
+    from lidc_cdam.pipelines.demo_lidc import demo_test_nodules, phantoms_of_patients
 
     from lidc_cdam.evaluate import trust_shift
     from lidc_cdam.models.demo_weights import load_shipped
 
-    phantoms = demo_phantoms(progress, DEMO_SCANS)
-    held_out = trust_shift.fold_crops(phantoms, 0, "test")
+    _, patients = demo_test_nodules(10**6)  # every fold-0 test nodule: only their scans' phantoms are rendered
+    held_out = trust_shift.fold_crops(phantoms_of_patients(patients, progress), 0, "test")
     volume, label = trust_shift.read_fixture(FIXTURE / "lung1_thorax.nrrd", FIXTURE / "lung1_thorax_label.nrrd")
     real = trust_shift.real_ct_crops(volume, trust_shift.real_ct_points(volume, label))
     models = {name: load_shipped(name) for name in MODELS}
     summary, per_crop = trust_shift.evaluate_models(models, held_out, real)
     counts = {k: real.kinds.count(k) for k in dict.fromkeys(real.kinds)}
     return {"summary": summary, "pooled": trust_shift.pooled(summary), "per_crop": per_crop,
-            "data": {"held_out": f"test part of fold 0 of the {DEMO_SCANS}-scan phantoms ({len(held_out.crops)} crops)",
+            "data": {"held_out": f"test part of fold 0 of the phantoms ({len(held_out.crops)} crops)",
                      "real_ct": f"tests/data/lung1 (pyradiomics 2.2.0 lung1): {counts}",
                      "goals": {"auroc": 0.95, "real_ct_flagged": 0.90, "in_domain_flagged": 0.05}}}
 

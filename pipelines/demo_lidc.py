@@ -36,6 +36,8 @@ WHAT_IF = ("LIDC-IDRI-0835_s0820_n02", {"calcification": 3.0, "margin": 1.5, "te
 
 
 TASKS = ("malignancy", "biomarkers")
+#: the order of training: the malignancy model starts from the biomarker model of the same fold
+TRAINING_ORDER = ("biomarkers", "malignancy")
 
 
 def demo_phantoms(progress: bool, n_scans: int | None = DEMO_SCANS) -> Path:
@@ -79,15 +81,18 @@ def phantoms_of_patients(patients: list[str], progress: bool) -> Path:
 
 
 def trained_demo_models(phantoms: Path, progress: bool) -> dict[str, dict[str, Any]]:
-    """Both tiny models trained afresh (fold 0) with the project's trainer into the cache (``--retrain``)."""
+    """Both tiny models trained afresh (fold 0) with the project's trainer into the cache (``--retrain``): the
+    biomarker model from scratch, then the malignancy model from the biomarker model's backbone."""
     from lidc_cdam.train.config import load_train_config
     from lidc_cdam.train.cross_validation import run_cross_validation
     from lidc_cdam.train.lidc_data import fold_split, lidc_fold_data, nodule_table
 
     runs = {}
-    for task in TASKS:
-        config = load_train_config(config_dir("train") / f"tiny-phantom-{task}.yaml",
-                                   [f"data.root={phantoms}", "folds=[0]"])
+    for task in TRAINING_ORDER:
+        overrides = [f"data.root={phantoms}", "folds=[0]"]
+        if task == "malignancy":  # fine-tunes the biomarker model of the same fold
+            overrides.append(f"backbone.checkpoint={runs['biomarkers']['checkpoint'].parent.parent}/fold{{fold}}/best.pt")
+        config = load_train_config(config_dir("train") / f"tiny-phantom-{task}.yaml", overrides)
         run_dir = cache_dir() / "demo-lidc" / f"{task}-{config.fingerprint()}"
         if run_dir.exists():
             shutil.rmtree(run_dir)
@@ -95,7 +100,7 @@ def trained_demo_models(phantoms: Path, progress: bool) -> dict[str, dict[str, A
                              lambda f, c=config: fold_split(c, f), progress=progress)
         runs[task] = {"config": config, "checkpoint": run_dir / "fold0" / "best.pt",
                       "summary": (run_dir / "summary.md").read_text()}
-    return runs
+    return {task: runs[task] for task in TASKS}
 
 
 def shipped_demo_models() -> dict[str, dict[str, Any]]:

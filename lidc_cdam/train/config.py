@@ -98,6 +98,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def for_fold(self, fold: int) -> TrainConfig:
+        """This config for one fold: ``{fold}`` in ``backbone.checkpoint`` becomes the fold's number, so that each
+        fold starts from a backbone trained on that fold's own training part (the phantom malignancy model starts
+        from the phantom biomarker model of the same fold)."""
+        checkpoint = self.backbone.checkpoint
+        if not checkpoint or "{fold}" not in checkpoint:
+            return self
+        return replace(self, backbone=replace(self.backbone, checkpoint=checkpoint.replace("{fold}", str(fold))))
+
     def fingerprint(self) -> str:
         data = self.to_dict()
         data.pop("source_file")

@@ -95,7 +95,7 @@ def run_cross_validation(
 
             result = json.loads(done.read_text())
         else:
-            result = train_fold(config, data, fold_dir, progress=progress, process=process)
+            result = train_fold(config.for_fold(fold), data, fold_dir, progress=progress, process=process)
         rows.append({"model": config.name, "fold": fold, "best_epoch": result["best_epoch"],
                      "seconds_per_epoch": result["seconds_per_epoch"], **result.get("test_metrics", {})})
         if nodules is not None and splits is not None:
