@@ -45,14 +45,14 @@ import numpy as np
 from lidc_cdam.pipelines.pacs import add_connection_arguments
 from tqdm.auto import tqdm
 
+from lidc_cdam.ct import read as ct_read  # read_ct and connect looked up at the call: the tests replace them
 from lidc_cdam.ct.checkpoint import MALIGNANCY
 from lidc_cdam.ct.concepts import ConceptResolver
 from lidc_cdam.ct.errors import CTError
 from lidc_cdam.ct.outputs import explain_points
-from lidc_cdam.ct.pacs.client import connect
+from lidc_cdam.ct.pacs import client as pacs_client
 from lidc_cdam.ct.pacs.fetch import fetch_series
 from lidc_cdam.ct.pacs.store import parse_scp, send_results
-from lidc_cdam.ct.read import read_ct
 from lidc_cdam.ct.run_folder import RunFolder, point_ids
 from lidc_cdam.data.lidc.nodules import BIOMARKERS
 from lidc_cdam.device import add_device_argument, resolve_device
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         path = args.series
         series = int(args.series_uid) if args.series_uid and args.series_uid.isdigit() else args.series_uid
-    volume = read_ct(path, series)
+    volume = ct_read.read_ct(path, series)
     options = {"n": args.n} if args.method in ("smooth-cdam", "integrated-cdam") else {}
     where = source["series"]
     label = f"{volume.name} ({where})" if volume.name and volume.name != where else where
@@ -233,7 +233,7 @@ def destinations(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
     """The DICOMweb servers (the --dicomweb one first with --store) and DIMSE targets the results go to; nothing is
     contacted yet, but malformed URLs and targets are refused before any work."""
     urls = ([args.dicomweb] if args.store else []) + list(args.store_to)
-    stow = [connect(url, insecure=args.insecure, timeout=args.pacs_timeout) for url in urls]
+    stow = [pacs_client.connect(url, insecure=args.insecure, timeout=args.pacs_timeout) for url in urls]
     for target in args.store_scp:
         parse_scp(target)
     return stow, list(args.store_scp)
@@ -241,7 +241,7 @@ def destinations(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
 
 def fetch(server: Any, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """The --study / --series fetched into the cache (or found there): its folder and the summary's source."""
-    server = server or connect(args.dicomweb, insecure=args.insecure, timeout=args.pacs_timeout)
+    server = server or pacs_client.connect(args.dicomweb, insecure=args.insecure, timeout=args.pacs_timeout)
     with tqdm(desc="fetching the series", unit="instance", disable=not sys.stderr.isatty()) as bar:
 
         def progress(done: int, total: int) -> None:
