@@ -14,6 +14,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from lidc_cdam import __version__
 from lidc_cdam.cache import cache_dir
 
 MANIFESTS = "lidc_cdam.data_manifest"
@@ -27,7 +28,6 @@ def _on_disk(item: Traversable, what: str) -> Path:
         raise FileNotFoundError(f"{what}: not shipped with this installation of lidc-cdam ({item})")
     if isinstance(item, Path):
         return item
-    from lidc_cdam import __version__
     target = cache_dir() / "resources" / str(__version__) / what
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

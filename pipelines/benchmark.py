@@ -17,11 +17,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from lidc_cdam.device import add_device_argument
+from lidc_cdam.evaluate.benchmark_config import load_config
+from lidc_cdam.resources import config_dir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lidc_cdam.device import add_device_argument
-    from lidc_cdam.resources import config_dir
-
     presets = sorted(p.stem for p in config_dir().glob("*.yaml"))
     parser.add_argument("--config", required=True,
                         help=f"a YAML file, or a preset name ({', '.join(presets)})")
@@ -39,14 +40,12 @@ def resolve_config_path(name: str) -> Path:
     path = Path(name)
     if path.exists() or path.suffix in (".yaml", ".yml"):
         return path
-    from lidc_cdam.resources import config_dir
 
     return config_dir() / f"{name}.yaml"
 
 
 def run(args: argparse.Namespace) -> dict | None:
-    from lidc_cdam.evaluate.benchmark_config import load_config
-    from lidc_cdam.evaluate.runner import run_benchmark
+    from lidc_cdam.evaluate.runner import run_benchmark  # scipy (randomization): off the CLI's start-up path
 
     config = load_config(resolve_config_path(args.config), args.overrides)
     out = args.out or Path(f"benchmark-{config.name}")

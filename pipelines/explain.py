@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lidc_cdam import METHODS, Concept, ViTModel, explain
+from lidc_cdam.ct.concepts import concept_targets
 from lidc_cdam.data.images import (
     ImageReadError,
     list_images,
@@ -121,7 +122,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.concept is not None:
         if args.concept_data is None:
             raise SystemExit("error: --concept needs --concept-data DIR (the rated nodules that define it)")
-        from lidc_cdam.ct.concepts import concept_targets
 
         targets = concept_targets(model, args.concept_data, args.fold, args.concept, similarity=args.similarity)
     if args.concept_images is not None:

@@ -45,7 +45,17 @@ import numpy as np
 from lidc_cdam.pipelines.pacs import add_connection_arguments
 from tqdm.auto import tqdm
 
+from lidc_cdam.ct import read as ct_read  # read_ct and connect looked up at the call: the tests replace them
+from lidc_cdam.ct.checkpoint import MALIGNANCY
+from lidc_cdam.ct.concepts import ConceptResolver
 from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.outputs import explain_points
+from lidc_cdam.ct.pacs import client as pacs_client
+from lidc_cdam.ct.pacs.fetch import fetch_series
+from lidc_cdam.ct.pacs.store import parse_scp, send_results
+from lidc_cdam.ct.run_folder import RunFolder, point_ids
+from lidc_cdam.data.lidc.nodules import BIOMARKERS
+from lidc_cdam.device import add_device_argument, resolve_device
 
 METHOD_CHOICES = ("cdam", "smooth-cdam", "integrated-cdam", "attention")
 
@@ -82,7 +92,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rated example nodules for --concept: a preprocess or phantoms folder (nodules.csv + "
                              "crops/); each checkpoint uses its own training fold only")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    from lidc_cdam.device import add_device_argument
 
     add_device_argument(parser)
     parser.add_argument("--dicom", action="store_true",
@@ -107,17 +116,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def rating_columns() -> list[str]:
     """Columns of a points CSV read as the radiologists' ratings: the targets' names."""
-    from lidc_cdam.ct.checkpoint import MALIGNANCY
-    from lidc_cdam.data.lidc.nodules import BIOMARKERS
-
     return [MALIGNANCY, *BIOMARKERS]
 
 
 def read_points(args: argparse.Namespace) -> tuple[list[tuple[str, tuple[float, ...]]], dict[str, dict[str, float]]]:
     """``([(id, (3 numbers))], {id: {target: rating}})`` from --point or --points; :class:`CTError` for a bad CSV or
     ids that collide (:func:`lidc_cdam.ct.run_folder.point_ids`)."""
-    from lidc_cdam.ct.run_folder import point_ids
-
     if args.point:
         return [(f"p{n + 1:02d}", tuple(p)) for n, p in enumerate(args.point)], {}
     import pandas as pd
@@ -162,12 +166,6 @@ def read_points(args: argparse.Namespace) -> tuple[list[tuple[str, tuple[float, 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from lidc_cdam.ct.concepts import ConceptResolver
-    from lidc_cdam.ct.outputs import explain_points
-    from lidc_cdam.ct.read import read_ct
-    from lidc_cdam.ct.run_folder import RunFolder
-    from lidc_cdam.device import resolve_device
-
     if args.n < 1 or args.margin < 0:
         raise CTError("--n must be >= 1 and --margin >= 0")
     device = resolve_device(args.device)  # an unavailable device stops here
@@ -183,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         path = args.series
         series = int(args.series_uid) if args.series_uid and args.series_uid.isdigit() else args.series_uid
-    volume = read_ct(path, series)
+    volume = ct_read.read_ct(path, series)
     options = {"n": args.n} if args.method in ("smooth-cdam", "integrated-cdam") else {}
     where = source["series"]
     label = f"{volume.name} ({where})" if volume.name and volume.name != where else where
@@ -204,8 +202,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     resumed = f", {len(summary['resumed'])} resumed from an earlier run" if summary["resumed"] else ""
     print(f"explained {len(points)} point(s) with {n_models} checkpoint(s){resumed}; results in {args.out}/")
     if stow or scp:
-        from lidc_cdam.ct.pacs.store import send_results
-
         for report in send_results(args.out, summary=summary, stow=stow, scp=scp, timeout=args.pacs_timeout):
             print(f"stored on {report.line()}")
     return summary
@@ -236,11 +232,8 @@ def check_pacs_arguments(args: argparse.Namespace) -> None:
 def destinations(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
     """The DICOMweb servers (the --dicomweb one first with --store) and DIMSE targets the results go to; nothing is
     contacted yet, but malformed URLs and targets are refused before any work."""
-    from lidc_cdam.ct.pacs.client import connect
-    from lidc_cdam.ct.pacs.store import parse_scp
-
     urls = ([args.dicomweb] if args.store else []) + list(args.store_to)
-    stow = [connect(url, insecure=args.insecure, timeout=args.pacs_timeout) for url in urls]
+    stow = [pacs_client.connect(url, insecure=args.insecure, timeout=args.pacs_timeout) for url in urls]
     for target in args.store_scp:
         parse_scp(target)
     return stow, list(args.store_scp)
@@ -248,10 +241,7 @@ def destinations(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
 
 def fetch(server: Any, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """The --study / --series fetched into the cache (or found there): its folder and the summary's source."""
-    from lidc_cdam.ct.pacs.client import connect
-    from lidc_cdam.ct.pacs.fetch import fetch_series
-
-    server = server or connect(args.dicomweb, insecure=args.insecure, timeout=args.pacs_timeout)
+    server = server or pacs_client.connect(args.dicomweb, insecure=args.insecure, timeout=args.pacs_timeout)
     with tqdm(desc="fetching the series", unit="instance", disable=not sys.stderr.isatty()) as bar:
 
         def progress(done: int, total: int) -> None:

@@ -14,14 +14,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lidc_cdam.data.imagenet import (
+from lidc_cdam.data.imagenet import write_manifest
+from lidc_cdam.data.imagenet_subsets import (
     SUBSET_SIZE,
     SYNONYM_THRESHOLD,
     build_xmulti,
     build_xval,
     minilm_embedder,
     read_real_labels,
-    write_manifest,
 )
 
 XVAL_FILE = "imagenet_xval.csv"

@@ -16,6 +16,7 @@ import argparse
 import json
 from typing import Any
 
+from lidc_cdam.ct.pacs import connect, find_studies, format_table
 from lidc_cdam.ct.pacs.client import DEFAULT_TIMEOUT
 
 
@@ -47,8 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from lidc_cdam.ct.pacs import connect, find_studies, format_table
-
     server = connect(args.dicomweb, insecure=args.insecure, timeout=args.pacs_timeout)
     studies = list(find_studies(server, patient=args.patient, accession=args.accession, study_date=args.study_date,
                                 modality=args.modality, study=args.study, limit=args.limit))

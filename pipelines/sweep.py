@@ -15,6 +15,8 @@ from pathlib import Path
 from lidc_cdam.pipelines.train import add_arguments as add_train_arguments
 from lidc_cdam.pipelines.train import load_cli_config
 
+from lidc_cdam.train.config import TrainConfigError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(parser)
@@ -26,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace):
     import yaml
 
-    from lidc_cdam.train.config import TrainConfigError
     from lidc_cdam.train.lidc_data import lidc_fold_data
     from lidc_cdam.train.sweep import run_sweep
 

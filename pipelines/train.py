@@ -15,11 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from lidc_cdam.device import add_device_argument
+from lidc_cdam.resources import config_dir
+from lidc_cdam.train.config import load_train_config
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lidc_cdam.device import add_device_argument
-    from lidc_cdam.resources import config_dir
-
     presets = sorted(p.stem for p in config_dir("train").glob("*.yaml"))
     parser.add_argument("--config", required=True, help=f"a YAML file or a preset ({', '.join(presets)})")
     parser.add_argument("--folds", help="which folds, e.g. 0-4 or 0,2 (default: the config's)")
@@ -36,14 +37,11 @@ def resolve_config_path(name: str) -> Path:
     path = Path(name)
     if path.exists() or path.suffix in (".yaml", ".yml"):
         return path
-    from lidc_cdam.resources import config_dir
 
     return config_dir("train") / f"{name}.yaml"
 
 
 def load_cli_config(args: argparse.Namespace):
-    from lidc_cdam.train.config import load_train_config
-
     overrides = list(args.overrides)
     if args.folds:
         overrides.append(f"folds={args.folds!r}")

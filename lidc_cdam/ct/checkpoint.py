@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from lidc_cdam.ct.errors import CTError
+from lidc_cdam.data.lidc.nodules import BIOMARKERS
+from lidc_cdam.models.loading import CheckpointError, load_model
 
 MALIGNANCY = "malignancy"
 
@@ -69,8 +71,6 @@ def file_fingerprint(path: str | Path) -> str:
 def check_model(model: Any, source: str = "checkpoint") -> tuple[list[str], dict[str, Any], dict[str, Any] | None]:
     """``(targets, input_stats, target_stats)`` of an LIDC model; :class:`CTError` when the checkpoint
     was trained for another task or lacks the input statistics needed to build its input."""
-    from lidc_cdam.data.lidc.nodules import BIOMARKERS
-
     names = list(model.output_names or [])
     task = getattr(model, "task", None)
     if task == "classification" and names == ["malignant"]:
@@ -96,8 +96,6 @@ _models_lock = threading.Lock()
 
 def load_checked_model(path: str | Path) -> LoadedModel:
     """Load (weights only) and check a checkpoint; kept in memory while the file does not change."""
-    from lidc_cdam.models.loading import CheckpointError, load_model
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise CTError(f"{path}: no such checkpoint file")

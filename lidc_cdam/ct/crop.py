@@ -13,12 +13,11 @@ import numpy as np
 
 from lidc_cdam.ct.errors import CTError
 from lidc_cdam.data.lidc.crops import CROP
+from lidc_cdam.data.lidc.crops import read_crop as _read
 
 
 def read_crop(path: str | Path) -> dict[str, Any]:
     """A crop file as a dict (:func:`lidc_cdam.data.lidc.crops.read_crop`); :class:`CTError` when unreadable."""
-    from lidc_cdam.data.lidc.crops import read_crop as _read
-
     try:
         return _read(path)
     except (OSError, ValueError, KeyError) as err:

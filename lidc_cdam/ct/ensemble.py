@@ -21,11 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from lidc_cdam.ct.cache import cached_crop_steps
 from lidc_cdam.ct.checkpoint import LoadedModel, load_checked_model
 from lidc_cdam.ct.errors import CTError
+from lidc_cdam.ct.inputs import CENTRE, VOLUME, model_inputs, volume_input
 from lidc_cdam.ct.inputs import CENTRE as CENTRE_SLICE
-from lidc_cdam.ct.inputs import VOLUME
 from lidc_cdam.ct.maps import MapResult, relay
+from lidc_cdam.models import domain_trust
+from lidc_cdam.models.trust import THRESHOLD, model_latents, trust_percentile
 
 
 @dataclass
@@ -126,8 +129,6 @@ def explain_crop_steps(models: Sequence[str | Path | LoadedModel], crop: dict[st
     model's maps come from it when computed before. ``concepts(model)`` gives each model its concept targets
     (:class:`lidc_cdam.Concept`, Eq. 3: the mean latent of that model's own training-fold examples), explained
     after the outputs (Eq. 4)."""
-    from lidc_cdam.ct.cache import cached_crop_steps
-
     loaded = [as_loaded(m) for m in models]
     if not loaded:
         raise CTError("no checkpoint given")
@@ -217,9 +218,6 @@ def crop_trust(models: Sequence[LoadedModel], crop: dict[str, Any], view: str,
 
     The ensemble reports the largest percentile (the most cautious model) and is ``unlike_training`` above that
     model's threshold. None when no model has the statistics."""
-    from lidc_cdam.models import domain_trust
-    from lidc_cdam.models.trust import THRESHOLD, model_latents, trust_percentile
-
     per_model: list[float | None] = []
     thresholds: list[float] = []
     versions: list[int] = []
@@ -253,8 +251,6 @@ def crop_trust(models: Sequence[LoadedModel], crop: dict[str, Any], view: str,
 def _domain_features(m: LoadedModel, crop: dict[str, Any], view: str, stats: dict[str, Any],
                      known: dict[int, np.ndarray]) -> np.ndarray:
     """``[S, D]`` version-2/3 features of the crop's scored slices: those of the maps' pass, the rest computed."""
-    from lidc_cdam.models import domain_trust
-
     if view == VOLUME:
         if CENTRE_SLICE in known:
             return np.asarray(known[CENTRE_SLICE])[None]
@@ -264,8 +260,6 @@ def _domain_features(m: LoadedModel, crop: dict[str, Any], view: str, stats: dic
     missing = [s for s in wanted if s not in known]
     computed: dict[int, np.ndarray] = {}
     if missing:
-        from lidc_cdam.ct.inputs import model_inputs
-
         x = model_inputs(crop["image"], view, missing, m.input_stats, m.image_size)
         computed = dict(zip(missing, domain_trust.input_features(m.model, x).cpu().numpy(), strict=True))
     return np.stack([np.asarray(known[s] if s in known else computed[s]) for s in wanted])
@@ -273,8 +267,6 @@ def _domain_features(m: LoadedModel, crop: dict[str, Any], view: str, stats: dic
 
 def _latent_percentile(m: LoadedModel, crop: dict[str, Any], view: str, stats: dict[str, Any],
                        known_latent: np.ndarray | None, model_latents: Any, trust_percentile: Any) -> float:
-    from lidc_cdam.ct.inputs import CENTRE, model_inputs, volume_input
-
     if known_latent is not None:
         import torch
 

@@ -31,6 +31,8 @@ from lidc_cdam.ct.checkpoint import MALIGNANCY, LoadedModel, load_checked_model,
 from lidc_cdam.ct.crop import CROP, read_crop
 from lidc_cdam.ct.errors import CTError
 from lidc_cdam.ct.inputs import CENTRE, VIEWS, VOLUME, model_inputs, slices_for, volume_input
+from lidc_cdam.explain import explain
+from lidc_cdam.models.domain_trust import features_of, recording_trunk
 
 #: label in the widget -> lidc_cdam.explain method name
 METHODS = {"CDAM": "cdam", "Smooth CDAM": "smooth-cdam", "Integrated CDAM": "integrated-cdam",
@@ -145,8 +147,6 @@ def explain_targets(loaded: LoadedModel, x: Any, targets: Sequence[Any], method:
     ``g(l, l_c)`` per image. Outputs and concepts are explained in two calls when both are asked for."""
     import torch
 
-    from lidc_cdam.explain import explain
-
     names = ["malignant"] if loaded.targets == [MALIGNANCY] else loaded.targets
     outputs = [names[loaded.targets.index(t)] for t in targets if isinstance(t, str)]
     concepts = [t for t in targets if not isinstance(t, str)]
@@ -185,8 +185,6 @@ def crop_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[Any]
     concepts (:class:`lidc_cdam.Concept`, Eq. 4: their similarity joins the predictions)."""
     import torch
     import torch.nn.functional as F
-
-    from lidc_cdam.models.domain_trust import features_of, recording_trunk
 
     start = time.perf_counter()
     check_request(method, view)
@@ -250,8 +248,6 @@ def volume_steps(loaded: LoadedModel, crop: dict[str, Any], targets: Sequence[st
     crop's ``[32, 32, 32]`` grid (no 2.5D stack: ``slices`` lists all 32, there are no per-slice predictions)."""
     import torch
     import torch.nn.functional as F
-
-    from lidc_cdam.models.domain_trust import features_of, recording_trunk
 
     yield 0, 1
     x = volume_input(crop["image"], loaded.input_stats, loaded.image_size).to(loaded.device)

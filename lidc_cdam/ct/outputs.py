@@ -28,12 +28,19 @@ import numpy as np
 
 from lidc_cdam.ct.concepts import ConceptResolver
 from lidc_cdam.ct.crop import CROP
-from lidc_cdam.ct.ensemble import explain_tasks_steps, group_checkpoints
+from lidc_cdam.ct.dicom_results import (
+    load_source_datasets,
+    write_parametric_map,
+    write_segmentation,
+    write_structured_report,
+)
+from lidc_cdam.ct.ensemble import as_loaded, explain_tasks_steps, group_checkpoints
 from lidc_cdam.ct.errors import CTError
 from lidc_cdam.ct.export import export_nifti
 from lidc_cdam.ct.maps import drain
 from lidc_cdam.ct.placement import place_on_scan
 from lidc_cdam.ct.point import PointResult, crop_at_point, to_world
+from lidc_cdam.ct.report import write_point_report
 from lidc_cdam.ct.run_folder import RunFolder
 from lidc_cdam.ct.volume import CTVolume
 from lidc_cdam.data.lidc.crops import ct_image, write_crop
@@ -41,6 +48,7 @@ from lidc_cdam.device import resolve_device
 from lidc_cdam.io import atomic_write, write_json, write_npz
 from lidc_cdam.models.demo_weights import sha256_of
 from lidc_cdam.models.provenance import provenance_line, training_data, trust_warning
+from lidc_cdam.models.provenance import training_data as of_models
 
 Warn = Callable[[str], None]
 
@@ -84,8 +92,6 @@ def point_entry(pid: str, result: PointResult, *, given: Sequence[float], given_
     checkpoint's predictions, the trust flag and the map file stems, and what the models were trained on
     (``training_data``, :func:`lidc_cdam.models.provenance.training_data`; computed here when not given)."""
     if training_data is None:
-        from lidc_cdam.ct.ensemble import as_loaded
-        from lidc_cdam.models.provenance import training_data as of_models
 
         training_data = of_models([as_loaded(c).model for e in result.ensembles for c in e.checkpoints])
     pc = result.crop
@@ -144,8 +150,6 @@ def write_point(folder: Path, entry: dict[str, Any], result: PointResult, volume
     niftis: dict[str, str] = {}
     dicoms: list[str] = []
     if dicom_source is not None:
-        from lidc_cdam.ct.dicom_results import write_segmentation
-
         seg = write_segmentation(dicom_source, np.ones(pc.image.shape, bool), f"explained region {entry['id']}",
                                  folder / "dicom" / "region_seg.dcm", series_number=series_base, crop=pc.crop)
         dicoms.append(str(seg.relative_to(folder)))
@@ -161,8 +165,6 @@ def write_point(folder: Path, entry: dict[str, Any], result: PointResult, volume
                     niftis[f"{stem}_agreement"] = export_nifti(place_on_scan(e.agreement[k], pc.crop, volume), volume,
                                                                folder / f"{stem}_agreement.nii.gz").name
             if dicom_source is not None:
-                from lidc_cdam.ct.dicom_results import write_parametric_map
-
                 number += 1
                 pm = write_parametric_map(dicom_source, e.mean_maps[k], stem, folder / "dicom" / f"cdam_{stem}_pm.dcm",
                                           series_number=number, crop=pc.crop)
@@ -173,8 +175,6 @@ def write_point(folder: Path, entry: dict[str, Any], result: PointResult, volume
         files["dicom"] = dicoms
     entry = {**entry, "files": files}
     if report:
-        from lidc_cdam.ct.report import write_point_report
-
         png, pdf = write_point_report(entry, {**pc.crop, "padded": pc.padded}, arrays, folder,
                                       checkpoint_hashes=checkpoint_hashes, series=series_label,
                                       ratings=entry.get("ratings") or None)
@@ -215,8 +215,6 @@ def explain_points(volume: CTVolume, points: Sequence[tuple[str, Sequence[float]
     folder = RunFolder(out, settings)
     dicom_source = None
     if dicom:
-        from lidc_cdam.ct.dicom_results import load_source_datasets
-
         dicom_source = load_source_datasets(volume)
     stale = folder.remove_stale([pid for pid, _ in points])
     if stale:
@@ -286,8 +284,6 @@ def finish_run(folder: RunFolder, entries: Sequence[dict[str, Any]], volume: CTV
         "points": entries,
         "reports": {e["id"]: {k: f"{e['id']}/{v}" for k, v in e["files"].get("report", {}).items()} for e in entries}}
     if dicom_source is not None:
-        from lidc_cdam.ct.dicom_results import write_structured_report
-
         distinct = dict.fromkeys(json.dumps(m, sort_keys=True) for m in trained_on["models"])
         text = "; ".join([*(provenance_line(json.loads(m)) for m in distinct),
                           *([trained_on["phantom_warning"]] if trained_on["phantom_warning"] else [])])

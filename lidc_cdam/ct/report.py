@@ -22,7 +22,7 @@ import numpy as np
 
 from lidc_cdam.ct.inputs import CENTRE, VIEWS, slice_plane
 from lidc_cdam.ct.volume import window_limits, window_text
-from lidc_cdam.models.demo_weights import sha256_of
+from lidc_cdam.models.demo_weights import sha256_of, shipped_manifest
 from lidc_cdam.models.provenance import phantom_warning, provenance_line, trust_warning
 from lidc_cdam.viz import cdam_cmap, symmetric_limit
 
@@ -53,8 +53,6 @@ def model_name(path: str | Path, sha256_16: str | None = None) -> str:
     p = Path(path)
     if sha256_16:
         try:
-            from lidc_cdam.models.demo_weights import shipped_manifest
-
             for name, info in shipped_manifest().items():
                 if str(info.get("sha256", ""))[:16] == sha256_16:
                     return f"{p.name} (shipped {name})"

@@ -8,8 +8,12 @@ from pathlib import Path
 
 import torch
 
+from lidc_cdam.ct.crop import read_crop
+from lidc_cdam.ct.inputs import VIEWS, model_inputs
+from lidc_cdam.ct.synthetic import synthetic_data
 from lidc_cdam.data.lidc.nodules import BIOMARKERS as _BIOMARKERS
-from lidc_cdam.models.loading import save_checkpoint
+from lidc_cdam.models.loading import load_model, save_checkpoint
+from lidc_cdam.models.trust import fit_trust, model_latents
 from lidc_cdam.models.vit import ViTModel
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
@@ -20,8 +24,6 @@ BIOMARKERS = list(_BIOMARKERS)
 @functools.cache
 def synthetic() -> dict[str, Path]:
     """The synthetic scan in the lidc-cdam cache (tests: the session's LIDC_CDAM_CACHE), as the sample data uses it."""
-    from lidc_cdam.ct.synthetic import synthetic_data
-
     return synthetic_data()
 
 
@@ -76,9 +78,6 @@ def digits_checkpoint(path: Path) -> Path:
 def phantom_inputs(image_size: int = 32):
     """Model inputs of every slice, in all three views, of the synthetic scan's nodule crops (a phantom
     "training set" for the trust statistics of tiny test models)."""
-    from lidc_cdam.ct.crop import read_crop
-    from lidc_cdam.ct.inputs import VIEWS, model_inputs
-
     crops = sorted((synthetic()["crops_dir"] / "crops").glob("*.npz"))
     parts = [model_inputs(read_crop(c)["image"], view, list(range(32)), {**STATS, "image_size": image_size},
                           image_size) for c in crops for view in VIEWS]
@@ -90,9 +89,6 @@ def phantom_inputs(image_size: int = 32):
 def fold_checkpoints(folder: Path, n: int = 5, task: str = "malignancy", trust: bool = True) -> list[Path]:
     """``n`` tiny random "folds" of one task (seeds 0..n-1); with ``trust``, each carries trust statistics fitted on
     the latents of the synthetic phantom crops (:func:`phantom_inputs`), as training stores them."""
-    from lidc_cdam.models.loading import load_model
-    from lidc_cdam.models.trust import fit_trust, model_latents
-
     folder.mkdir(parents=True, exist_ok=True)
     paths = [tiny_checkpoint(folder / f"{task}-fold{k}.pt", task=task, seed=k + (0 if task == "malignancy" else 10))
              for k in range(n)]

@@ -21,7 +21,11 @@ import numpy as np
 
 from lidc_cdam.ct.errors import CTError
 from lidc_cdam.ct.values import set_warnings, to_hu, value_warnings
+from lidc_cdam.data.lidc.crops import Geometry
+from lidc_cdam.data.lidc.dicom_series import read_series
 from lidc_cdam.data.lidc.errors import LidcError
+from lidc_cdam.data.lidc.nodules import scan_nodules
+from lidc_cdam.data.lidc.pylidc_compat import import_pylidc
 
 #: window presets (width, level) in HU and as napari contrast limits
 WINDOWS = {"lung": (1500.0, -600.0), "mediastinum": (400.0, 40.0)}
@@ -97,8 +101,6 @@ class CTVolume:
 
     def geometry(self):
         """The grid as :class:`lidc_cdam.data.lidc.crops.Geometry` (what crops are computed from)."""
-        from lidc_cdam.data.lidc.crops import Geometry
-
         return Geometry(tuple(self.spacing), tuple(self.origin), tuple(self.direction), self.shape)
 
     def index_to_world(self, zyx: np.ndarray) -> np.ndarray:
@@ -255,9 +257,6 @@ def read_lidc_scan(scan: Any, dicom_root: str | Path | None = None, with_labels:
     ``with_labels`` the selected nodules' consensus masks (clevel 0.5) go into ``meta["labels"]``
     (uint8 ``[z, y, x]``, nodule k = k + 1) and their ids into ``meta["label_names"]``.
     """
-    from lidc_cdam.data.lidc.dicom_series import read_series
-    from lidc_cdam.data.lidc.pylidc_compat import import_pylidc
-
     pl = import_pylidc(dicom_root)
     if not hasattr(scan, "load_all_dicom_images"):
         query = pl.query(pl.Scan)
@@ -279,8 +278,6 @@ def read_lidc_scan(scan: Any, dicom_root: str | Path | None = None, with_labels:
     vol = CTVolume(series.hu, series.spacing, series.origin, series.direction,
                    name=f"CT {scan.patient_id}", meta=meta)
     if with_labels:
-        from lidc_cdam.data.lidc.nodules import scan_nodules
-
         labels = np.zeros(vol.shape, dtype=np.uint8)
         names = []
         for n, nod in enumerate(scan_nodules(scan), start=1):

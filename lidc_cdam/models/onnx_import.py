@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lidc_cdam.models.backbones import build_backbone
+
 __all__ = ["OnnxImportError", "OnnxViT", "hf_to_timm", "onnx_vit_state_dict", "timm_backbone_from_onnx"]
 
 #: the standard heads per width (ViT-Ti/S/B/L/g); other widths need ``num_heads=``
@@ -281,8 +283,6 @@ def timm_backbone_from_onnx(path: str | os.PathLike, *, image_size: int | tuple[
     whose input size is fixed when exported).
     """
     from timm.layers import resample_abs_pos_embed
-
-    from lidc_cdam.models.backbones import build_backbone
 
     read = onnx_vit_state_dict(path)
     sd = hf_to_timm(read.tensors)

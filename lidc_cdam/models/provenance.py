@@ -24,6 +24,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from lidc_cdam import __version__
 from lidc_cdam.io import sha256_of
 from lidc_cdam.resources import weights_path
 
@@ -40,8 +41,6 @@ file_sha256 = sha256_of
 @cache
 def code_version() -> str:
     """``"lidc-cdam <version>"`` and, in a git checkout, ``"+g<commit>"`` (with ``".dirty"`` for changes)."""
-    from lidc_cdam import __version__
-
     text = f"lidc-cdam {__version__}"
     root = Path(__file__).resolve().parents[2]
     try:

@@ -25,7 +25,7 @@ from torch import nn
 
 from lidc_cdam.models import checkpoint_format
 from lidc_cdam.models.backbones import BackboneAdapter, QKVAttention, adapter_for, build_backbone
-from lidc_cdam.models.backbones.base import ModelInputError, TokenLayout
+from lidc_cdam.models.backbones.base import ModelInputError, TokenLayout, reads
 from lidc_cdam.models.heads import LinearHead
 
 Task = Literal["classification", "regression", "features"]
@@ -148,52 +148,18 @@ class ViTModel(nn.Module):
             self._adapter = adapter_for(self.backbone)
         return self._adapter
 
-    @property
-    def family(self) -> str:
-        """The backbone family, e.g. ``"timm VisionTransformer"``, ``"timm Eva"``."""
-        return self.adapter.family
-
-    @property
-    def last_block(self) -> nn.Module:
-        return self.adapter.last_block
-
-    @property
-    def norm1(self) -> nn.Module:
-        """The last block's first norm: ``T = norm1(X)`` (Eq. 2's ``T``; captum's layer for CDAM)."""
-        return self.adapter.norm1
-
-    @property
-    def embed_dim(self) -> int:
-        return self.adapter.embed_dim
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.adapter.num_prefix_tokens
-
-    @property
-    def has_class_token(self) -> bool:
-        return self.adapter.has_class_token
-
-    @property
-    def in_chans(self) -> int:
-        return self.adapter.in_chans
-
-    @property
-    def patch_size(self) -> tuple[int, ...]:
-        return self.adapter.patch_size
-
-    @property
-    def default_image_size(self) -> tuple[int, ...]:
-        return self.adapter.default_image_size
-
-    @property
-    def depth(self) -> int:
-        return self.adapter.depth
-
-    @property
-    def num_heads(self) -> int:
-        """Heads of the last attention."""
-        return self.adapter.num_heads
+    family = reads("adapter.family", doc='The backbone family, e.g. ``"timm VisionTransformer"``, ``"timm Eva"``.')
+    last_block = reads("adapter.last_block", doc="The last block.")
+    norm1 = reads("adapter.norm1", doc="The last block's first norm: ``T = norm1(X)`` (Eq. 2's ``T``; captum's "
+                  "layer for CDAM).")
+    embed_dim = reads("adapter.embed_dim", doc="The token width ``D``.")
+    num_prefix_tokens = reads("adapter.num_prefix_tokens", doc="The tokens before the patches (CLS, registers).")
+    has_class_token = reads("adapter.has_class_token", doc="True when the first token is a CLS token.")
+    in_chans = reads("adapter.in_chans", doc="The channels of the images the model takes.")
+    patch_size = reads("adapter.patch_size", doc="The patch size, one entry per spatial axis.")
+    default_image_size = reads("adapter.default_image_size", doc="The image size the model is built for.")
+    depth = reads("adapter.depth", doc="The number of blocks.")
+    num_heads = reads("adapter.num_heads", doc="Heads of the last attention.")
 
     @property
     def num_outputs(self) -> int:

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lidc_cdam.cache import cache_dir
 from lidc_cdam.ct.pacs.client import PacsError, Server, calling
 from lidc_cdam.ct.pacs.find import choose_series, search_series
+from lidc_cdam.io import atomic_write, write_json
 
 MARKER = "COMPLETE.json"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -65,8 +67,6 @@ class Fetched:
 
 def cache_root() -> Path:
     """``<lidc-cdam cache>/pacs/series``."""
-    from lidc_cdam.cache import cache_dir
-
     return cache_dir() / "pacs" / "series"
 
 
@@ -109,8 +109,6 @@ def _stop(cancel: Cancel | None) -> bool:
 
 
 def _save(ds: Any, path: Path) -> int:
-    from lidc_cdam.io import atomic_write
-
     atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
     return path.stat().st_size
 
@@ -120,8 +118,6 @@ def fetch_steps(server: Server, study: str, series: str | None = None, *, root: 
     """Fetch ``series`` of ``study`` (default: its largest CT series) into the cache, yielding ``(done, total)``
     instances; returns the :class:`Fetched` series. :class:`PacsError` when the server fails or does not have the
     study or series; :class:`FetchCancelled` when ``cancel`` says so."""
-    from lidc_cdam.io import write_json
-
     start = time.perf_counter()
     study = check_uid(study, "StudyInstanceUID")
     where = f"{server.url}: study {study}"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lidc_cdam.ct.pacs.client import DEFAULT_TIMEOUT, PacsError, Server, calling, quiet_libraries
+from lidc_cdam.io import write_json
 
 STORE_RECORD = "pacs_store.json"
 DEFAULT_AET = "LIDC_CDAM"
@@ -207,8 +208,6 @@ def send_results(out: str | Path, *, summary: dict[str, Any] | None = None, stow
                  timeout: float = DEFAULT_TIMEOUT) -> list[StoreReport]:
     """Store the run's DICOM results (:func:`result_files`) on every destination; write ``out/pacs_store.json``;
     :class:`StoreError` when any file was not stored somewhere (the message says what was and was not)."""
-    from lidc_cdam.io import write_json
-
     out = Path(out)
     files = result_files(out, summary)
     reports = [store_stow(server, files, out=out, progress=progress) for server in stow]

@@ -26,6 +26,10 @@ import numpy as np
 import pandas as pd
 
 from lidc_cdam.data.lidc.errors import LidcError
+from lidc_cdam.data.lidc.folds import read_folds, split
+from lidc_cdam.data.lidc.nodules import BIOMARKERS, read_nodule_table
+from lidc_cdam.io import atomic_write
+from lidc_cdam.resources import manifest_path
 
 DEFINITIONS = "lidc_concepts.yaml"  # shipped in lidc_cdam.data_manifest
 COUNTS = "lidc_concept_counts.csv"
@@ -97,8 +101,6 @@ def _rule(text: Any, rating: str, where: str) -> Rule:
 
 def parse_concept_definitions(data: Any, source: str) -> ConceptSet:
     """A :class:`ConceptSet` from the YAML mapping; :class:`ConceptError` naming ``source`` when malformed."""
-    from lidc_cdam.data.lidc.nodules import BIOMARKERS
-
     if not isinstance(data, dict) or not isinstance(data.get("concepts"), dict) or not data["concepts"]:
         raise ConceptError(f"{source}: expected a mapping with a non-empty 'concepts' mapping")
     similarity = str(data.get("similarity", "dot"))  # checked where the concepts are made (lidc_cdam.ct.concepts)
@@ -132,8 +134,6 @@ def _read(path: str, mtime: float) -> ConceptSet:
 def read_concept_definitions(path: str | Path | None = None) -> ConceptSet:
     """The concept definitions (default: the committed ``data_manifest/lidc_concepts.yaml``)."""
     if path is None:
-        from lidc_cdam.resources import manifest_path
-
         path = manifest_path(DEFINITIONS)
     path = str(path)
     if not os.path.isfile(path):
@@ -144,8 +144,6 @@ def read_concept_definitions(path: str | Path | None = None) -> ConceptSet:
 def training_part(table: pd.DataFrame, fold: int) -> pd.DataFrame:
     """The rows of ``table`` (with a ``fold`` column) in the training part of test fold ``fold``: not the
     test fold, not its validation fold (the next one), as :func:`lidc_cdam.data.lidc.folds.split`."""
-    from lidc_cdam.data.lidc.folds import split
-
     ids = set(split(table[["nodule_id", "fold"]], fold)["train"])
     return table[table["nodule_id"].isin(ids)]
 
@@ -164,9 +162,6 @@ def concept_counts(nodules: pd.DataFrame | None = None, folds: pd.DataFrame | No
     """Per concept and test fold: training-part size and the ``high`` / ``low`` group sizes, and whether the
     concept and its contrast have ``min_examples`` in each group. Default: the committed nodule table
     and folds (the real 862 LIDC-IDRI nodules)."""
-    from lidc_cdam.data.lidc.folds import read_folds
-    from lidc_cdam.data.lidc.nodules import read_nodule_table
-
     concepts = concepts or read_concept_definitions()
     nodules = read_nodule_table() if nodules is None else nodules
     folds = read_folds() if folds is None else folds
@@ -185,16 +180,12 @@ def concept_counts(nodules: pd.DataFrame | None = None, folds: pd.DataFrame | No
 
 def write_concept_counts(path: str | Path) -> Path:
     """Write :func:`concept_counts` of the committed table and folds (``data_manifest/lidc_concept_counts.csv``)."""
-    from lidc_cdam.io import atomic_write
-
     counts = concept_counts()
     return atomic_write(path, lambda tmp: counts.to_csv(tmp, index=False, lineterminator="\n"))
 
 
 if __name__ == "__main__":
     import sys
-
-    from lidc_cdam.resources import manifest_path
 
     # default: the committed table where the package finds its manifests (the checkout, for an editable install)
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else manifest_path(COUNTS)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from lidc_cdam.io import atomic_write
+from lidc_cdam.resources import manifest_path
 
 N_FOLDS = 5
 SEED = 20240  # fixed: the committed data_manifest/lidc_folds.csv was made with it
@@ -40,8 +41,6 @@ def write_folds(folds: pd.DataFrame, path: str | Path) -> Path:
 def read_folds(path: str | Path | None = None) -> pd.DataFrame:
     """A folds table (default: the committed one)."""
     if path is None:
-        from lidc_cdam.resources import manifest_path
-
         path = manifest_path(MANIFEST)
     return pd.read_csv(path)
 

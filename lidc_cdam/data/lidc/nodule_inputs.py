@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from lidc_cdam.data.lidc.errors import LidcError
+from lidc_cdam.data.lidc.folds import read_folds
 from lidc_cdam.data.lidc.model_input import CENTRE, VIEWS, model_inputs, slice_plane
 
 CAUSE_PREFIX = "cause_"
@@ -39,8 +40,6 @@ class NodulePlanes:
 def read_data_table(data_root: str | Path, folds: str | Path | pd.DataFrame | None = None) -> pd.DataFrame:
     """The folder's ``nodules.csv`` joined with a folds table (default: the committed one); only nodules
     in both. Raises :class:`LidcError` naming the file when it is missing or a crop path leaves the folder."""
-    from lidc_cdam.data.lidc.folds import read_folds
-
     root = Path(data_root)
     table_path = root / "nodules.csv"
     if not table_path.is_file():

@@ -23,6 +23,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, ClassVar
 
 import torch
@@ -82,6 +83,24 @@ def heads_for(width: int, num_heads: int | None, source: str, hint: str) -> int:
         raise CheckpointError(f"{source}: cannot infer the number of attention heads for width {width} "
                               f"(known widths: {NUM_HEADS}); pass num_heads=...{hint}")
     return NUM_HEADS[width]
+
+
+def reads(path: str, convert: Callable[[Any], Any] | None = None, doc: str | None = None) -> property:
+    """A read-only property: the attribute at the dotted ``path`` of the object (``"backbone.hidden_dim"``,
+    ``"last_block.attn.num_heads"``), passed through ``convert`` if given. The adapters' (and
+    :class:`~lidc_cdam.models.vit.ViTModel`'s) plain reads of their modules, written once."""
+    get = attrgetter(path)
+    return property(get if convert is None else lambda self: convert(get(self)), doc=doc)
+
+
+def required(doc: str) -> property:
+    """An abstract read-only property of :class:`BackboneAdapter`: each family defines it (often with :func:`reads`)."""
+
+    def get(self: Any) -> Any:
+        raise NotImplementedError
+
+    get.__doc__ = doc
+    return property(abstractmethod(get), doc=doc)
 
 
 @dataclass(frozen=True)
@@ -198,29 +217,12 @@ class BackboneAdapter(ABC):
         return None
 
     # ------------------------------------------------------------------ layout
-    @property
-    @abstractmethod
-    def embed_dim(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def num_prefix_tokens(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def has_class_token(self) -> bool: ...
-
-    @property
-    @abstractmethod
-    def in_chans(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def patch_size(self) -> tuple[int, ...]: ...
-
-    @property
-    @abstractmethod
-    def default_image_size(self) -> tuple[int, ...]: ...
+    embed_dim = required("The token width ``D`` (an ``int``).")
+    num_prefix_tokens = required("The tokens before the patches: CLS and register tokens (an ``int``).")
+    has_class_token = required("True when the first token is a CLS token.")
+    in_chans = required("The channels of the images the model takes (an ``int``).")
+    patch_size = required("The patch size, one ``int`` per spatial axis.")
+    default_image_size = required("The image size the model is built for, one ``int`` per spatial axis.")
 
     @property
     def strict_image_size(self) -> bool:
@@ -232,14 +234,8 @@ class BackboneAdapter(ABC):
         """True when images whose size is not a multiple of the patch size are padded."""
         return False
 
-    @property
-    @abstractmethod
-    def depth(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def num_heads(self) -> int:
-        """Heads of the last attention."""
+    depth = required("The number of blocks (an ``int``).")
+    num_heads = required("Heads of the last attention (an ``int``).")
 
     @abstractmethod
     def grid(self, image_size: tuple[int, ...]) -> tuple[int, ...]:
@@ -290,14 +286,8 @@ class BackboneAdapter(ABC):
         return images
 
     # ----------------------------------------------------------- split forward
-    @property
-    @abstractmethod
-    def last_block(self) -> nn.Module: ...
-
-    @property
-    @abstractmethod
-    def norm1(self) -> nn.Module:
-        """The last block's first norm: ``T = norm1(X)``."""
+    last_block = required("The last block (an ``nn.Module``).")
+    norm1 = required("The last block's first norm: ``T = norm1(X)`` (an ``nn.Module``).")
 
     @abstractmethod
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
@@ -346,10 +336,7 @@ class BackboneAdapter(ABC):
         """Softmax attention of the last block for the ``query`` rows: ``[B, H, n_q, N]`` (Eq. 1)."""
 
     # ------------------------------------------------------------------ head
-    @property
-    @abstractmethod
-    def head(self) -> nn.Module:
-        """The family's own head on the latent."""
+    head = required("The family's own head on the latent (an ``nn.Module``).")
 
     @abstractmethod
     def remove_head(self) -> None:
@@ -377,6 +364,18 @@ class ClassTokenPooling:
 
     def pooled_rows(self, num_tokens: int) -> slice:
         return slice(0, 1)
+
+
+def with_class_token(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """The patch tokens ``[B, N, D]`` with the CLS ``token`` ``[1, 1, D]`` put first."""
+    return torch.cat([token.expand(x.shape[0], -1, -1), x], dim=1)
+
+
+def all_but_last(blocks: nn.ModuleList | nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through every block but the last: the end of a trunk (the residual stream ``X``)."""
+    for blk in blocks[:-1]:
+        x = blk(x)
+    return x
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

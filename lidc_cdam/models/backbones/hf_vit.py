@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 from torch.nn import functional as F
 
-from lidc_cdam.models.backbones.base import BackboneAdapter, QKVAttention, split_heads
+from lidc_cdam.models.backbones.base import BackboneAdapter, QKVAttention, reads, split_heads
 
 #: the classes a checkpoint may name (``build["transformers_class"]``), and the attribute of their inner model
 HF_CLASSES: dict[str, str | None] = {
@@ -87,17 +87,13 @@ class HFAdapterBase(BackboneAdapter):
                 "transformers_config": self.backbone.config.to_diff_dict()}
 
     # ------------------------------------------------------------------ layout
-    @property
-    def embed_dim(self) -> int:
-        return int(self.config.hidden_size)
+    embed_dim = reads("config.hidden_size", int)
 
     @property
     def has_class_token(self) -> bool:
         return True
 
-    @property
-    def in_chans(self) -> int:
-        return int(self.config.num_channels)
+    in_chans = reads("config.num_channels", int)
 
     @property
     def patch_size(self) -> tuple[int, ...]:
@@ -114,9 +110,7 @@ class HFAdapterBase(BackboneAdapter):
     def depth(self) -> int:
         return len(self.layers_of(self.inner))
 
-    @property
-    def num_heads(self) -> int:
-        return int(self.last_block.attention.num_attention_heads)
+    num_heads = reads("last_block.attention.num_attention_heads", int)
 
     @property
     def num_classes(self) -> int:

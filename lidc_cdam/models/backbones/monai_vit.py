@@ -12,6 +12,7 @@ spatial axes: images ``[B, C, D, H, W]`` give a ``(gd, gh, gw)`` grid. Needs ``e
 from __future__ import annotations
 
 import math
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -20,7 +21,15 @@ from monai.networks.blocks.transformerblock import TransformerBlock
 from monai.networks.nets.vit import ViT
 from torch import nn
 
-from lidc_cdam.models.backbones.base import BackboneAdapter, ClassTokenPooling, QKVAttention, split_heads
+from lidc_cdam.models.backbones.base import (
+    BackboneAdapter,
+    ClassTokenPooling,
+    QKVAttention,
+    all_but_last,
+    reads,
+    split_heads,
+    with_class_token,
+)
 
 
 def build_monai_vit(kwargs: dict[str, Any]) -> ViT:
@@ -92,9 +101,7 @@ class MonaiViTAdapter(ClassTokenPooling, BackboneAdapter):
         return {"family": "monai", "monai_kwargs": dict(kwargs)} if kwargs is not None else None
 
     # ------------------------------------------------------------------ layout
-    @property
-    def embed_dim(self) -> int:
-        return int(self.backbone.norm.normalized_shape[0])
+    embed_dim = reads("backbone.norm.normalized_shape", itemgetter(0))
 
     @property
     def in_chans(self) -> int:
@@ -111,13 +118,8 @@ class MonaiViTAdapter(ClassTokenPooling, BackboneAdapter):
     def default_image_size(self) -> tuple[int, ...]:
         return self.image_size_of(self.backbone)
 
-    @property
-    def depth(self) -> int:
-        return len(self.backbone.blocks)
-
-    @property
-    def num_heads(self) -> int:
-        return int(self.last_block.attn.num_heads)
+    depth = reads("backbone.blocks", len)
+    num_heads = reads("last_block.attn.num_heads", int)
 
     def grid(self, image_size: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(s // p for s, p in zip(image_size, self.patch_size, strict=True))
@@ -130,21 +132,12 @@ class MonaiViTAdapter(ClassTokenPooling, BackboneAdapter):
         return int(linear.out_features) if linear is not None else 0
 
     # ----------------------------------------------------------- split forward
-    @property
-    def last_block(self) -> nn.Module:
-        return self.backbone.blocks[-1]
-
-    @property
-    def norm1(self) -> nn.Module:
-        return self.last_block.norm1
+    last_block = reads("backbone.blocks", itemgetter(-1))
+    norm1 = reads("last_block.norm1")
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         bb = self.backbone
-        x = bb.patch_embedding(images)
-        x = torch.cat([bb.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        for blk in bb.blocks[:-1]:
-            x = blk(x)
-        return x
+        return all_but_last(bb.blocks, with_class_token(bb.patch_embedding(images), bb.cls_token))
 
     def block(self, resid: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, ...] | None) -> torch.Tensor:
         blk = self.last_block
@@ -184,9 +177,7 @@ class MonaiViTAdapter(ClassTokenPooling, BackboneAdapter):
         return ((q[..., query, :] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
     # ------------------------------------------------------------------ head
-    @property
-    def head(self) -> nn.Module:
-        return self.backbone.classification_head
+    head = reads("backbone.classification_head")
 
     def remove_head(self) -> None:
         self.backbone.classification_head = nn.Identity()

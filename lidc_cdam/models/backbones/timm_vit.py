@@ -8,6 +8,7 @@ timm's hub (:func:`create_timm_model`: ``pretrained=True`` downloads, with a cle
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any
 
 import timm
@@ -21,9 +22,11 @@ from lidc_cdam.models.backbones.base import (
     CheckpointError,
     PretrainedWeightsUnavailable,
     QKVAttention,
+    all_but_last,
     first_line,
     heads_for,
     numbered,
+    reads,
     split_heads,
     square_side,
 )
@@ -36,57 +39,23 @@ class TimmPatchEmbedLayout:
     backbone: nn.Module
     size_hint = "resize the images or build the timm model with dynamic_img_size=True"
 
-    @property
-    def embed_dim(self) -> int:
-        return int(self.backbone.embed_dim)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.backbone.num_prefix_tokens)
-
-    @property
-    def num_heads(self) -> int:
-        return int(self.last_block.attn.num_heads)
-
-    @property
-    def in_chans(self) -> int:
-        return int(self.backbone.patch_embed.proj.in_channels)
-
-    @property
-    def patch_size(self) -> tuple[int, ...]:
-        return tuple(self.backbone.patch_embed.patch_size)
-
-    @property
-    def default_image_size(self) -> tuple[int, ...]:
-        return tuple(self.backbone.patch_embed.img_size)
-
-    @property
-    def strict_image_size(self) -> bool:
-        return bool(self.backbone.patch_embed.strict_img_size)
-
-    @property
-    def pads_images(self) -> bool:
-        return bool(self.backbone.patch_embed.dynamic_img_pad)
+    embed_dim = reads("backbone.embed_dim", int)
+    num_prefix_tokens = reads("backbone.num_prefix_tokens", int)
+    num_heads = reads("last_block.attn.num_heads", int)
+    in_chans = reads("backbone.patch_embed.proj.in_channels", int)
+    patch_size = reads("backbone.patch_embed.patch_size", tuple)
+    default_image_size = reads("backbone.patch_embed.img_size", tuple)
+    strict_image_size = reads("backbone.patch_embed.strict_img_size", bool)
+    pads_images = reads("backbone.patch_embed.dynamic_img_pad", bool)
 
     def grid(self, image_size: tuple[int, ...]) -> tuple[int, ...]:
         pe = self.backbone.patch_embed
         return tuple(pe.grid_size) if pe.strict_img_size else tuple(pe.dynamic_feat_size(tuple(image_size)))
 
-    @property
-    def depth(self) -> int:
-        return len(self.backbone.blocks)
-
-    @property
-    def last_block(self) -> nn.Module:
-        return self.backbone.blocks[-1]
-
-    @property
-    def norm1(self) -> nn.Module:
-        return self.backbone.blocks[-1].norm1
-
-    @property
-    def head(self) -> nn.Module:
-        return self.backbone.head
+    depth = reads("backbone.blocks", len)
+    last_block = reads("backbone.blocks", itemgetter(-1))
+    norm1 = reads("last_block.norm1")
+    head = reads("backbone.head")
 
     def remove_head(self) -> None:
         self.backbone.reset_classifier(0)
@@ -179,16 +148,11 @@ class TimmViTAdapter(TimmPatchEmbedLayout, BackboneAdapter):
             inferred.pop("mlp_ratio", None)  # SwiGLU: the timm model name sets it
         return {"timm_name": name, "timm_kwargs": inferred}
 
-    @property
-    def has_class_token(self) -> bool:
-        return bool(self.backbone.has_class_token)
+    has_class_token = reads("backbone.has_class_token", bool)
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         bb = self.backbone
-        x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
-        for block in bb.blocks[:-1]:
-            x = block(x)
-        return x
+        return all_but_last(bb.blocks, bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images)))))
 
     def block(self, resid: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, ...] | None) -> torch.Tensor:
         blk = self.last_block

@@ -11,6 +11,7 @@ such as ``vit_b_16``; without a name the class). A plain state dict (``conv_proj
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -24,10 +25,13 @@ from lidc_cdam.models.backbones.base import (
     CheckpointError,
     ClassTokenPooling,
     QKVAttention,
+    all_but_last,
     heads_for,
     numbered,
+    reads,
     split_heads,
     square_side,
+    with_class_token,
 )
 
 
@@ -102,9 +106,7 @@ class TorchvisionViTAdapter(ClassTokenPooling, BackboneAdapter):
         if not backbone.encoder.layers[-1].self_attention._qkv_same_embed_dim:
             raise TypeError("torchvision VisionTransformer: the last attention has separate q, k, v projections")
 
-    @property
-    def embed_dim(self) -> int:
-        return int(self.backbone.hidden_dim)
+    embed_dim = reads("backbone.hidden_dim", int)
 
     @property
     def in_chans(self) -> int:
@@ -120,34 +122,20 @@ class TorchvisionViTAdapter(ClassTokenPooling, BackboneAdapter):
     def default_image_size(self) -> tuple[int, ...]:
         return (int(self.backbone.image_size),) * 2
 
-    @property
-    def depth(self) -> int:
-        return len(self.backbone.encoder.layers)
-
-    @property
-    def num_heads(self) -> int:
-        return int(self.last_block.self_attention.num_heads)
+    depth = reads("backbone.encoder.layers", len)
+    num_heads = reads("last_block.self_attention.num_heads", int)
 
     def grid(self, image_size: tuple[int, ...]) -> tuple[int, ...]:
         side = int(self.backbone.image_size) // int(self.backbone.patch_size)
         return (side, side)
 
-    @property
-    def last_block(self) -> nn.Module:
-        return self.backbone.encoder.layers[-1]
-
-    @property
-    def norm1(self) -> nn.Module:
-        return self.last_block.ln_1
+    last_block = reads("backbone.encoder.layers", itemgetter(-1))
+    norm1 = reads("last_block.ln_1")
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         bb = self.backbone
-        x = bb._process_input(images)
-        x = torch.cat([bb.class_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = bb.encoder.dropout(x + bb.encoder.pos_embedding)
-        for layer in bb.encoder.layers[:-1]:
-            x = layer(x)
-        return x
+        x = with_class_token(bb._process_input(images), bb.class_token)
+        return all_but_last(bb.encoder.layers, bb.encoder.dropout(x + bb.encoder.pos_embedding))
 
     def block(self, resid: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, ...] | None) -> torch.Tensor:
         blk = self.last_block
@@ -177,9 +165,7 @@ class TorchvisionViTAdapter(ClassTokenPooling, BackboneAdapter):
                    F.linear(tokens, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1))
         return ((q[..., query, :] * mha.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
 
-    @property
-    def head(self) -> nn.Module:
-        return self.backbone.heads
+    head = reads("backbone.heads")
 
     def remove_head(self) -> None:
         self.backbone.heads = nn.Identity()
