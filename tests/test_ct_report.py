@@ -136,7 +136,7 @@ def test_the_training_data_the_phantom_line_and_the_flags_measured_rates(tmp_pat
     _, pdf = write_point_report(entry, crop, maps, tmp_path)
     text = pdf_text(pdf.read_bytes())
     assert PHANTOM_WARNING in text
-    assert ("trained on synthetic phantoms (fold 0 of tiny-phantom-malignancy, 133 train / 36 val / 49 test "
+    assert ("trained on synthetic phantoms (fold 0 of tiny-phantom-malignancy, 516 train / 173 val / 172 test "
             "nodules") in text
     in_domain, real = measured_rates("domain")
     assert (f"the flag flags {100 * in_domain:.0f} % of unseen training-like crops, {100 * real:.0f} % of "

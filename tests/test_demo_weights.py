@@ -123,7 +123,7 @@ def test_shipped_models_say_what_they_were_trained_on():
                                                   "code_version", "date"}
         assert provenance["kind"] == ("other" if name == "digits-vit" else "phantom")
     mal = load_shipped("phantom-malignancy")
-    assert mal.meta["provenance"]["counts"] == {"train": 133, "val": 36, "test": 49}
+    assert mal.meta["provenance"]["counts"] == {"train": 516, "val": 173, "test": 172}
     assert phantom_warning(mal.meta["provenance"]) == PHANTOM_WARNING
     assert training_data([mal])["phantom_warning"] == PHANTOM_WARNING
     assert training_data([load_shipped("digits-vit")])["phantom_warning"] is None

@@ -137,18 +137,14 @@ def summary_markdown(config: TrainConfig, summary: pd.DataFrame, per_fold: pd.Da
         cells = [("n/a" if not np.isfinite(row[f"{c} mean"]) else f"{row[f'{c} mean']:.3f}"
                   + (f" ± {row[f'{c} sd']:.3f}" if np.isfinite(row[f"{c} sd"]) else "")) for c in main]
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {int(row['folds'])} |")
-    per_output = [c for c in summary.columns if c.startswith("mse_") and c.endswith(" mean")]
-    if per_output:
-        lines += ["", "MSE per biomarker (standardised units):", "",
-                  "| model | " + " | ".join(c[4:-5] for c in per_output) + " |", "|---|" + "---:|" * len(per_output)]
-        for model, row in summary.iterrows():
-            lines.append(f"| {model} | " + " | ".join(f"{row[c]:.3f}" for c in per_output) + " |")
-    per_r2 = [c for c in summary.columns if c.startswith("r2_") and c.endswith(" mean")]
-    if per_r2:
-        lines += ["", "Held-out R^2 per biomarker (1 - MSE / variance of the test part's ratings):", "",
-                  "| model | " + " | ".join(c[3:-5] for c in per_r2) + " |", "|---|" + "---:|" * len(per_r2)]
-        for model, row in summary.iterrows():
-            lines.append(f"| {model} | " + " | ".join(f"{row[c]:.3f}" for c in per_r2) + " |")
+    for prefix, title in (("mse_", "MSE per biomarker (standardised units):"),
+                          ("r2_", "Held-out R^2 per biomarker (1 - MSE / variance of the test part's ratings):")):
+        columns = [c for c in summary.columns if c.startswith(prefix) and c.endswith(" mean")]
+        if columns:
+            lines += ["", title, "", "| model | " + " | ".join(c[len(prefix):-5] for c in columns) + " |",
+                      "|---|" + "---:|" * len(columns)]
+            lines += [f"| {model} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |"
+                      for model, row in summary.iterrows()]
     return "\n".join(lines) + "\n"
 
 
