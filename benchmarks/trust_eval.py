@@ -95,7 +95,8 @@ def markdown(result: dict[str, Any]) -> str:
     for method, p in result["pooled"].items():
         lines.append(f"- {method}: flags {100 * p['in_domain_flagged']:.1f} % of held-out crops, "
                      f"{100 * p['real_ct_flagged']:.1f} % of real-CT crops; lowest AUROC {p['min_auroc']:.3f}")
-    lines += ["", "Version 2 (one mean instead of two cluster means, one cross-fitting; the commit before version 3, on the models shipped before the phantoms rendered every biomarker's cause): "
+    lines += ["", "Version 2 (one mean instead of two cluster means, one cross-fitting; the commit before version 3, "
+              "on the models shipped before the phantoms rendered every biomarker's cause): "
               "phantom-malignancy AUROC 0.988, 97.9 % real CT flagged, 2.0 % held-out; phantom-biomarkers 0.976, "
               "81.3 %, 2.0 %."]
     if result.get("cost"):
