@@ -185,3 +185,15 @@ def test_held_out_r_squared():
     test = pd.DataFrame({"a": [10.0, 11.0]})  # a shifted test part: the training mean does worse than 0
     baseline = training_mean_mse(train, test, ["a"])
     assert baseline["r2_a"] < 0
+
+
+def test_each_fold_starts_from_its_own_backbone():
+    from lidc_cdam.resources import config_dir
+    from lidc_cdam.train.config import load_train_config
+
+    preset = config_dir("train") / "tiny-phantom-malignancy.yaml"
+    config = load_train_config(preset, ["backbone.checkpoint=runs/bio/fold{fold}/best.pt"])
+    assert config.for_fold(3).backbone.checkpoint == "runs/bio/fold3/best.pt"
+    assert config.for_fold(3).fingerprint() != config.for_fold(2).fingerprint()
+    plain = load_train_config(preset, [])
+    assert plain.for_fold(1) is plain  # no checkpoint: from scratch, unchanged
