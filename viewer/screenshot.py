@@ -12,7 +12,7 @@ Without ``--checkpoint`` a tiny *random* model is used (the maps then mean nothi
 the layer name). The docs images are made with the two shipped demo models
 (``--checkpoint lidc_cdam/models/weights/phantom-malignancy.pt``
 ``--checkpoint lidc_cdam/models/weights/phantom-biomarkers.pt``) and, for the ensemble view, five folds trained
-on the phantoms; ``docs/README.md`` lists the commands. With ``--point`` (patient mm, LPS; repeat) the widget
+on the phantoms; ``viewer/README.md`` lists the commands. With ``--point`` (patient mm, LPS; repeat) the widget
 is in point mode and explains the last point; ``--models`` picks the ensemble view. Needs a display: run it
 under ``xvfb-run -a`` on a headless machine.
 """
