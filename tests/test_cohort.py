@@ -99,7 +99,7 @@ def test_concepts_are_mean_latents_of_the_training_part_only(tmp_path):
         concept_targets(model, root, 0, ["big-contrast"], folds=folds, definitions=definitions)
     # the concept explains like any target
     maps = explain(model, images[:2], [big], method="cdam")
-    assert maps.maps.shape == (2, 1, 8, 8) and maps.target_names[0] == ["big"]
+    assert maps.maps.shape == (2, 1, 16, 16) and maps.target_names[0] == ["big"]  # patch 4 on 64 px
 
 
 def test_box_changes_of_several_outputs_equal_one_by_one():

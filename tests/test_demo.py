@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from lidc_cdam.pipelines.cli import main
+from lidc_cdam.pipelines.demo_lidc import WHAT_IF
 
 from lidc_cdam.resources import manifest_path
 
@@ -47,16 +48,20 @@ def test_lidc_demo_explains_every_biomarker_with_the_shipped_models(tmp_path, ca
     assert "NOT CT" in summary["note"] and "NOT CT" in capsys.readouterr().out
     assert summary["models"] == "shipped"
     assert summary["training"]["malignancy"]["checkpoint"] == str(shipped_checkpoint("phantom-malignancy"))
-    assert len(summary["nodules"]) == 3
+    assert len(summary["nodules"]) == 4  # three test nodules and the what-if nodule
+    what_if = summary["nodules"][-1]
+    assert what_if["nodule_id"] == f"{WHAT_IF[0]}-what-if"
+    assert {k: what_if["biomarkers_rated"][k] for k in WHAT_IF[1]} == WHAT_IF[1]  # the changed ratings
     folds = pd.read_csv(manifest_path("lidc_folds.csv")).set_index("nodule_id")["fold"]
+    assert folds[WHAT_IF[0]] == 0
     for nodule in summary["nodules"]:
-        assert folds[nodule["nodule_id"]] == 0  # test nodules: never seen in training
+        assert folds[nodule["nodule_id"].removesuffix("-what-if")] == 0  # test nodules: never seen in training
         assert 0 <= nodule["p_malignant"] <= 1
         assert set(nodule["biomarkers_predicted"]) == set(nodule["biomarkers_rated"])
         assert len(nodule["biomarkers_rated"]) == 8
         assert Path(nodule["figure"]).read_bytes()[:4] == b"\x89PNG"
     maps = np.load(out / "maps.npz")
-    assert maps["cdam_malignancy"].shape == (3, 1, 8, 8) and maps["cdam_biomarkers"].shape == (3, 8, 8, 8)
+    assert maps["cdam_malignancy"].shape == (4, 1, 16, 16) and maps["cdam_biomarkers"].shape == (4, 8, 16, 16)
     assert np.abs(maps["cdam_biomarkers"]).sum(axis=(2, 3)).min() > 0  # a map for every biomarker
 
 
@@ -76,4 +81,4 @@ def test_lidc_demo_retrain_trains_afresh_with_the_same_code(tmp_path):
         checkpoint = Path(summary["training"][task]["checkpoint"])
         assert checkpoint.is_file() and checkpoint != shipped_checkpoint(f"phantom-{task}")
         assert json.loads((checkpoint.parent / "result.json").read_text())["test_metrics"]
-    assert len(summary["nodules"]) == 2
+    assert len(summary["nodules"]) == 3  # two test nodules and the what-if nodule
