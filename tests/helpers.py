@@ -51,3 +51,11 @@ def torchrun(nproc: int = 2) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def from_the_shipped_biomarker_model() -> str:
+    """The ``--set`` that starts a phantom malignancy model from the shipped biomarker model's backbone, as the
+    shipped malignancy model started (fold 0: the phantoms of fold 0's test part were never trained on)."""
+    from lidc_cdam.models.demo_weights import shipped_checkpoint
+
+    return f"backbone.checkpoint={shipped_checkpoint('phantom-biomarkers')}"

@@ -159,7 +159,7 @@ def test_biomarker_regression_reports_mse_per_biomarker(toy, tmp_path):
     per_output = history[[f"val_mse_{n}" for n in names]].mean(axis=1).to_numpy()
     assert per_output == pytest.approx(history["val_mse"].to_numpy())
     assert history["val_mse"].iloc[-1] < history["val_mse"].iloc[0]
-    assert set(result["test_metrics"]) == {"mse", *(f"mse_{n}" for n in names)}
+    assert set(result["test_metrics"]) == {"mse", *(f"mse_{n}" for n in names), "r2", *(f"r2_{n}" for n in names)}
     assert load_model(tmp_path / "best.pt").task == "regression"
 
 
