@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--all", action="store_true", help="every selected nodule (862)")
     which.add_argument("--patients", nargs="+", metavar="SCAN",
                        help="these scans: patient ids (LIDC-IDRI-0001), pylidc scan ids or series UIDs")
+    parser.add_argument("--variants", type=int, default=0, metavar="K",
+                        help="also K training variants of each nodule, every rating drawn on its own "
+                             "(variants.csv; for biomarker models with data.variants: true; default 0)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -28,10 +31,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lidc_cdam.data.lidc.phantoms import build_phantoms
     from lidc_cdam.data.lidc.preprocess import default_workers, progress_default
 
+    if args.variants < 0:
+        raise SystemExit(f"lidc-cdam phantoms: --variants must be 0 or more, got {args.variants}")
     n_scans = None if (args.all or args.patients) else args.scans
-    summary = build_phantoms(args.out, scans=args.patients, n_scans=n_scans,
+    summary = build_phantoms(args.out, scans=args.patients, n_scans=n_scans, variants=args.variants,
                              workers=args.workers or default_workers(),
                              progress=progress_default() and not args.no_progress)
     print(f"{summary['nodules']} phantom nodules ({summary['benign']} benign / {summary['malignant']} malignant) "
           f"from {summary['scans']} scans in {args.out}/ - rendered from annotations, not CT")
+    if summary.get("variants"):
+        print(f"{summary['variants']} training variants in {args.out}/variants.csv")
     return summary

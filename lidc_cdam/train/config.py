@@ -51,6 +51,7 @@ class DataConfig:
     view: str = "axial"  # or "3d": the whole crop as [1, S, S, S] (S = image_size), for a 3D backbone
     image_size: int = 224
     augment: bool = True  # random slice 14-18 and 90-degree rotations when training
+    variants: bool = False  # also train on the phantoms' training variants (lidc-cdam phantoms --variants K)
     num_workers: int = 0
 
 

@@ -118,7 +118,7 @@ METRIC_COLUMNS = ("accuracy", "auc", "mse", "r2")
 
 def summarise(per_fold: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd over folds per model, for the test metrics."""
-    columns = [c for c in per_fold.columns if c in METRIC_COLUMNS or c.startswith(("mse_", "r2_"))]
+    columns = [c for c in per_fold.columns if c in METRIC_COLUMNS or c.startswith(("mse_", "r2_", "variants_r2"))]
     grouped = per_fold.groupby("model", sort=False)[columns]
     summary = pd.concat({"mean": grouped.mean(), "sd": grouped.std(ddof=1)}, axis=1)
     summary.columns = [f"{c} {stat}" for stat, c in summary.columns]
@@ -138,7 +138,9 @@ def summary_markdown(config: TrainConfig, summary: pd.DataFrame, per_fold: pd.Da
                   + (f" ± {row[f'{c} sd']:.3f}" if np.isfinite(row[f"{c} sd"]) else "")) for c in main]
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {int(row['folds'])} |")
     for prefix, title in (("mse_", "MSE per biomarker (standardised units):"),
-                          ("r2_", "Held-out R^2 per biomarker (1 - MSE / variance of the test part's ratings):")):
+                          ("r2_", "Held-out R^2 per biomarker (1 - MSE / variance of the test part's ratings):"),
+                          ("variants_r2_", "Held-out R^2 on the test nodules' variants (every rating drawn on its "
+                                           "own: a model scores only where it reads that biomarker's own cause):")):
         columns = [c for c in summary.columns if c.startswith(prefix) and c.endswith(" mean")]
         if columns:
             lines += ["", title, "", "| model | " + " | ".join(c[len(prefix):-5] for c in columns) + " |",

@@ -43,6 +43,9 @@ class FoldData:
     output_names: list[str]
     fold: int
     test: Dataset | None = None  # scored once with the best checkpoint
+    #: the test nodules' phantom training variants (every rating drawn on its own): scored once too, their R^2
+    #: says whether the model reads each biomarker's own cause rather than cues correlated with it
+    test_variants: Dataset | None = None
     trust: Dataset | None = None  # the training part without augmentation (trust flag); default ``train``
     #: the training part's crop files (``[32, 32, 32]`` HU), for the version-3 trust flag (the crop's slices)
     trust_crops: list[str] | None = None
@@ -292,6 +295,9 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
             best = ViTModel.from_checkpoint(out / "best.pt").to(process.device)
             result["test_metrics"], predictions = evaluate_model(best, data.test, config, process.device)
             atomic_write(out / "test_predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
+            if data.test_variants is not None and config.task == "biomarkers":
+                metrics, _ = evaluate_model(best, data.test_variants, config, process.device)
+                result["test_metrics"].update({f"variants_{k}": v for k, v in metrics.items() if k.startswith("r2")})
         write_json(out / "result.json", result)
     return result
 

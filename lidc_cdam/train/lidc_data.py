@@ -68,7 +68,8 @@ def lidc_fold_data(config: TrainConfig, fold: int) -> FoldData:
     parts = lidc_datasets(root, fold=fold, view=config.data.view,
                           task="classification" if config.task == "malignancy" else "regression",
                           folds=config.data.folds, seed=config.seed,
-                          rotate_prob=0.75 if config.data.augment else 0.0, size=config.data.image_size)
+                          rotate_prob=0.75 if config.data.augment else 0.0, size=config.data.image_size,
+                          variants=config.data.variants)
     check_validation_size(parts["tables"]["val"], fold, config.task)
     stats = parts["stats"].as_dict()
     input_stats = {"mean": stats["mean"], "std": stats["std"], "view": config.data.view,
@@ -80,6 +81,9 @@ def lidc_fold_data(config: TrainConfig, fold: int) -> FoldData:
     target_stats = ({"names": stats["biomarkers"], "mean": stats["biomarker_mean"], "std": stats["biomarker_std"]}
                     if config.task == "biomarkers" else None)
     info = {"root": str(root), "fold": fold, "sizes": {k: len(parts["tables"][k]) for k in ("train", "val", "test")}}
+    if "train_variants" in parts["tables"]:
+        info["train_variants"] = len(parts["tables"]["train_variants"])
+        info["variants_sha256"] = file_sha256(root / "variants.csv")
     if (root / "PHANTOM.txt").exists() or "phantom" in str(parts["tables"]["train"].get("source", "")).lower():
         info["phantom"] = True
     info["kind"] = "phantom" if info.get("phantom") else "lidc-idri"  # crops of `lidc-cdam preprocess` (LIDC-IDRI)
@@ -91,6 +95,7 @@ def lidc_fold_data(config: TrainConfig, fold: int) -> FoldData:
                                task="classification" if config.task == "malignancy" else "regression",
                                target_stats=target_stats)  # the training part without augmentation
     return FoldData(parts["train"], parts["val"], output_names(config.task), fold, test=parts["test"],
+                    test_variants=parts.get("test_variants") if config.task == "biomarkers" else None,
                     input_stats=input_stats, target_stats=target_stats, info=info, trust=trust,
                     trust_crops=trust_crops)
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import Dataset
+from monai.data import CacheDataset, Dataset
 from monai.transforms import (
     Compose,
     MapTransform,
@@ -35,6 +35,7 @@ from monai.transforms import (
     ToTensord,
 )
 
+from lidc_cdam.data.lidc.errors import LidcError
 from lidc_cdam.data.lidc.folds import read_folds
 from lidc_cdam.data.lidc.model_input import (
     CENTRE,
@@ -249,15 +250,31 @@ def checkpoint_dataset(data_dir: str | Path, nodule_ids: list[str], input_stats:
     return Dataset(_records(table, stats, task), transform=tf)
 
 
+def _variants_of(root: Path, part: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``root/variants.csv`` whose parent is a nodule of ``part``."""
+    path = root / "variants.csv"
+    if not path.exists():
+        raise LidcError(f"{root}: data.variants is set but there is no variants.csv; render the phantoms with "
+                        f"training variants: lidc-cdam phantoms --out {root} --all --variants 2")
+    table = pd.read_csv(path)
+    check_crop_paths(table, root, "variants.csv")
+    return table[table["parent_id"].isin(set(part["nodule_id"]))].reset_index(drop=True)
+
+
 def lidc_datasets(data_dir: str | Path, fold: int = 0, view: str = "axial", task: str = "classification",
                   folds: str | Path | pd.DataFrame | None = None, val_fold: int | None = None,
-                  seed: int = 0, rotate_prob: float = 0.75, size: int = IMAGE_SIZE) -> dict[str, Any]:
+                  seed: int = 0, rotate_prob: float = 0.75, size: int = IMAGE_SIZE,
+                  variants: bool = False) -> dict[str, Any]:
     """``{"train", "val", "test"}`` MONAI datasets (+ ``"stats"``, ``"tables"``) for one fold.
 
     ``data_dir``: an output folder of ``lidc-cdam preprocess`` or ``lidc-cdam phantoms``; ``folds``: a folds
     table (default: the committed ``data_manifest/lidc_folds.csv``); test = ``fold``, val = ``val_fold``
     (default the next fold; -1 for none), train = the rest. Statistics come from the training part only.
-    ``size``: the model's input size (224 for the paper's backbones).
+    ``size``: the model's input size (224 for the paper's backbones). ``variants``: the training dataset also
+    holds the phantom training variants of its nodules (``variants.csv`` of ``lidc-cdam phantoms --variants K``,
+    ``tables["train_variants"]``); ``tables["train"]`` stays the nodules themselves, and validation and test
+    never see a variant. ``"test_variants"`` (dataset and table) are the test nodules' variants, scored apart:
+    their ratings are drawn on their own, so only a model that reads each cause predicts them.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -272,12 +289,20 @@ def lidc_datasets(data_dir: str | Path, fold: int = 0, view: str = "axial", task
              "train": table[~table["fold"].isin([fold, val_fold])]}
     if parts["train"].empty:
         raise ValueError(f"fold {fold}: no training nodules in {root}")
-    stats = fit_stats(parts["train"], root)
+    rows = dict(parts)
+    if variants:
+        rows["train"] = pd.concat([parts["train"], _variants_of(root, parts["train"])], ignore_index=True)
+        rows["test_variants"] = _variants_of(root, parts["test"])
+        parts = {**parts, "train_variants": rows["train"].iloc[len(parts["train"]):],
+                 "test_variants": rows["test_variants"]}
+    stats = fit_stats(rows["train"], root)
     out: dict[str, Any] = {"stats": stats, "tables": parts}
-    for name, part in parts.items():
-        train = name == "train"
+    for name in rows:
+        part, train = rows[name], name == "train"
         tf = transforms(stats, view=view, train=train, root=root, rotate_prob=rotate_prob, size=size)
         if train:
             tf.set_random_state(seed=seed)
-        out[name] = Dataset(_records(part.reset_index(drop=True), stats, task), transform=tf)
+        # the loaded crops are cached (a crop is ~0.25 MB as float32): the random slice and rotation still run
+        # per item, but no epoch reads the files again (half of a tiny model's epoch was file loading)
+        out[name] = CacheDataset(_records(part.reset_index(drop=True), stats, task), transform=tf, progress=False)
     return out

@@ -54,14 +54,14 @@ def read_data_table(data_root: str | Path, folds: str | Path | pd.DataFrame | No
     return nodules.merge(fold_table[["nodule_id", "fold"]], on="nodule_id", how="inner", validate="one_to_one")
 
 
-def check_crop_paths(nodules: pd.DataFrame, root: Path) -> None:
+def check_crop_paths(nodules: pd.DataFrame, root: Path, table: str = "nodules.csv") -> None:
     """Every ``crop_path`` of a nodule table is relative and stays inside the data folder (a table is
     input like any other file: ``../`` or absolute paths are refused)."""
     base = root.resolve()
     for nodule, rel in zip(nodules["nodule_id"], nodules["crop_path"], strict=True):
         path = Path(str(rel))
         if path.is_absolute() or not (base / path).resolve().is_relative_to(base):
-            raise LidcError(f"{root / 'nodules.csv'}: crop_path of {nodule} ({rel}) leaves the data folder")
+            raise LidcError(f"{root / table}: crop_path of {nodule} ({rel}) leaves the data folder")
 
 
 def load_planes(data_root: str | Path, table: pd.DataFrame, view: str) -> NodulePlanes:

@@ -7,6 +7,8 @@ database and re-exports them. Keeping them here means neither of those two modul
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -68,3 +70,33 @@ def render_phantom(nodule: Any, geom: Geometry, size: int = CROP) -> dict[str, n
     image = np.clip(np.rint(image), *HU_WINDOW).astype(np.int16)
     causes = {f"cause_{target}": regions[region].astype(np.uint8) for target, region in CAUSE_REGION.items()}
     return {"image": image, "mask": mask.astype(np.uint8), "start_resampled": start, **causes}
+
+
+RATED = tuple(Ratings.__dataclass_fields__)
+
+
+@lru_cache(maxsize=1)
+def _rating_pool() -> dict[str, tuple[float, ...]]:
+    """The distinct values each mean rating takes over the committed nodule table (the selected nodules)."""
+    from lidc_cdam.data.lidc.nodules import read_nodule_table
+
+    table = read_nodule_table()
+    return {k: tuple(sorted({round(float(v), 4) for v in table[k]})) for k in RATED}
+
+
+def variant_ratings(nodule_id: str, k: int) -> dict[str, float]:
+    """The mean ratings of variant ``k`` (1, 2, ...) of a nodule: each rating drawn on its own, uniformly over
+    the distinct values it takes among the selected nodules (seeded by the id and ``k``). The correlations
+    between ratings (sphericity with spiculation, calcification with texture, ...) are broken, and the rare
+    ratings (calcified, ground glass, spiculated) are as common as the frequent ones."""
+    pool = _rating_pool()
+    rng = np.random.default_rng(zlib.crc32(f"{nodule_id}/variant{k}".encode()))
+    return {name: pool[name][int(rng.integers(len(pool[name])))] for name in RATED}
+
+
+def render_variant(nodule: Any, geom: Geometry, k: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Variant ``k`` of a phantom: the same contour and lung background as :func:`render_phantom`, the causes of
+    :func:`variant_ratings` (training data in which every cause varies on its own). Returns the crop and the
+    ratings it was rendered with."""
+    ratings = variant_ratings(nodule.row["nodule_id"], k)
+    return render_phantom(replace(nodule, row={**nodule.row, **ratings}), geom), ratings

