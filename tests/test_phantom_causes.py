@@ -185,6 +185,9 @@ def test_held_out_r_squared():
     test = pd.DataFrame({"a": [10.0, 11.0]})  # a shifted test part: the training mean does worse than 0
     baseline = training_mean_mse(train, test, ["a"])
     assert baseline["r2_a"] < 0
+    # in the model's units (a wider std, as with phantom variants): MSE scales, R^2 does not
+    wider = training_mean_mse(train, test, ["a"], scale=[2 * float(train["a"].std(ddof=0))])
+    assert wider["mse_a"] == pytest.approx(baseline["mse_a"] / 4) and wider["r2_a"] == pytest.approx(baseline["r2_a"])
 
 
 def test_each_fold_starts_from_its_own_backbone():

@@ -55,9 +55,13 @@ def biomarker_logistic_regression(train: pd.DataFrame, test: pd.DataFrame) -> di
             "auc": float(roc_auc_score(yt, p)) if len(set(yt)) == 2 else np.nan}
 
 
-def training_mean_mse(train: pd.DataFrame, test: pd.DataFrame, names: list[str]) -> dict[str, float]:
-    """MSE of predicting the training mean, in units standardised with the training statistics."""
+def training_mean_mse(train: pd.DataFrame, test: pd.DataFrame, names: list[str],
+                      scale: list[float] | None = None) -> dict[str, float]:
+    """MSE of predicting the training mean, in units standardised with the training statistics, or with
+    ``scale`` (the model's target std, e.g. fitted with the phantom variants) so that both MSEs share units."""
     mean, std = train[names].mean(), train[names].std(ddof=0).replace(0, 1)
+    if scale is not None:
+        std = pd.Series(np.asarray(scale, dtype=float), index=names).replace(0, 1)
     standardised = (test[names] - mean) / std
     per = (standardised**2).mean()
     return {"mse": float(per.mean()), **{f"mse_{n}": float(v) for n, v in per.items()},
@@ -65,14 +69,14 @@ def training_mean_mse(train: pd.DataFrame, test: pd.DataFrame, names: list[str])
 
 
 def baselines(config: TrainConfig, nodules: pd.DataFrame, split: dict[str, list[str]],
-              output_names: list[str]) -> dict[str, dict[str, float]]:
+              output_names: list[str], scale: list[float] | None = None) -> dict[str, dict[str, float]]:
     table = nodules.set_index("nodule_id")
     fit = table.loc[[*split["train"], *split["val"]]]
     test = table.loc[split["test"]]
     if config.task == "malignancy":
         return {"diameter threshold": diameter_threshold(fit, test),
                 "logistic regression (8 biomarkers)": biomarker_logistic_regression(fit, test)}
-    return {"training mean": training_mean_mse(fit, test, output_names)}
+    return {"training mean": training_mean_mse(fit, test, output_names, scale)}
 
 
 def run_cross_validation(
@@ -99,7 +103,10 @@ def run_cross_validation(
         rows.append({"model": config.name, "fold": fold, "best_epoch": result["best_epoch"],
                      "seconds_per_epoch": result["seconds_per_epoch"], **result.get("test_metrics", {})})
         if nodules is not None and splits is not None:
-            for name, metrics in baselines(config, nodules, splits(fold), data.output_names).items():
+            # with phantom variants the model's targets are standardised with their std too: the baseline's
+            # MSE is given in the same units
+            scale = (data.target_stats or {}).get("std") if data.info.get("train_variants") else None
+            for name, metrics in baselines(config, nodules, splits(fold), data.output_names, scale).items():
                 rows.append({"model": name, "fold": fold, **metrics})
     if not process.main:
         return None
