@@ -83,7 +83,7 @@ def test_table_rebuild_for_some_patients_matches_committed_rows_and_is_determini
 
 @pytest.mark.slow
 def test_committed_table_equals_a_full_rebuild(tmp_path):
-    """The whole database (about 2 minutes on two cores)."""
+    """The whole database (about a minute on two cores)."""
     table = nod.build_nodule_table(workers=2)
     assert nod.counts(table) == {"candidates": 862, "benign": 447, "malignant": 415}
     nod.write_nodule_table(table, tmp_path / "lidc_nodules.csv")

