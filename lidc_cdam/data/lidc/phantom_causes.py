@@ -63,6 +63,15 @@ def _ball(radius: float) -> np.ndarray:
     return (g**2).sum(0) <= radius**2 + 1e-9
 
 
+def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
+    """``binary_dilation(mask, _ball(radius))``, the same voxels, from the exact Euclidean distance transform (a
+    voxel is in it when a mask voxel lies within ``radius``; the squared distances are integers): many times
+    faster than the dilation with a large ball (6 mm: ~30x; with a small one scipy's dilation is faster)."""
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=bool)
+    return distance_transform_edt(~mask) ** 2 <= radius**2 + 1e-9
+
+
 def _grid(shape: tuple[int, ...]) -> np.ndarray:
     return np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"))
 
@@ -180,7 +189,7 @@ def cause_regions(mask: np.ndarray, core: np.ndarray, spike_mask: np.ndarray) ->
     inner = binary_erosion(mask, _ball(2.0))
     near = binary_dilation(mask, _ball(2.0))
     return {"nodule": mask, "boundary": near & ~inner, "interior": mask & ~core, "core": core,
-            "spikes": spike_mask, "surround": binary_dilation(mask, _ball(6.0)) & ~near}
+            "spikes": spike_mask, "surround": _dilate(mask, 6.0) & ~near}
 
 
 def surround_weight(mask: np.ndarray) -> np.ndarray:
