@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from lidc_cdam import ViTModel
+
+#: set in the subprocess of tests/test_demo_weights.py::test_committed_results_hold_under_another_kernel_set
+#: (``ATEN_CPU_CAPABILITY=default``, one thread): the heavy ``committed_results`` tests then recompute a
+#: representative part of their committed rows (each says which), not all of them
+KERNEL_SUBSET = os.environ.get("LIDC_CDAM_KERNEL_SUBSET") == "1"
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=7, qkv_bias=True)
 
