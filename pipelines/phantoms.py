@@ -23,11 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", type=int, default=0, metavar="K",
                         help="also K training variants of each nodule, every rating drawn on its own "
                              "(variants.csv; for biomarker models with data.variants: true; default 0)")
+    parser.add_argument("--render-version", type=int, default=None, choices=(2, 3),
+                        help="how sphericity is rendered: 2 (default, what the shipped models were trained on) "
+                             "stretches the whole contour; 3 makes every axial slice round and stretches each "
+                             "to the rating's axis ratio (docs/method.md, 'Phantoms with a known cause')")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from lidc_cdam.data.lidc.phantom_render import RENDER_VERSION
     from lidc_cdam.data.lidc.phantoms import build_phantoms
     from lidc_cdam.data.lidc.preprocess import default_workers, progress_default
 
@@ -36,6 +41,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_scans = None if (args.all or args.patients) else args.scans
     summary = build_phantoms(args.out, scans=args.patients, n_scans=n_scans, variants=args.variants,
                              workers=args.workers or default_workers(),
+                             render_version=args.render_version or RENDER_VERSION,
                              progress=progress_default() and not args.no_progress)
     print(f"{summary['nodules']} phantom nodules ({summary['benign']} benign / {summary['malignant']} malignant) "
           f"from {summary['scans']} scans in {args.out}/ - rendered from annotations, not CT")

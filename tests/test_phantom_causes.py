@@ -12,9 +12,12 @@ from lidc_cdam.data.lidc.phantom_causes import (
     CAUSE_REGION,
     REGIONS,
     Ratings,
+    axis_ratio_of,
     calcified_core,
+    elongated,
     lobulated,
     render_causes,
+    rounded,
     spikes,
     stretched,
 )
@@ -200,3 +203,71 @@ def test_each_fold_starts_from_its_own_backbone():
     assert config.for_fold(3).fingerprint() != config.for_fold(2).fingerprint()
     plain = load_train_config(preset, [])
     assert plain.for_fold(1) is plain  # no checkpoint: from scratch, unchanged
+
+
+def plane_axis(mask2d: np.ndarray) -> tuple[float, np.ndarray]:
+    """``(long / short axis ratio, unit long axis (y, x))`` of a 2D mask's second moments."""
+    eig, vec = np.linalg.eigh(np.cov(np.argwhere(mask2d).T))
+    return float(np.sqrt(eig[1] / eig[0])), vec[:, 1]
+
+
+def test_axis_ratio_of_is_steepest_where_most_nodules_are_rated():
+    ratios = [axis_ratio_of(s) for s in (1.0, 2.0, 3.0, 4.0, 5.0)]
+    assert ratios == pytest.approx([3.4, 3.0, 2.6, 1.8, 1.0])
+    assert ratios[2] - ratios[4] > ratios[0] - ratios[2]
+
+
+def test_rounded_makes_each_slice_round_keeps_its_area_and_finds_the_long_axis():
+    g = np.mgrid[:SIZE, :SIZE, :SIZE] - (SIZE - 1) / 2
+    u = np.array([np.sin(0.5), np.cos(0.5)])  # the long axis (y, x), 29 degrees off x
+    along, across = g[1] * u[0] + g[2] * u[1], -g[1] * u[1] + g[2] * u[0]
+    cigar = ((g[0] / 5) ** 2 + (along / 9) ** 2 + (across / 4) ** 2 <= 1).astype(float)  # its own ratio 9 : 4
+    assert plane_axis(cigar[SIZE // 2] >= 0.5)[0] == pytest.approx(2.25, rel=0.1)
+    out, axis = rounded(cigar)
+    assert abs(float(axis @ u)) == pytest.approx(1.0, abs=0.01)
+    for z in range(SIZE // 2 - 2, SIZE // 2 + 3):
+        assert plane_axis(out[z] >= 0.5)[0] == pytest.approx(1.0, abs=0.1), z
+    assert (out >= 0.5).sum() == pytest.approx(cigar.sum(), rel=0.05)
+
+
+def test_elongated_gives_every_slice_the_ratio_of_the_rating_along_one_axis():
+    sphere = ball(6.0)
+    u = np.array([0.6, 0.8])
+    ratios = []
+    for s in (5.0, 4.0, 3.0, 2.0, 1.0):
+        out = elongated(sphere, s, u) >= 0.5
+        ratio, axis = plane_axis(out[SIZE // 2])
+        ratios.append(ratio)
+        if s < 5:
+            assert abs(float(axis @ u)) == pytest.approx(1.0, abs=0.02)
+        assert out.sum() == pytest.approx(sphere.sum(), rel=0.06)
+    assert ratios == pytest.approx([axis_ratio_of(s) for s in (5.0, 4.0, 3.0, 2.0, 1.0)], rel=0.12)
+
+
+def test_a_twisted_ribbon_comes_out_with_one_ratio_and_one_axis():
+    """Real contours turn from slice to slice: each slice's own elongation is replaced by the rating's."""
+    g = np.mgrid[:SIZE, :SIZE, :SIZE] - (SIZE - 1) / 2
+    angle = 0.25 * g[0]  # the slice's own long axis turns by 14 degrees a slice
+    along = g[1] * np.sin(angle) + g[2] * np.cos(angle)
+    across = -g[1] * np.cos(angle) + g[2] * np.sin(angle)
+    ribbon = ((g[0] / 6) ** 2 + (along / 8) ** 2 + (across / 3.5) ** 2 <= 1).astype(float)
+    round_soft, axis = rounded(ribbon)
+    out = elongated(round_soft, 4.0, axis) >= 0.5
+    for z in range(SIZE // 2 - 2, SIZE // 2 + 3):
+        ratio, long_axis = plane_axis(out[z])
+        assert ratio == pytest.approx(axis_ratio_of(4.0), rel=0.15), z
+        assert abs(float(long_axis @ axis)) == pytest.approx(1.0, abs=0.03), z
+
+
+def test_render_version_3_shows_the_ratings_axis_ratio_on_the_central_slice():
+    g = np.mgrid[:SIZE, :SIZE, :SIZE] - (SIZE - 1) / 2
+    rho = np.sqrt((g[0] / 5) ** 2 + (g[1] / 3.5) ** 2 + (g[2] / 8) ** 2)
+    cigar = np.clip(0.5 + 5 * (1 - rho), 0.0, 1.0)  # soft-edged as a resampled contour, its own ratio 8 : 3.5
+    background = np.full((SIZE,) * 3, -850.0)
+    for sphericity in (5.0, 4.0, 3.0):
+        ratings = replace(NEUTRAL, sphericity=sphericity)
+        _, mask, _ = render_causes(cigar, ratings, background, np.zeros_like(background), np.random.default_rng(0),
+                                   version=3)
+        assert axis_ratio(mask) == pytest.approx(axis_ratio_of(sphericity), rel=0.12), sphericity
+    with pytest.raises(ValueError, match="render version"):
+        render_causes(cigar, NEUTRAL, background, np.zeros_like(background), np.random.default_rng(0), version=4)

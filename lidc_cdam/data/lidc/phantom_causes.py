@@ -8,6 +8,7 @@ known cause"), on the crop's 1 mm grid:
 target         cause (rating low -> high)                                  cause region (``cause_<target>``)
 =============  ==========================================================  ===================================
 sphericity     in-plane axis ratio set to 2.5 : 1 (linear) -> 1 : 1        ``nodule``: the whole nodule
+               (render 3: on every slice, 3.4 : 1 -> 1 : 1, see below)
 lobulation     in-plane lobes on the contour: none -> 45 % of the radius    ``boundary``: the boundary band
 spiculation    eight radial spikes: none -> 3 mm (2) -> 8 mm long (5)       ``spikes``: the spikes' voxels
 margin         edge blur: sigma 2.2 mm (poorly defined) -> 0.2 mm (sharp)   ``boundary``: the boundary band
@@ -23,6 +24,12 @@ mask dilated by 6 mm minus the mask dilated by 2 mm, so the two do not overlap. 
 the boundary band by construction: a map cannot be told to be right for one and wrong for the other there.
 A region can be empty (no spikes at spiculation 1, no core at calcification 6); such a nodule has no cause
 region for that target.
+
+Sphericity has two renderings (``version`` of :func:`render_causes`). Render 2 stretches the whole contour by its
+3D in-plane moments (:func:`stretched`); a real contour's slices each have their own elongation and direction,
+so the central slice shows the rating loosely. Render 3 makes every axial slice round (:func:`rounded`), adds
+the lobes, then stretches every slice along the contour's long axis to the rating's ratio (:func:`elongated`,
+:func:`axis_ratio_of`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ CAUSE_REGION = {"subtlety": "surround", "calcification": "core", "sphericity": "
                 "lobulation": "boundary", "spiculation": "spikes", "texture": "interior", "diameter_mm": "nodule"}
 REGIONS = ("nodule", "boundary", "interior", "core", "spikes", "surround")
 CALCIUM_HU = 600.0
+#: how sphericity can be rendered (:func:`render_causes`); the default is ``phantom_render.RENDER_VERSION``
+RENDER_VERSIONS = (2, 3)
 N_SPIKES = 8
 
 
@@ -103,6 +112,83 @@ def stretched(soft: np.ndarray, sphericity: float) -> np.ndarray:
     across = (-rel[1] * u[1] + rel[2] * u[0]) * s
     src = np.stack([g[0], c[1] + along * u[0] - across * u[1], c[2] + along * u[1] + across * u[0]])
     return map_coordinates(soft, src, order=1, mode="constant", cval=0.0)
+
+
+def axis_ratio_of(sphericity: float) -> float:
+    """The in-plane axis ratio a sphericity rating renders: 3.4 : 1 at 1 (linear), 3.0 at 2, 2.6 at 3, 1.8 at 4,
+    1 : 1 at 5 (round); steepest from 3 to 5, where most nodules are rated."""
+    return float(np.interp(sphericity, [1.0, 2.0, 3.0, 4.0, 5.0], [3.4, 3.0, 2.6, 1.8, 1.0]))
+
+
+def _plane_moments(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(centroid (y, x), covariance 2 x 2)`` of a 2D weight, or None when it holds less than 3 voxels."""
+    total = weight.sum()
+    if total < 3:
+        return None
+    g = _grid(weight.shape).reshape(2, -1)
+    c = g @ weight.reshape(-1) / total
+    d = g - c[:, None]
+    return c, (d * weight.reshape(-1)) @ d.T / total
+
+
+def _warp_plane(plane: np.ndarray, centre: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``out(p) = plane(centre + matrix (p - centre))``, linear, zero outside."""
+    g = _grid(plane.shape).reshape(2, -1) - centre[:, None]
+    src = centre[:, None] + matrix @ g
+    return map_coordinates(plane, src, order=1, mode="constant", cval=0.0).reshape(plane.shape)
+
+
+def rounded(soft: np.ndarray, min_voxels: float = 8.0, max_ratio: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """The soft contour with every axial slice made round, and the contour's long in-plane axis ``(y, x)``.
+
+    Each slice is warped about its own centroid so that its second moments become equal (area kept: the warp
+    has determinant 1): a slice with axis ratio ``r`` is squeezed by ``sqrt(r)`` along its long axis and widened
+    by ``sqrt(r)`` across. Slices more elongated than ``max_ratio`` are made ``max_ratio`` times rounder only;
+    slices with less than ``min_voxels`` of weight use the moments of the whole contour. The lobes and spicules
+    of the real contour are kept, only its elongation goes."""
+    weight = np.clip(soft, 0.0, 1.0)
+    whole = _plane_moments(weight.sum(0))
+    if whole is None:
+        return soft, np.array([1.0, 0.0])
+    axis = np.linalg.eigh(whole[1])[1][:, 1]
+    out = np.zeros_like(soft)
+    for z in range(soft.shape[0]):
+        if weight[z].sum() < 1e-6:
+            continue
+        own = _plane_moments(weight[z]) if weight[z].sum() >= min_voxels else None
+        if own is not None:
+            centre, cov = own
+        else:
+            small = _plane_moments(weight[z])
+            centre, cov = (small[0] if small is not None else whole[0]), whole[1]
+        eig, vec = np.linalg.eigh(cov)
+        eig = np.maximum(eig, 1e-6)
+        ratio = np.sqrt(eig[1] / eig[0])
+        k = min(ratio, max_ratio)  # the factor the slice is rounded by
+        # sample the input at centre + M (p - centre): M = V diag(sqrt(k), 1 / sqrt(k)) V^T along (short, long)
+        scale = np.array([1.0 / np.sqrt(k), np.sqrt(k)])
+        out[z] = _warp_plane(soft[z], centre, vec @ np.diag(scale) @ vec.T)
+    return out, axis
+
+
+def elongated(soft: np.ndarray, sphericity: float, axis: np.ndarray) -> np.ndarray:
+    """Every axial slice stretched about its own centroid along ``axis`` ``(y, x)`` by ``sqrt(e)`` and shrunk
+    across by ``sqrt(e)`` (area kept), ``e`` = :func:`axis_ratio_of` the rating: a round slice gets axis ratio
+    ``e``."""
+    e = axis_ratio_of(sphericity)
+    if e < 1.0 + 1e-3:
+        return soft
+    u = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
+    basis = np.stack([np.array([-u[1], u[0]]), u], axis=1)  # columns: across, along
+    matrix = basis @ np.diag([np.sqrt(e), 1.0 / np.sqrt(e)]) @ basis.T  # where each output voxel samples
+    out = np.zeros_like(soft)
+    for z in range(soft.shape[0]):
+        moments = _plane_moments(np.clip(soft[z], 0.0, 1.0))
+        if moments is None:
+            out[z] = soft[z]
+            continue
+        out[z] = _warp_plane(soft[z], moments[0], matrix)
+    return out
 
 
 def signed_distance(mask: np.ndarray) -> np.ndarray:
@@ -217,12 +303,21 @@ def margin_sigma(margin: float) -> float:
 
 
 def render_causes(soft: np.ndarray, ratings: Ratings, background: np.ndarray, noise: np.ndarray,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+                  rng: np.random.Generator, version: int = 2) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """``(image HU float, nodule mask, cause regions)`` of a nodule whose consensus contour is ``soft``
-    (``[0, 1]`` on the crop grid) in ``background`` (HU), ``noise`` a unit correlated field for the interior."""
+    (``[0, 1]`` on the crop grid) in ``background`` (HU), ``noise`` a unit correlated field for the interior.
+    ``version`` (:data:`RENDER_VERSIONS`) says how sphericity is rendered: 2 stretches the whole contour by its
+    3D in-plane moments (:func:`stretched`); 3 makes every slice round and stretches each along the contour's
+    long axis (:func:`rounded`, :func:`elongated`), so that the central slice shows the rating's axis ratio."""
     phase = rng.uniform(0, 2 * np.pi)
-    shape = stretched(soft, ratings.sphericity) >= 0.5
-    shape = lobulated(shape, ratings.lobulation, phase)
+    if version == 2:
+        shape = lobulated(stretched(soft, ratings.sphericity) >= 0.5, ratings.lobulation, phase)
+    elif version == 3:  # each slice made round, lobed, then stretched along one axis to the rating's ratio
+        round_soft, axis = rounded(soft)
+        shape = lobulated(round_soft >= 0.5, ratings.lobulation, phase)
+        shape = elongated(shape.astype(float), ratings.sphericity, axis) >= 0.5
+    else:
+        raise ValueError(f"render version must be one of {RENDER_VERSIONS}, got {version!r}")
     spike = spikes(shape, ratings.spiculation, rng)
     spike_mask = spike >= 0.5
     mask = shape | spike_mask

