@@ -79,6 +79,52 @@ def test_training_slices_and_rotations():
     assert len(seen_i) > 1 and len(seen_k) > 1
 
 
+def _second_moments(mask: torch.Tensor) -> tuple[float, np.ndarray]:
+    """(area, eigenvalues of the covariance) of a 2D mask."""
+    ys, xs = np.nonzero(mask.numpy() > 0.5)
+    return float(len(ys)), np.linalg.eigvalsh(np.cov(np.stack([ys, xs]).astype(float)))
+
+
+def test_any_angle_rotation_turns_image_and_mask_together_and_keeps_their_shape():
+    out = phantom_dir()
+    parts = lidc_datasets(out, fold=0, folds=folds_for(out), rotate_prob=1.0, seed=3, rotation="any", size=64)
+    path = parts["tables"]["train"]["crop_path"].iloc[0]
+    steps = list(transforms(parts["stats"], train=False, root=out, size=64).transforms)
+    orientations = set()
+    for _ in range(6):
+        item = parts["train"][0]
+        assert item["image"].shape == (3, 64, 64) and item["mask"].shape == (1, 64, 64)
+        steps[1] = SliceViewd(("image", "mask"), index=item["slice_index"])
+        area, eig = _second_moments(Compose(steps)({"image": path})["mask"][0])  # the same slice, not turned
+        a, e = _second_moments(item["mask"][0])
+        # the same nodule, turned: area and principal moments kept (nearest-neighbour resampling: a few %)
+        assert abs(a - area) <= 0.1 * area and np.allclose(e, eig, rtol=0.25)
+        # the image turned with the mask: the nodule is bright where the mask is
+        inside = item["image"][0][item["mask"][0] > 0.5].mean()
+        assert inside > item["image"][0][item["mask"][0] < 0.5].mean()
+        ys, xs = np.nonzero(item["mask"][0].numpy() > 0.5)
+        long_axis = np.linalg.eigh(np.cov(np.stack([ys, xs])))[1][:, 1]
+        orientations.add(round(float(np.degrees(np.arctan2(*long_axis))) % 180))
+    assert len(orientations) > 2  # not only quarter turns of one orientation
+    with pytest.raises(ValueError, match="rotation must be one of"):
+        lidc_datasets(out, fold=0, folds=folds_for(out), rotation="sideways")
+
+
+def test_any_angle_rotation_of_a_volume_turns_every_axial_slice_alike():
+    from lidc_cdam.data.lidc.datasets import rotations
+
+    volume = np.zeros((1, 8, 24, 24), dtype=np.float32)
+    volume[0, 2:6, 10:14, 4:20] = 1.0  # a bar along x on slices 2-5
+    tf = Compose(rotations("any", 1.0, dims=3))
+    tf.set_random_state(seed=0)
+    for _ in range(4):
+        turned = tf({"image": volume.copy(), "mask": volume.copy()})
+        mask = np.asarray(turned["mask"])[0]
+        assert mask[[0, 1, 6, 7]].sum() == 0  # no voxel leaves its axial slice
+        per_slice = mask[2:6].reshape(4, -1).sum(1)
+        assert np.all(per_slice == per_slice[0]) and abs(per_slice[0] - 64) <= 8
+
+
 def test_crop_paths_must_stay_inside_the_data_folder(tmp_path):
     import pandas as pd
 

@@ -18,6 +18,7 @@ TASKS = ("malignancy", "biomarkers")
 LOSSES = ("bce", "huber", "mse")
 SCHEDULES = ("none", "exponential", "cyclic")
 VIEWS = ("axial", "coronal", "sagittal", "3d")  # "3d": the whole 32^3 crop, for a 3D backbone
+ROTATIONS = ("quarter", "any")  # the training rotations (lidc_cdam.data.lidc.datasets.ROTATIONS)
 
 
 class TrainConfigError(ValueError):
@@ -50,7 +51,8 @@ class DataConfig:
     folds: str | None = None  # CSV nodule_id,fold; default: the root's folds.csv, else data_manifest/lidc_folds.csv
     view: str = "axial"  # or "3d": the whole crop as [1, S, S, S] (S = image_size), for a 3D backbone
     image_size: int = 224
-    augment: bool = True  # random slice 14-18 and 90-degree rotations when training
+    augment: bool = True  # random slice 14-18 and random in-plane rotations when training
+    rotation: str = "quarter"  # "quarter": multiples of 90 degrees; "any": any angle and a mirror (ROTATIONS)
     variants: bool = False  # also train on the phantoms' training variants (lidc-cdam phantoms --variants K)
     num_workers: int = 0
 
@@ -172,6 +174,8 @@ def check(config: TrainConfig) -> None:
         raise TrainConfigError(f"{file}: schedule.type must be one of {SCHEDULES}")
     if config.data.view not in VIEWS:
         raise TrainConfigError(f"{file}: data.view must be one of {VIEWS}")
+    if config.data.rotation not in ROTATIONS:
+        raise TrainConfigError(f"{file}: data.rotation must be one of {ROTATIONS}, got {config.data.rotation!r}")
     if config.amp not in (True, False, "auto", "bf16", "fp16", "none"):
         raise TrainConfigError(f"{file}: amp must be true, false, auto, bf16, fp16 or none, got {config.amp!r}")
     if not (config.backbone.name or config.backbone.timm_kwargs or config.backbone.checkpoint

@@ -69,7 +69,7 @@ def lidc_fold_data(config: TrainConfig, fold: int) -> FoldData:
                           task="classification" if config.task == "malignancy" else "regression",
                           folds=config.data.folds, seed=config.seed,
                           rotate_prob=0.75 if config.data.augment else 0.0, size=config.data.image_size,
-                          variants=config.data.variants)
+                          variants=config.data.variants, rotation=config.data.rotation)
     check_validation_size(parts["tables"]["val"], fold, config.task)
     stats = parts["stats"].as_dict()
     input_stats = {"mean": stats["mean"], "std": stats["std"], "view": config.data.view,

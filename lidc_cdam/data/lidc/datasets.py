@@ -3,7 +3,9 @@
 The dict transforms wrap the array forms of :mod:`lidc_cdam.data.lidc.model_input` (the one model-input contract,
 which the CT path calls directly). Model input: the central slice of the 32^3 crop (index 16; a random index in
 14-18 when training) in the axial, coronal or sagittal view, repeated to 3 channels, resized to 224 x 224,
-z-scored with statistics of the training crops, rotated by a random multiple of 90 degrees when training.
+z-scored with statistics of the training crops, rotated by a random multiple of 90 degrees when training
+(``rotation="any"``: by any angle, bilinear, edges repeated, and mirrored half the time: every rating is
+invariant to both, and a shape cue such as elongation is then seen in every direction, not four).
 Targets: ``label`` (malignancy 0/1) for classification, ``biomarkers`` (the eight, standardised with mean
 and std fitted on the training part only) for regression. Crops are ``[z, y, x]``: axial = ``[16, :, :]``,
 coronal = ``[:, 16, :]``, sagittal = ``[:, :, 16]``.
@@ -29,8 +31,10 @@ from monai.data import CacheDataset, Dataset
 from monai.transforms import (
     Compose,
     MapTransform,
+    RandFlipd,
     RandomizableTransform,
     RandRotate90d,
+    RandRotated,
     Resized,
     ToTensord,
 )
@@ -51,10 +55,15 @@ from lidc_cdam.data.lidc.model_input import (
 from lidc_cdam.data.lidc.nodule_inputs import check_crop_paths as check_crop_paths  # re-exported (moved)
 from lidc_cdam.data.lidc.nodules import BIOMARKERS
 
+#: the training rotations: ``"quarter"`` (a random multiple of 90 degrees, with probability ``rotate_prob``) or
+#: ``"any"`` (any angle in the axial plane with probability ``rotate_prob``, then a mirror with probability 1/2)
+ROTATIONS = ("quarter", "any")
+
 __all__ = [
     "CENTRE",
     "CROP_SIZE",
     "IMAGE_SIZE",
+    "ROTATIONS",
     "TRAIN_SLICES",
     "VIEWS",
     "VOLUME",
@@ -187,11 +196,27 @@ def fit_stats(table: pd.DataFrame, root: Path) -> Stats:
     return Stats(mean, std, bio.mean(axis=0), np.where(bstd > 0, bstd, 1.0))
 
 
+def rotations(rotation: str, rotate_prob: float, dims: int) -> list[MapTransform]:
+    """The training rotations of ``image`` and ``mask`` (:data:`ROTATIONS`) in the axial plane: the last two
+    of ``dims`` spatial axes (the rotation about the first axis of a ``[z, y, x]`` volume)."""
+    if rotation not in ROTATIONS:
+        raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+    keys, plane = ("image", "mask"), (dims - 2, dims - 1)
+    if rotation == "quarter":
+        return [RandRotate90d(keys, prob=rotate_prob, max_k=3, spatial_axes=plane)]
+    angle = {"range_x": np.pi} if dims == 2 else {"range_x": np.pi, "range_y": 0.0, "range_z": 0.0}
+    return [RandRotated(keys, prob=rotate_prob, mode=("bilinear", "nearest"), padding_mode="border",
+                        keep_size=True, **angle),
+            RandFlipd(keys, prob=0.5 if rotate_prob > 0 else 0.0, spatial_axis=dims - 1)]
+
+
 def transforms(stats: Stats, view: str = "axial", train: bool = False, root: str | Path | None = None,
-               rotate_prob: float = 0.75, size: int = IMAGE_SIZE) -> Compose:
-    """Crop file -> ``image`` [3, size, size] float32, z-scored with ``stats``; ``view="3d"``: [1, size, size, size]."""
+               rotate_prob: float = 0.75, size: int = IMAGE_SIZE, rotation: str = "quarter") -> Compose:
+    """Crop file -> ``image`` [3, size, size] float32, z-scored with ``stats``; ``view="3d"``: [1, size, size, size].
+    ``rotation``: the training rotations (:data:`ROTATIONS`)."""
     if view == VOLUME:
-        return volume_transforms(stats, train=train, root=root, rotate_prob=rotate_prob, size=size)
+        return volume_transforms(stats, train=train, root=root, rotate_prob=rotate_prob, size=size,
+                                 rotation=rotation)
     steps = [
         LoadCropd("image", root=root),
         SliceViewd(("image", "mask"), view=view, random_range=TRAIN_SLICES if train else None),
@@ -199,19 +224,19 @@ def transforms(stats: Stats, view: str = "axial", train: bool = False, root: str
         Resized("mask", spatial_size=(size, size), mode="nearest"),
     ]
     if train:
-        steps.append(RandRotate90d(("image", "mask"), prob=rotate_prob, max_k=3, spatial_axes=(0, 1)))
+        steps += rotations(rotation, rotate_prob, dims=2)
     steps.append(ToTensord(("image", "mask"), track_meta=False))
     return Compose(steps)
 
 
 def volume_transforms(stats: Stats, train: bool = False, root: str | Path | None = None, rotate_prob: float = 0.75,
-                      size: int = 32) -> Compose:
+                      size: int = 32, rotation: str = "quarter") -> Compose:
     """Crop file -> ``image`` [1, size, size, size] float32 (``[1, z, y, x]``), z-scored with ``stats``."""
     steps = [LoadCropd("image", root=root), VolumeInputd("image", stats, size), AddChanneld("mask")]
     if size != CROP_SIZE:
         steps.append(Resized("mask", spatial_size=(size,) * 3, mode="nearest"))
     if train:
-        steps.append(RandRotate90d(("image", "mask"), prob=rotate_prob, max_k=3, spatial_axes=(1, 2)))
+        steps += rotations(rotation, rotate_prob, dims=3)
     steps.append(ToTensord(("image", "mask"), track_meta=False))
     return Compose(steps)
 
@@ -264,7 +289,7 @@ def _variants_of(root: Path, part: pd.DataFrame) -> pd.DataFrame:
 def lidc_datasets(data_dir: str | Path, fold: int = 0, view: str = "axial", task: str = "classification",
                   folds: str | Path | pd.DataFrame | None = None, val_fold: int | None = None,
                   seed: int = 0, rotate_prob: float = 0.75, size: int = IMAGE_SIZE,
-                  variants: bool = False) -> dict[str, Any]:
+                  variants: bool = False, rotation: str = "quarter") -> dict[str, Any]:
     """``{"train", "val", "test"}`` MONAI datasets (+ ``"stats"``, ``"tables"``) for one fold.
 
     ``data_dir``: an output folder of ``lidc-cdam preprocess`` or ``lidc-cdam phantoms``; ``folds``: a folds
@@ -273,7 +298,8 @@ def lidc_datasets(data_dir: str | Path, fold: int = 0, view: str = "axial", task
     ``size``: the model's input size (224 for the paper's backbones). ``variants``: the training dataset also
     holds the phantom training variants of its nodules (``variants.csv`` of ``lidc-cdam phantoms --variants K``,
     ``tables["train_variants"]``); ``tables["train"]`` stays the nodules themselves, and validation and test
-    never see a variant. ``"test_variants"`` (dataset and table) are the test nodules' variants, scored apart:
+    never see a variant. ``rotation``: the training rotations (:data:`ROTATIONS`). ``"test_variants"``
+    (dataset and table) are the test nodules' variants, scored apart:
     their ratings are drawn on their own, so only a model that reads each cause predicts them.
     """
     if task not in TASKS:
@@ -299,7 +325,8 @@ def lidc_datasets(data_dir: str | Path, fold: int = 0, view: str = "axial", task
     out: dict[str, Any] = {"stats": stats, "tables": parts}
     for name in rows:
         part, train = rows[name], name == "train"
-        tf = transforms(stats, view=view, train=train, root=root, rotate_prob=rotate_prob, size=size)
+        tf = transforms(stats, view=view, train=train, root=root, rotate_prob=rotate_prob, size=size,
+                        rotation=rotation)
         if train:
             tf.set_random_state(seed=seed)
         # the loaded crops are cached (a crop is ~0.25 MB as float32): the random slice and rotation still run
