@@ -197,6 +197,7 @@ def test_sweep_runs_every_grid_point(toy, tmp_path):
     ({"backbone": {"name": "vit_small_patch16_224"}}, "has no weights"),
     ({"backbone": {**TINY_BACKBONE, "depth": 3}}, "unknown key"),
     ({"trainable_blocks": 2, "trainable_last_params": 5}, "not both"),
+    ({"data": {"root": "d", "rotation": "sideways"}}, "data.rotation must be one of"),
 ])
 def test_config_errors(change, message):
     data = {"name": "x", "task": "malignancy", "backbone": TINY_BACKBONE, "data": {"root": "d"}, **change}
