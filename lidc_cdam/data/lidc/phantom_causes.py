@@ -45,7 +45,10 @@ CAUSE_REGION = {"subtlety": "surround", "calcification": "core", "sphericity": "
 REGIONS = ("nodule", "boundary", "interior", "core", "spikes", "surround")
 CALCIUM_HU = 600.0
 #: how sphericity can be rendered (:func:`render_causes`); the default is ``phantom_render.RENDER_VERSION``
-RENDER_VERSIONS = (2, 3)
+RENDER_VERSIONS = (2, 3, 4)
+#: render 4 draws the elongated body on a grid this many times finer in-plane, then keeps each voxel's covered
+#: fraction (partial volume), so that a small nodule's slice keeps its rating's axis ratio
+SUPERSAMPLE = 4
 N_SPIKES = 8
 
 
@@ -191,6 +194,35 @@ def elongated(soft: np.ndarray, sphericity: float, axis: np.ndarray) -> np.ndarr
     return out
 
 
+def elongated_cover(shape: np.ndarray, sphericity: float, axis: np.ndarray, factor: int = SUPERSAMPLE,
+                    smooth: float = 0.5) -> np.ndarray:
+    """The fraction of each voxel inside the body :func:`elongated` makes of ``shape`` (bool), in ``[0, 1]``.
+
+    Every slice of ``shape`` is smoothed in-plane (Gaussian, ``smooth`` mm, so that its staircase edge becomes a
+    curve), warped as :func:`elongated` does (about its own centroid, along ``axis``, to the rating's ratio; a
+    round rating warps by the identity), sampled on a grid ``factor`` times finer, cut at 0.5, and averaged back
+    over each voxel's ``factor x factor`` sub-voxels."""
+    e = axis_ratio_of(sphericity)
+    u = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
+    basis = np.stack([np.array([-u[1], u[0]]), u], axis=1)  # columns: across, along
+    matrix = basis @ np.diag([np.sqrt(e), 1.0 / np.sqrt(e)]) @ basis.T
+    soft = gaussian_filter(shape.astype(float), (0.0, smooth, smooth)) if smooth > 0 else shape.astype(float)
+    ny, nx = shape.shape[1:]
+    fine = (np.stack(np.meshgrid(np.arange(ny * factor), np.arange(nx * factor), indexing="ij")).reshape(2, -1)
+            + 0.5) / factor - 0.5  # the sub-voxel centres, in voxels
+    out = np.zeros(shape.shape)
+    for z in range(shape.shape[0]):
+        moments = _plane_moments(np.clip(soft[z], 0.0, 1.0))
+        if moments is None:
+            out[z] = shape[z]
+            continue
+        c = moments[0]
+        src = c[:, None] + matrix @ (fine - c[:, None])
+        inside = map_coordinates(soft[z], src, order=1, mode="constant", cval=0.0) >= 0.5
+        out[z] = inside.reshape(ny, factor, nx, factor).mean(axis=(1, 3))
+    return out
+
+
 def signed_distance(mask: np.ndarray) -> np.ndarray:
     """Distance to the boundary in mm, positive inside (half a voxel at the first voxel each side)."""
     return np.where(mask, distance_transform_edt(mask) - 0.5, -(distance_transform_edt(~mask) - 0.5))
@@ -302,31 +334,65 @@ def margin_sigma(margin: float) -> float:
     return float(np.interp(margin, [1.0, 5.0], [2.2, 0.2]))
 
 
-def render_causes(soft: np.ndarray, ratings: Ratings, background: np.ndarray, noise: np.ndarray,
-                  rng: np.random.Generator, version: int = 2) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """``(image HU float, nodule mask, cause regions)`` of a nodule whose consensus contour is ``soft``
-    (``[0, 1]`` on the crop grid) in ``background`` (HU), ``noise`` a unit correlated field for the interior.
-    ``version`` (:data:`RENDER_VERSIONS`) says how sphericity is rendered: 2 stretches the whole contour by its
-    3D in-plane moments (:func:`stretched`); 3 makes every slice round and stretches each along the contour's
-    long axis (:func:`rounded`, :func:`elongated`), so that the central slice shows the rating's axis ratio."""
+@dataclass(frozen=True)
+class NoduleShape:
+    """A phantom nodule before it is painted into the lung: ``mask`` (bool, body and spikes), ``body`` (the body's
+    cover of each voxel in ``[0, 1]``: binary up to render 3, its partial volume from render 4), ``spike`` (the
+    spikes' soft cover outside the body) and ``core`` (bool, the calcified core)."""
+
+    mask: np.ndarray
+    body: np.ndarray
+    spike: np.ndarray
+    core: np.ndarray
+
+    def regions(self) -> dict[str, np.ndarray]:
+        return cause_regions(self.mask, self.core, self.spike >= 0.5)
+
+
+def nodule_shape(soft: np.ndarray, ratings: Ratings, rng: np.random.Generator, version: int = 2) -> NoduleShape:
+    """The shape causes of a nodule whose consensus contour is ``soft`` (``[0, 1]`` on the crop grid): sphericity
+    (``version``, see :func:`render_causes`), the lobes, the spikes and the calcified core."""
     phase = rng.uniform(0, 2 * np.pi)
     if version == 2:
         shape = lobulated(stretched(soft, ratings.sphericity) >= 0.5, ratings.lobulation, phase)
+        body = shape.astype(float)
     elif version == 3:  # each slice made round, lobed, then stretched along one axis to the rating's ratio
         round_soft, axis = rounded(soft)
         shape = lobulated(round_soft >= 0.5, ratings.lobulation, phase)
         shape = elongated(shape.astype(float), ratings.sphericity, axis) >= 0.5
+        body = shape.astype(float)
+    elif version == 4:  # render 3 with the stretched body's partial volume
+        round_soft, axis = rounded(soft)
+        body = elongated_cover(lobulated(round_soft >= 0.5, ratings.lobulation, phase), ratings.sphericity, axis)
+        shape = body >= 0.5
     else:
         raise ValueError(f"render version must be one of {RENDER_VERSIONS}, got {version!r}")
     spike = spikes(shape, ratings.spiculation, rng)
-    spike_mask = spike >= 0.5
-    mask = shape | spike_mask
-    core = calcified_core(shape, ratings.calcification, rng)
-    soft_nodule = np.maximum(shape.astype(float), spike)
+    return NoduleShape(shape | (spike >= 0.5), body, spike, calcified_core(shape, ratings.calcification, rng))
+
+
+def paint(nodule: NoduleShape, ratings: Ratings, background: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """The image (HU, float) of ``nodule`` in ``background`` (HU): the edge blurred by the margin rating, the lung
+    around it hazed by subtlety, the interior at the texture's HU (``noise``: a unit correlated field), the core
+    calcium."""
+    soft_nodule = np.maximum(nodule.body, nodule.spike)
     sigma = margin_sigma(ratings.margin)
     soft_nodule = np.clip(gaussian_filter(soft_nodule, sigma), 0.0, 1.0) if sigma > 0 else soft_nodule
-    hazy = surround_weight(mask)
+    hazy = surround_weight(nodule.mask)
     lung = background * (1 - hazy) + (haze_hu(ratings.subtlety) + (background - background.mean())) * hazy
-    inside = np.where(core, CALCIUM_HU, texture_hu(ratings.texture) + 40.0 * noise)
-    image = lung * (1 - soft_nodule) + inside * soft_nodule
-    return image, mask, cause_regions(mask, core, spike_mask)
+    inside = np.where(nodule.core, CALCIUM_HU, texture_hu(ratings.texture) + 40.0 * noise)
+    return lung * (1 - soft_nodule) + inside * soft_nodule
+
+
+def render_causes(soft: np.ndarray, ratings: Ratings, background: np.ndarray, noise: np.ndarray,
+                  rng: np.random.Generator, version: int = 2) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """``(image HU float, nodule mask, cause regions)`` of a nodule whose consensus contour is ``soft``
+    (``[0, 1]`` on the crop grid) in ``background`` (HU), ``noise`` a unit correlated field for the interior:
+    :func:`nodule_shape`, then :func:`paint`. ``version`` (:data:`RENDER_VERSIONS`) says how sphericity is
+    rendered: 2 stretches the whole contour by its 3D in-plane moments (:func:`stretched`); 3 makes every slice
+    round and stretches each along the contour's long axis (:func:`rounded`, :func:`elongated`), so that the
+    central slice shows the rating's axis ratio; 4 draws render 3's body with its partial volume
+    (:func:`elongated_cover`). (:func:`~lidc_cdam.data.lidc.phantom_render.render_phantom` also keeps render 4's
+    vessels clear of the nodule.)"""
+    nodule = nodule_shape(soft, ratings, rng, version)
+    return paint(nodule, ratings, background, noise), nodule.mask, nodule.regions()
