@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             optimiser.step()
         schedule.step()
         if epoch % 5 == 0 or epoch == args.epochs:
-            shown = {name: r_squared(model, *xy).round(2).tolist() for name, xy in held_out.items()}
+            shown = {name: [round(float(v), 2) for v in r_squared(model, *xy)] for name, xy in held_out.items()}
             print(f"epoch {epoch} ({time.time() - start:.0f} s): R^2 val {shown['val']} test {shown['test']}",
                   flush=True)
     result = {"targets": targets, "test": r_squared(model, *held_out["test"]).tolist()}
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         result[name] = r_squared(model, x[keep], y[keep]).tolist() if int(keep.sum()) > 1 else []
     print(f"{args.model} on the {args.input}, fold {args.fold}, {args.epochs} epochs: held-out R^2 " + ", ".join(
         f"{t} {v:.2f}" for t, v in zip(targets, result["test"], strict=True))
-          + f" (under 10 mm {np.round(result['test_under_10mm'], 2).tolist()}, "
-            f"10 mm up {np.round(result['test_10mm_up'], 2).tolist()})")
+          + f" (under 10 mm {[round(v, 2) for v in result['test_under_10mm']]}, "
+            f"10 mm up {[round(v, 2) for v in result['test_10mm_up']]})")
     return result
 
 
