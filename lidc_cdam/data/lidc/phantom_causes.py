@@ -392,7 +392,7 @@ def render_causes(soft: np.ndarray, ratings: Ratings, background: np.ndarray, no
     rendered: 2 stretches the whole contour by its 3D in-plane moments (:func:`stretched`); 3 makes every slice
     round and stretches each along the contour's long axis (:func:`rounded`, :func:`elongated`), so that the
     central slice shows the rating's axis ratio; 4 draws render 3's body with its partial volume
-    (:func:`elongated_cover`). (:func:`~lidc_cdam.data.lidc.phantom_render.render_phantom` also keeps render 4's
-    vessels clear of the nodule.)"""
+    (:func:`elongated_cover`; :func:`~lidc_cdam.data.lidc.phantom_render.render_phantom` paints render 4 into a
+    lung without vessels)."""
     nodule = nodule_shape(soft, ratings, rng, version)
     return paint(nodule, ratings, background, noise), nodule.mask, nodule.regions()

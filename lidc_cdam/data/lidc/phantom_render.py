@@ -15,15 +15,14 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from lidc_cdam.data.lidc.crops import CROP, HU_WINDOW, Geometry, _resample, crop_box, mask_image
-from lidc_cdam.data.lidc.phantom_causes import CAUSE_REGION, Ratings, nodule_shape, paint, render_causes
+from lidc_cdam.data.lidc.phantom_causes import CAUSE_REGION, Ratings, render_causes
 from lidc_cdam.data.lidc.synthetic_dicom import COLS, ROWS, in_plane_origin
 
 PHANTOM_NOTE = ("PHANTOM: nodule rendered from the LIDC-IDRI annotations' consensus contours and mean ratings "
                 "(each biomarker a rendered cause) into a synthetic lung background; not CT")
 #: the rendering's default version: 2 renders every biomarker's cause (:mod:`.phantom_causes`); 3 renders
 #: sphericity on every slice (``lidc-cdam phantoms --render-version 3``); 4 draws render 3's body with its
-#: partial volume and keeps the vessels clear of the nodule (neither is yet what the shipped models were
-#: trained on). Caches key on it.
+#: partial volume in a lung without vessels (neither is yet what the shipped models were trained on). Caches key on it.
 RENDER_VERSION = 2
 
 
@@ -42,41 +41,24 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
     return n / (n.std() + 1e-8)
 
 
-#: render 4 keeps every vessel's wall this far (mm) from the nodule (:func:`lung_background`)
-VESSEL_CLEARANCE_MM = 3.0
-#: draws of a vessel that would come too near the nodule before it is left out
-VESSEL_TRIES = 20
-
-
-def lung_background(rng: np.random.Generator, size: int = CROP, keep_out: np.ndarray | None = None) -> np.ndarray:
-    """Parenchyma (~ -850 HU, correlated noise) with 2-4 vessels (+40 HU tubes, partial volume).
-
-    ``keep_out`` (bool ``[z, y, x]``, the nodule): a vessel whose wall would come within
-    :data:`VESSEL_CLEARANCE_MM` of it is drawn again (up to :data:`VESSEL_TRIES` times, then left out), so that no
-    vessel touches the nodule and changes its outline (render 4; a vessel across a nodule hid its elongation)."""
+def lung_background(rng: np.random.Generator, size: int = CROP, vessels: bool = True) -> np.ndarray:
+    """Parenchyma (~ -850 HU, correlated noise) with 2-4 vessels (+40 HU tubes, partial volume); ``vessels=False``:
+    the parenchyma alone (render 4: a vessel is an elongated bright structure that a model trained on a few
+    hundred phantoms takes for the nodule's own elongation, see ``docs/method.md``)."""
     bg = -850.0 + 25.0 * _smooth_noise(rng, (size,) * 3, 1.5)
+    if not vessels:
+        return bg
     grid = np.stack(np.meshgrid(*[np.arange(size, dtype=float)] * 3, indexing="ij"), axis=-1)
-    near = grid[keep_out] if keep_out is not None and keep_out.any() else None
     for _ in range(int(rng.integers(2, 5))):
-        for _ in range(VESSEL_TRIES if near is not None else 1):
-            point = rng.uniform(0, size, 3)
-            direction = rng.normal(size=3)
-            direction /= np.linalg.norm(direction)
-            radius = rng.uniform(0.7, 1.8)
-            if near is None or _axis_distance(near, point, direction).min() >= radius + 0.5 + VESSEL_CLEARANCE_MM:
-                break
-        else:
-            continue  # no clear place for this vessel
-        dist = _axis_distance(grid, point, direction)
+        point = rng.uniform(0, size, 3)
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        radius = rng.uniform(0.7, 1.8)
+        rel = grid - point
+        dist = np.linalg.norm(rel - (rel @ direction)[..., None] * direction, axis=-1)
         weight = np.clip(radius + 0.5 - dist, 0.0, 1.0)
         bg = bg * (1 - weight) + 40.0 * weight
     return bg
-
-
-def _axis_distance(points: np.ndarray, point: np.ndarray, direction: np.ndarray) -> np.ndarray:
-    """Distance of ``points`` ``[..., 3]`` from the line through ``point`` along the unit ``direction``."""
-    rel = points - point
-    return np.linalg.norm(rel - (rel @ direction)[..., None] * direction, axis=-1)
 
 
 def render_phantom(nodule: Any, geom: Geometry, size: int = CROP, version: int = RENDER_VERSION
@@ -90,16 +72,9 @@ def render_phantom(nodule: Any, geom: Geometry, size: int = CROP, version: int =
                      linear=True, default=0.0)
     soft = np.clip(soft.astype(np.float64), 0.0, 1.0)
     rng = np.random.default_rng(zlib.crc32(nodule.row["nodule_id"].encode()))
-    ratings = Ratings.of(nodule.row)
-    if version >= 4:  # the nodule first, so that the vessels can keep clear of it
-        shape = nodule_shape(soft, ratings, rng, version)
-        background = lung_background(rng, size, keep_out=shape.mask)
-        noise = _smooth_noise(rng, (size,) * 3, 1.0)
-        image, mask, regions = paint(shape, ratings, background, noise), shape.mask, shape.regions()
-    else:
-        background = lung_background(rng, size)
-        noise = _smooth_noise(rng, (size,) * 3, 1.0)
-        image, mask, regions = render_causes(soft, ratings, background, noise, rng, version)
+    background = lung_background(rng, size, vessels=version < 4)
+    noise = _smooth_noise(rng, (size,) * 3, 1.0)
+    image, mask, regions = render_causes(soft, Ratings.of(nodule.row), background, noise, rng, version)
     image = np.clip(np.rint(image), *HU_WINDOW).astype(np.int16)
     causes = {f"cause_{target}": regions[region].astype(np.uint8) for target, region in CAUSE_REGION.items()}
     return {"image": image, "mask": mask.astype(np.uint8), "start_resampled": start, **causes}
