@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--render-version", type=int, default=None, choices=(2, 3, 4),
                         help="how sphericity is rendered: 2 (default, what the shipped models were trained on) "
                              "stretches the whole contour; 3 makes every axial slice round and stretches each "
-                             "to the rating's axis ratio; 4 is 3 with the stretched body's partial volume, in a lung without vessels "
-                             "(docs/method.md, 'Phantoms with a known cause')")
+                             "to the rating's axis ratio; 4 is 3 with the stretched body's partial volume, in a "
+                             "lung without vessels (docs/method.md, 'Phantoms with a known cause')")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
