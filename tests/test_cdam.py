@@ -67,6 +67,8 @@ def captum_cdam(model: ViTModel, x, target: int):
         pytest.param(lambda: reg4_dinov2_like(), id="reg4-layerscale"),
         pytest.param(lambda: tiny_vit(global_pool="avg", fc_norm=True), id="avg-pool"),
         pytest.param(lambda: tiny_vit(class_token=False, global_pool="avg"), id="no-cls-avg"),
+        pytest.param(lambda: tiny_vit(global_pool="max", fc_norm=True), id="max-pool"),
+        pytest.param(lambda: tiny_vit(global_pool="avgmax", fc_norm=True), id="avgmax-pool"),  # the phantom ViTs
     ],
 )
 def test_cdam_equals_captum_layer_gradient_x_activation(build):

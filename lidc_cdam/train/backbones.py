@@ -12,6 +12,7 @@ from lidc_cdam.models.heads import LinearHead
 from lidc_cdam.models.loading import build_backbone, from_timm, load_model
 from lidc_cdam.models.vit import ViTModel
 from lidc_cdam.train.config import TrainConfig
+from lidc_cdam.train.mimetic_init import mimetic_init_
 
 
 def build_model(config: TrainConfig, output_names: list[str], meta: dict[str, Any] | None = None) -> ViTModel:
@@ -39,6 +40,8 @@ def build_model(config: TrainConfig, output_names: list[str], meta: dict[str, An
         loaded = from_timm(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint,
                            **{**kwargs, "num_classes": 0})
         backbone, build = loaded.backbone, loaded.build
+    if spec.init == "mimetic":
+        mimetic_init_(backbone.blocks, seed=config.seed)
     head = LinearHead(backbone.embed_dim, len(output_names), config.head_dropout)
     return ViTModel(backbone, head, task=task, output_names=output_names, build=build, meta=meta)
 

@@ -19,6 +19,7 @@ LOSSES = ("bce", "huber", "mse")
 SCHEDULES = ("none", "exponential", "cyclic")
 VIEWS = ("axial", "coronal", "sagittal", "3d")  # "3d": the whole 32^3 crop, for a 3D backbone
 ROTATIONS = ("quarter", "any")  # the training rotations (lidc_cdam.data.lidc.datasets.ROTATIONS)
+BACKBONE_INITS = ("timm", "mimetic")  # a new timm ViT's attention weights (lidc_cdam.train.mimetic_init)
 
 
 class TrainConfigError(ValueError):
@@ -41,6 +42,7 @@ class BackboneConfig:
     random_init: bool = False  # train from scratch (tests, the demo); otherwise weights are required
     drop_rate: float = 0.0  # dropout inside the backbone: token embeddings, attention / MLP projections
     drop_path_rate: float = 0.0
+    init: str = "timm"  # a new timm ViT's attention: timm's random weights, or "mimetic" (train.mimetic_init)
 
 
 @dataclass
@@ -190,6 +192,11 @@ def check(config: TrainConfig) -> None:
         raise TrainConfigError(
             f"{file}: backbone {b.name} has no weights: set backbone.checkpoint=FILE (a local DINO / DINOv2 / "
             "timm file), or pretrained: true where the hub is reachable, or random_init: true to train from scratch")
+    if b.init not in BACKBONE_INITS:
+        raise TrainConfigError(f"{file}: backbone.init must be one of {list(BACKBONE_INITS)}, got {b.init!r}")
+    if b.init == "mimetic" and (b.monai_kwargs or b.checkpoint or b.pretrained or not b.random_init):
+        raise TrainConfigError(f"{file}: backbone.init mimetic initialises a new timm ViT trained from scratch: "
+                               "it needs random_init: true and no checkpoint, pretrained weights or monai_kwargs")
     if config.trainable_blocks is not None and config.trainable_last_params is not None:
         raise TrainConfigError(f"{file}: give trainable_blocks or trainable_last_params, not both")
     if config.epochs < 1 or config.batch_size < 1:
