@@ -23,11 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", type=int, default=0, metavar="K",
                         help="also K training variants of each nodule, every rating drawn on its own "
                              "(variants.csv; for biomarker models with data.variants: true; default 0)")
-    parser.add_argument("--render-version", type=int, default=None, choices=(2, 3, 4),
+    parser.add_argument("--render-version", type=int, default=None, choices=(2, 3, 4, 5),
                         help="how sphericity is rendered: 2 (default, what the shipped models were trained on) "
                              "stretches the whole contour; 3 makes every axial slice round and stretches each "
                              "to the rating's axis ratio; 4 is 3 with the stretched body's partial volume, in a "
-                             "lung without vessels (docs/method.md, 'Phantoms with a known cause')")
+                             "lung without vessels; 5 is 4 with even spikes that keep the body's axis ratio "
+                             "(docs/method.md, 'Phantoms with a known cause')")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

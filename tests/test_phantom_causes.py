@@ -274,7 +274,7 @@ def test_render_version_3_shows_the_ratings_axis_ratio_on_the_central_slice():
                                    version=3)
         assert axis_ratio(mask) == pytest.approx(axis_ratio_of(sphericity), rel=0.12), sphericity
     with pytest.raises(ValueError, match="render version"):
-        render_causes(cigar, NEUTRAL, background, np.zeros_like(background), np.random.default_rng(0), version=5)
+        render_causes(cigar, NEUTRAL, background, np.zeros_like(background), np.random.default_rng(0), version=6)
 
 
 def test_elongated_cover_keeps_a_small_slices_ratio_in_its_partial_volume():
@@ -317,7 +317,31 @@ def test_render_version_4_paints_the_partial_volume_and_splits_into_shape_and_pa
                                                                          np.zeros_like(background)), image)
         assert all(np.array_equal(regions[k], v) for k, v in shape.regions().items())
     with pytest.raises(ValueError, match="render version"):
-        render_causes(small, NEUTRAL, background, np.zeros_like(background), np.random.default_rng(0), version=5)
+        render_causes(small, NEUTRAL, background, np.zeros_like(background), np.random.default_rng(0), version=6)
+
+
+def test_render_5_spikes_are_even_and_add_no_elongation_of_their_own():
+    sphere = ball(4.0) > 0.5
+    for seed in range(3):
+        jittered = spikes(sphere, 5.0, np.random.default_rng(seed))
+        even = spikes(sphere, 5.0, np.random.default_rng(seed), even=True)
+        # eight spikes, all in the axial plane and of one length: the central slice stays round
+        assert axis_ratio((even >= 0.5) | sphere) == pytest.approx(1.0, abs=0.05)
+        assert (even[SIZE // 2] >= 0.5).sum() > 0.6 * (even >= 0.5).sum() / 3
+        assert axis_ratio((jittered >= 0.5) | sphere) > axis_ratio((even >= 0.5) | sphere)
+    g = np.mgrid[:SIZE, :SIZE, :SIZE] - (SIZE - 1) / 2
+    oval = (g[0] / 4) ** 2 + (g[1] / 3) ** 2 + (g[2] / 6) ** 2 <= 1  # axis ratio 2 : 1 in-plane
+    for seed in range(3):  # the tips lie on the oval scaled up: the spiked outline keeps most of its ratio
+        even = spikes(oval, 5.0, np.random.default_rng(seed), even=True) >= 0.5
+        jittered = spikes(oval, 5.0, np.random.default_rng(seed)) >= 0.5
+        assert axis_ratio(oval) > axis_ratio(even | oval) > max(0.75 * axis_ratio(oval), axis_ratio(jittered | oval))
+    # render 5 is render 4 but for the spikes: the same draws, the same body, core and paint
+    ratings = replace(NEUTRAL, sphericity=3.0, spiculation=4.0, calcification=3.0, lobulation=3.0)
+    four, five = (nodule_shape(ball(4.0), ratings, np.random.default_rng(0), version=v) for v in (4, 5))
+    assert np.array_equal(four.body, five.body) and np.array_equal(four.core, five.core)
+    assert not np.array_equal(four.spike, five.spike)
+    assert np.array_equal(nodule_shape(ball(4.0), NEUTRAL, np.random.default_rng(0), version=5).mask,
+                          nodule_shape(ball(4.0), NEUTRAL, np.random.default_rng(0), version=4).mask)
 
 
 def test_render_4_paints_the_lung_without_vessels():

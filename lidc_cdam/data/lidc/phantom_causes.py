@@ -45,7 +45,7 @@ CAUSE_REGION = {"subtlety": "surround", "calcification": "core", "sphericity": "
 REGIONS = ("nodule", "boundary", "interior", "core", "spikes", "surround")
 CALCIUM_HU = 600.0
 #: how sphericity can be rendered (:func:`render_causes`); the default is ``phantom_render.RENDER_VERSION``
-RENDER_VERSIONS = (2, 3, 4)
+RENDER_VERSIONS = (2, 3, 4, 5)
 #: render 4 draws the elongated body on a grid this many times finer in-plane, then keeps each voxel's covered
 #: fraction (partial volume), so that a small nodule's slice keeps its rating's axis ratio
 SUPERSAMPLE = 4
@@ -245,10 +245,12 @@ def lobulated(mask: np.ndarray, lobulation: float, phase: float, lobes: int = 4)
     return out | mask if out.sum() < 0.5 * mask.sum() else out
 
 
-def spikes(mask: np.ndarray, spiculation: float, rng: np.random.Generator) -> np.ndarray:
+def spikes(mask: np.ndarray, spiculation: float, rng: np.random.Generator, even: bool = False) -> np.ndarray:
     """Soft spikes ``[0, 1]`` outside ``mask``: ``N_SPIKES`` tapering lines (1.2 -> 0.4 mm radius) from the
     surface outwards, nearly in the axial plane, ``L`` long (0 at spiculation 1, 3 mm at 2, 8 mm at 5; +-25 %
-    each)."""
+    each). ``even`` (render 5): in the axial plane, evenly spaced, each as long as ``L`` times the body's radius
+    along it over their mean, so that the tips lie on the body's shape scaled up: the spiked outline keeps the
+    body's axis ratio (sphericity) instead of adding an elongation of its own. The same random draws are taken."""
     out = np.zeros(mask.shape)
     length = float(np.interp(spiculation, [1.0, 2.0, 5.0], [0.0, 3.0, 8.0]))
     if length < 0.5 or not mask.any():
@@ -257,15 +259,20 @@ def spikes(mask: np.ndarray, spiculation: float, rng: np.random.Generator) -> np
     g = _grid(mask.shape) - c[:, None, None, None]
     sd = signed_distance(mask)
     start = rng.uniform(0, 2 * np.pi)
+    steps = np.arange(0.0, 24.0, 0.25)
+    lines = []  # (direction, surface, length) of each spike
     for k in range(N_SPIKES):
-        alpha = start + 2 * np.pi * k / N_SPIKES + rng.uniform(-0.25, 0.25)
-        d = np.array([rng.uniform(-0.2, 0.2), np.sin(alpha), np.cos(alpha)])
+        alpha = start + 2 * np.pi * k / N_SPIKES + rng.uniform(-0.25, 0.25) * (not even)
+        d = np.array([rng.uniform(-0.2, 0.2) * (not even), np.sin(alpha), np.cos(alpha)])
         d /= np.linalg.norm(d)
-        steps = np.arange(0.0, 24.0, 0.25)
-        points = c[:, None] + d[:, None] * steps
-        inside = map_coordinates(sd, points, order=1, mode="constant", cval=-10.0) >= 0
+        inside = map_coordinates(sd, c[:, None] + d[:, None] * steps, order=1, mode="constant", cval=-10.0) >= 0
         surface = float(steps[np.nonzero(inside)[0].max()]) if inside.any() else 0.0
-        tip = surface + length * rng.uniform(0.75, 1.25)
+        lines.append((d, surface, length * rng.uniform(0.75, 1.25)))
+    if even:
+        mean_surface = max(float(np.mean([s for _, s, _ in lines])), 1e-6)
+        lines = [(d, s, length * s / mean_surface) for d, s, _ in lines]
+    for d, surface, long in lines:
+        tip = surface + long
         t = np.tensordot(d, g, axes=1)
         perp = np.sqrt(np.maximum((g**2).sum(0) - t**2, 0.0))
         frac = np.clip((t - surface) / max(tip - surface, 1e-6), 0.0, 1.0)
@@ -361,13 +368,13 @@ def nodule_shape(soft: np.ndarray, ratings: Ratings, rng: np.random.Generator, v
         shape = lobulated(round_soft >= 0.5, ratings.lobulation, phase)
         shape = elongated(shape.astype(float), ratings.sphericity, axis) >= 0.5
         body = shape.astype(float)
-    elif version == 4:  # render 3 with the stretched body's partial volume
+    elif version in (4, 5):  # render 3 with the stretched body's partial volume (5: and even spikes)
         round_soft, axis = rounded(soft)
         body = elongated_cover(lobulated(round_soft >= 0.5, ratings.lobulation, phase), ratings.sphericity, axis)
         shape = body >= 0.5
     else:
         raise ValueError(f"render version must be one of {RENDER_VERSIONS}, got {version!r}")
-    spike = spikes(shape, ratings.spiculation, rng)
+    spike = spikes(shape, ratings.spiculation, rng, even=version >= 5)
     return NoduleShape(shape | (spike >= 0.5), body, spike, calcified_core(shape, ratings.calcification, rng))
 
 
