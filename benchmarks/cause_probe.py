@@ -8,11 +8,13 @@ clean silhouette: what a model could read if nothing else were in the image.
 
     python benchmarks/cause_probe.py --data ph4 --model cnn --target sphericity
     python benchmarks/cause_probe.py --data ph4 --model vit --target all --input body
+    python benchmarks/cause_probe.py --data ph5 --model vit --pool avgmax --vit-init mimetic --epochs 100
 
 ``cnn``: four blocks of two 3x3 convolutions (16-64 channels, batch norm, max pooling), average pooling, a
-linear layer. ``vit``: the tiny preset's ViT (64 wide, 2 blocks, 4 heads, patch 4 on 64 px) with average
-pooling. Both AdamW (lr 1e-3, weight decay 0.05), cosine schedule, batch 16, one thread by default. The results
-of issue 22 are in ``benchmarks/results/train-phantoms/issue22-experiments.md``.
+linear layer. ``vit``: the tiny preset's ViT (64 wide, ``--depth`` 2 blocks, 4 heads, patch 4 on 64 px), pooled by
+``--pool`` (average by default), its attention initialised by timm or ``--vit-init mimetic``
+(:mod:`lidc_cdam.train.mimetic_init`). Both AdamW (lr 1e-3, weight decay 0.05), cosine schedule, batch 16, one
+thread by default. The results of issue 22 are in ``benchmarks/results/train-phantoms/issue22-experiments.md``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 from lidc_cdam.data.lidc.datasets import lidc_datasets
 from lidc_cdam.data.lidc.model_input import CENTRE, TRAIN_SLICES, plane_input
 from lidc_cdam.data.lidc.nodules import BIOMARKERS
+from lidc_cdam.train.mimetic_init import mimetic_init_
 
 INPUTS = ("image", "mask", "body")
 SIZE = 64
@@ -44,10 +47,13 @@ def cnn(outputs: int) -> nn.Module:
                          nn.Flatten(), nn.Linear(64, outputs))
 
 
-def vit(outputs: int) -> nn.Module:
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=outputs, img_size=SIZE,
-                             patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, qkv_bias=True,
-                             global_pool="avg")
+def vit(outputs: int, depth: int = 2, pool: str = "avg", init: str = "timm", seed: int = 0) -> nn.Module:
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=outputs, img_size=SIZE,
+                              patch_size=4, embed_dim=64, depth=depth, num_heads=4, mlp_ratio=2.0, qkv_bias=True,
+                              global_pool=pool)
+    if init == "mimetic":
+        mimetic_init_(model.blocks, seed=seed)
+    return model
 
 
 def slices(root: str, table: pd.DataFrame, indices: range | list[int], what: str, stats) -> torch.Tensor:
@@ -80,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser.add_argument("--target", default="sphericity", help=f"one of {list(BIOMARKERS)}, or all")
     parser.add_argument("--input", choices=INPUTS, default="image")
     parser.add_argument("--epochs", type=int, default=35)
+    parser.add_argument("--depth", type=int, default=2, help="the ViT's blocks")
+    parser.add_argument("--pool", choices=("avg", "max", "avgmax", "token"), default="avg", help="the ViT's pooling")
+    parser.add_argument("--vit-init", choices=("timm", "mimetic"), default="timm", help="the ViT's attention")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--folds", default=None, help="a folds CSV (nodule_id,fold); default the committed folds")
     parser.add_argument("--seed", type=int, default=0)
@@ -103,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     y_train = standardised(tables["train"])
     held_out = {name: (slices(args.data, tables[name], [CENTRE], args.input, stats)[:, 0], standardised(tables[name]))
                 for name in ("val", "test")}
-    model = (cnn if args.model == "cnn" else vit)(len(columns))
+    model = (cnn(len(columns)) if args.model == "cnn"
+             else vit(len(columns), args.depth, args.pool, args.vit_init, args.seed))
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, args.epochs)
     generator = torch.Generator().manual_seed(args.seed)

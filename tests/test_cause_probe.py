@@ -31,11 +31,15 @@ def phantoms(tmp_path_factory):
     return out, folds
 
 
-@pytest.mark.parametrize(("model", "target", "what"), [("cnn", "sphericity", "image"), ("vit", "all", "body")])
-def test_probe_reports_held_out_r_squared_per_target(probe, phantoms, model, target, what, capsys):
+@pytest.mark.parametrize(("model", "target", "what", "more"), [
+    ("cnn", "sphericity", "image", []),
+    ("vit", "all", "body", []),
+    ("vit", "sphericity", "image", ["--pool", "avgmax", "--vit-init", "mimetic", "--depth", "1"]),
+])
+def test_probe_reports_held_out_r_squared_per_target(probe, phantoms, model, target, what, more, capsys):
     out, folds = phantoms
     result = probe.main(["--data", str(out), "--folds", str(folds), "--model", model, "--target", target,
-                         "--input", what, "--epochs", "2"])
+                         "--input", what, "--epochs", "2", *more])
     n = 8 if target == "all" else 1
     assert len(result["targets"]) == n and len(result["test"]) == n and np.isfinite(result["test"]).all()
     assert "held-out R^2" in capsys.readouterr().out
@@ -57,3 +61,33 @@ def test_silhouette_inputs_hold_two_values_and_the_body_drops_the_spikes(probe, 
     assert (body > 0).sum() <= (mask > 0).sum()
     with pytest.raises(SystemExit):
         probe.main(["--data", str(out), "--target", "roundness"])
+
+
+def test_the_probes_vit_is_built_as_asked(probe):
+    plain, mimetic = probe.vit(1), probe.vit(1, depth=3, pool="avgmax", init="mimetic")
+    assert len(plain.blocks) == 2 and plain.global_pool == "avg"
+    assert len(mimetic.blocks) == 3 and mimetic.global_pool == "avgmax"
+    for model, diagonal in ((plain, 0.0), (mimetic, -0.4)):  # W_o W_v: about -0.4 I after mimetic init only
+        w = model.blocks[0].attn.qkv.weight.detach()
+        vo = model.blocks[0].attn.proj.weight.detach() @ w[128:]
+        assert float(vo.diagonal().mean()) == pytest.approx(diagonal, abs=0.08)
+
+
+ORACLE = Path(__file__).resolve().parents[1] / "benchmarks" / "cause_oracle.py"
+
+
+def test_oracle_reads_the_axis_ratio_of_body_mask_and_image(phantoms, capsys):
+    spec = importlib.util.spec_from_file_location("cause_oracle", ORACLE)
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    disc = np.zeros((32, 32), bool)
+    disc[10:22, 13:19] = True  # 12 x 6 pixels
+    assert oracle.axis_ratio(disc) == pytest.approx(2.0, rel=0.05)
+    assert np.isnan(oracle.axis_ratio(disc[:1, :2]))
+    out, _ = phantoms
+    frame = oracle.readings(str(out))
+    assert len(frame) == len(pd.read_csv(out / "nodules.csv"))
+    assert (frame[["body", "mask"]] >= 1).all().all()
+    result = oracle.main([str(out)])[str(out)]
+    assert set(result) == {f"{r}{s}" for r in oracle.READINGS for s in ("", "_8mm_up")}
+    assert 0 <= result["body"] <= 1 and "R^2 of the sphericity rating" in capsys.readouterr().out
