@@ -7,11 +7,11 @@ import pytest
 import timm
 import torch
 from torch import nn
+from train_helpers import TINY_BACKBONE, toy_config
 
 from lidc_cdam.train.backbones import build_model
 from lidc_cdam.train.config import TrainConfigError, config_from_dict
 from lidc_cdam.train.mimetic_init import mimetic_init_
-from tests.train_helpers import TINY_BACKBONE, toy_config
 
 DIM, HEADS = 64, 4
 

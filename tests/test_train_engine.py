@@ -9,6 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -198,6 +199,9 @@ def test_sweep_runs_every_grid_point(toy, tmp_path):
     ({"backbone": {**TINY_BACKBONE, "depth": 3}}, "unknown key"),
     ({"trainable_blocks": 2, "trainable_last_params": 5}, "not both"),
     ({"data": {"root": "d", "rotation": "sideways"}}, "data.rotation must be one of"),
+    ({"target_weights": {"sphericity": 2.0}}, "not task 'malignancy'"),
+    ({"task": "biomarkers", "target_weights": {"roundness": 2.0}}, "unknown: \\['roundness'\\]"),
+    ({"task": "biomarkers", "target_weights": {"sphericity": 0.0}}, "must be positive"),
 ])
 def test_config_errors(change, message):
     data = {"name": "x", "task": "malignancy", "backbone": TINY_BACKBONE, "data": {"root": "d"}, **change}
@@ -371,3 +375,30 @@ def test_a_timm_backbone_by_name_starts_from_the_local_weights_file(tmp_path):
     assert model.backbone.pos_drop.p == 0.1 and model.backbone.blocks[0].mlp.drop1.p == 0.1
     assert model.head.out_features == 1
     assert model.build["timm_name"] == "vit_tiny_patch16_224"
+
+
+def test_target_weights_weigh_each_biomarkers_loss():
+    from lidc_cdam.train.engine import WeightedTargetLoss, _loss
+
+    pred, target = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.zeros(6, 3)
+    plain = WeightedTargetLoss(torch.nn.MSELoss(reduction="none"), [1.0, 1.0, 1.0])
+    torch.testing.assert_close(plain(pred, target), torch.nn.MSELoss()(pred, target))
+    per_target = (pred ** 2).mean(0)
+    weighted = WeightedTargetLoss(torch.nn.MSELoss(reduction="none"), [1.0, 3.0, 1.0])
+    torch.testing.assert_close(weighted(pred, target), (per_target * torch.tensor([1.0, 3.0, 1.0])).sum() / 5)
+    config = config_from_dict({"name": "x", "task": "biomarkers", "loss": "mse", "backbone": TINY_BACKBONE,
+                               "data": {"root": "d"}, "target_weights": {"sphericity": 3.0}}, "x.yaml")
+    loss = _loss(config, ["subtlety", "sphericity", "texture"])
+    torch.testing.assert_close(loss(pred, target), weighted(pred, target))
+    assert isinstance(_loss(toy_config()), torch.nn.BCEWithLogitsLoss)  # no weights: the plain loss
+
+
+def test_a_weighted_biomarker_run_trains_and_records_the_weighted_validation_loss(toy, tmp_path):
+    weights = {"sphericity": 4.0, "texture": 2.0}
+    config = toy_config(task="biomarkers", loss="mse", epochs=2, target_weights=weights)
+    train_fold(config, fold_data(toy, 0, "biomarkers"), tmp_path, progress=False)
+    history = pd.read_csv(tmp_path / "history.csv")
+    names = fold_data(toy, 0, "biomarkers").output_names
+    w = np.array([weights.get(n, 1.0) for n in names])
+    weighted = history[[f"val_mse_{n}" for n in names]].to_numpy() @ (w / w.sum())
+    assert weighted == pytest.approx(history["val_loss"].to_numpy(), rel=1e-4)

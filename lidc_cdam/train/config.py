@@ -80,6 +80,8 @@ class TrainConfig:
     data: DataConfig
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: str | None = None  # default: bce (malignancy), huber (biomarkers)
+    # biomarkers: a weight per target in the loss (default 1 each; the loss is the weighted mean over targets)
+    target_weights: dict[str, float] = field(default_factory=dict)
     epochs: int = 50
     batch_size: int = 16
     lr: float = 3e-4
@@ -172,6 +174,15 @@ def check(config: TrainConfig) -> None:
         raise TrainConfigError(f"{file}: loss must be one of {LOSSES}, got {config.loss!r}")
     if config.task == "malignancy" and config.loss_name != "bce":
         raise TrainConfigError(f"{file}: malignancy is binary: use loss bce")
+    if config.target_weights:
+        from lidc_cdam.data.lidc.nodules import BIOMARKERS
+
+        unknown = sorted(set(config.target_weights) - set(BIOMARKERS))
+        if config.task != "biomarkers" or unknown:
+            raise TrainConfigError(f"{file}: target_weights weigh the biomarkers {list(BIOMARKERS)}"
+                                   + (f"; unknown: {unknown}" if unknown else f", not task {config.task!r}"))
+        if any(not float(w) > 0 for w in config.target_weights.values()):
+            raise TrainConfigError(f"{file}: target_weights must be positive, got {config.target_weights}")
     if config.schedule.type not in SCHEDULES:
         raise TrainConfigError(f"{file}: schedule.type must be one of {SCHEDULES}")
     if config.data.view not in VIEWS:

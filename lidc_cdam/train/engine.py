@@ -58,9 +58,25 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def _loss(config: TrainConfig) -> torch.nn.Module:
-    return {"bce": torch.nn.BCEWithLogitsLoss(), "huber": torch.nn.HuberLoss(),
-            "mse": torch.nn.MSELoss()}[config.loss_name]
+class WeightedTargetLoss(torch.nn.Module):
+    """``base`` (element-wise) averaged over the batch, then over the targets ``[B, T]`` with ``weights`` (the
+    weighted mean: equal weights give the plain mean)."""
+
+    def __init__(self, base: torch.nn.Module, weights: list[float]) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32) / sum(weights))
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (self.base(pred, target).mean(0) * self.weights.to(pred.dtype)).sum()
+
+
+def _loss(config: TrainConfig, output_names: list[str] | None = None) -> torch.nn.Module:
+    kind = {"bce": torch.nn.BCEWithLogitsLoss, "huber": torch.nn.HuberLoss, "mse": torch.nn.MSELoss}[config.loss_name]
+    if not config.target_weights:
+        return kind()
+    weights = [float(config.target_weights.get(name, 1.0)) for name in output_names or []]
+    return WeightedTargetLoss(kind(reduction="none"), weights)
 
 
 def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
@@ -191,7 +207,7 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
                             pin_memory=pin)
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler, per_epoch = _scheduler(config, optimizer)
-    loss_fn = _loss(config)
+    loss_fn = _loss(config, data.output_names).to(process.device)
     precision = choose_precision(config.amp, process.device)
     train_step = TrainStep(network, optimizer, loss_fn, precision)
 
