@@ -8,6 +8,7 @@
 - :mod:`.lidc_data` - the LIDC folds as the trainer sees them (train / validation / test datasets);
 - :mod:`.backbones` - the model to fine-tune from the config's backbone (a timm name or a local weights
   file), its linear head, and which parameters train;
+- :mod:`.mimetic_init` - the mimetic initialisation of a new ViT's attention (``backbone.init: mimetic``);
 - :mod:`.step` - one training step as the engine runs it, and the mixed precision it runs under;
 - :mod:`.trust_checkpoint` - trust statistics added to a checkpoint trained before they existed;
 - :mod:`.linear_probe` - the ImageNet linear probe on a frozen ViT backbone;

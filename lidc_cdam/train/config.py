@@ -80,7 +80,8 @@ class TrainConfig:
     data: DataConfig
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: str | None = None  # default: bce (malignancy), huber (biomarkers)
-    # biomarkers: a weight per target in the loss (default 1 each; the loss is the weighted mean over targets)
+    # biomarkers: a weight per target in the loss (default 1 each; the loss is the weighted mean over targets;
+    # the best checkpoint is still the one of the plain mean validation MSE)
     target_weights: dict[str, float] = field(default_factory=dict)
     epochs: int = 50
     batch_size: int = 16
