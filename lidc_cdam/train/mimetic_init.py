@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: the paper's constants for ViTs (query-key, then value-output)
+#: the constants used here (query-key, then value-output); the paper tunes them per setting. With these, the tiny
+#: phantom ViT read a nodule's silhouette at R^2 0.60 where timm's initialisation gave 0.38 (docs/method.md)
 ALPHA_QK, BETA_QK = 0.7, 0.7
 ALPHA_VO, BETA_VO = 0.4, 0.4
 
