@@ -29,10 +29,11 @@ def tiny_vit(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> 
     return ViTModel(backbone).to(dtype)
 
 
-def reg4_dinov2_like(dtype: torch.dtype = torch.float64) -> ViTModel:
+def reg4_dinov2_like(dtype: torch.dtype = torch.float64, **overrides) -> ViTModel:
     """Shaped like timm's vit_small_patch14_reg4_dinov2 (4 registers, layer scale, no pos-embed on
     prefix tokens), only much smaller."""
-    return tiny_vit(dtype, img_size=42, patch_size=14, reg_tokens=4, no_embed_class=True, init_values=1e-1)
+    return tiny_vit(dtype, **{"img_size": 42, "patch_size": 14, "reg_tokens": 4, "no_embed_class": True,
+                              "init_values": 1e-1, **overrides})
 
 
 def images_for(model: ViTModel, batch: int = 2, size: tuple[int, int] | None = None) -> torch.Tensor:

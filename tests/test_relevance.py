@@ -134,7 +134,9 @@ def add_rule(a, b, R):
 @torch.no_grad()
 def literal_partial_lrp(model: ViTModel, image: torch.Tensor, target: int) -> torch.Tensor:
     """Chefer's relprop(method="last_layer") for one image and one class, over all N tokens; the
-    last block rebuilt from timm's modules. Returns the map over all tokens [N]."""
+    last block rebuilt from timm's modules, the pooling (CLS selection or timm's ``pool``) by Chefer's
+    generic rule. Returns the map over all tokens [N]: the attention relevance summed over the query
+    rows (for CLS pooling only the CLS row is non-zero, Chefer's reading), clamped, mean over heads."""
     bb, blk = model.backbone, model.last_block
     attn, mlp = blk.attn, blk.mlp
     x = model.trunk(image[None])  # [1, N, D]
@@ -151,12 +153,12 @@ def literal_partial_lrp(model: ViTModel, image: torch.Tensor, target: int) -> to
     branch2 = blk.ls2(mlp.fc2(h))
     y2 = y1 + branch2
     z = bb.norm(y2)
-    latent = z[:, 0]
+    latent = bb.fc_norm(bb.pool(z))
     torch.testing.assert_close(model.head(latent), model(image[None]))  # the rebuilt forward is the model's
 
     R = F.one_hot(torch.tensor([target]), model.num_outputs).to(x.dtype)
     R = linear_rule(latent, model.head.weight, R)  # head; fc_norm and norm pass relevance through
-    R = simple_rule(lambda z_: z_[:, 0], [z], R)[0]  # CLS selection
+    R = simple_rule(bb.pool, [z], R)[0]  # the pooling: CLS selection, average, max
     r_res, r_mlp = add_rule(y1, branch2, R)
     r_mlp = linear_rule(h, mlp.fc2.weight, r_mlp)  # ls2, act, norm2: pass-through
     r_mlp = linear_rule(n2, mlp.fc1.weight, r_mlp)
@@ -166,10 +168,13 @@ def literal_partial_lrp(model: ViTModel, image: torch.Tensor, target: int) -> to
     r_attn = r_attn.reshape(1, N, H, e).transpose(1, 2)
     cam, _ = simple_rule(torch.matmul, [A, v], r_attn)
     cam = cam / 2
-    return cam[0].clamp(min=0).mean(0)[0]
+    return cam[0].sum(1).clamp(min=0).mean(0)
 
 
-@pytest.mark.parametrize("build", BUILDS)
+POOLED = [pytest.param(lambda pool=pool: tiny_vit(global_pool=pool), id=pool) for pool in ("avg", "max", "avgmax")]
+
+
+@pytest.mark.parametrize("build", BUILDS + POOLED)
 def test_partial_lrp_equals_literal_full_token_version(build):
     model = build()
     x = images_for(model, batch=2)
@@ -208,12 +213,14 @@ def test_partial_lrp_dot_and_cosine_concepts_agree():
 
 
 # --------------------------------------------------------------------------- conservation
+@pytest.mark.parametrize("pool", ["token", "avgmax"])
 @pytest.mark.parametrize("rule", ["identity", "gradient"])
-def test_partial_lrp_conserves_relevance_rule_by_rule(rule):
+def test_partial_lrp_conserves_relevance_rule_by_rule(rule, pool):
     """Every rule flagged conservative sends on the total it receives, per image and target (up to
     Chefer's 1e-9 stabiliser: rtol 1e-6). With Chefer's pass-through rules (default) every step is
-    conservative, so the relevance reaching the last block's input residual, A and V is the unit one-hot."""
-    model = reg4_dinov2_like()
+    conservative, so the relevance reaching the last block's input residual, A and V is the unit one-hot.
+    The same holds through average + max pooling of the patch tokens (the generic rule)."""
+    model = reg4_dinov2_like(global_pool=pool)
     x = images_for(model, batch=3)
     spec = resolve_targets(model, [[1, 4], [0, 6], [2, 3]], 3)
     trace = []
@@ -223,13 +230,17 @@ def test_partial_lrp_conserves_relevance_rule_by_rule(rule):
         return r.flatten(2).sum(-1)  # [B, K]
 
     names = [name for name, *_ in trace]
-    assert names == ["head", "fc_norm", "cls_select", "norm", "add2", "ls2", "mlp.fc2", "mlp.norm", "mlp.act",
-                     "mlp.fc1", "norm2", "clone2", "add1", "ls1", "attn.proj", "attn.norm", "attn@v"]
+    assert names == ["head", "fc_norm", "cls_select" if pool == "token" else "pool", "norm", "add2", "ls2",
+                     "mlp.fc2", "mlp.norm", "mlp.act", "mlp.fc1", "norm2", "clone2", "add1", "ls1", "attn.proj",
+                     "attn.norm", "attn@v"]
     ones = torch.ones(3, 2, dtype=x.dtype)
     torch.testing.assert_close(total(trace[0][2]), ones, rtol=0, atol=0)  # one-hot at the target
+    # a pooled model's fc_norm is a LayerNorm: by gradient x input (scale-invariant) it passes ~1e-5 of the
+    # relevance, and Chefer's 1e-9 stabiliser is then a 1e-4 relative error
+    rtol = 1e-3 if (rule, pool) == ("gradient", "avgmax") else 1e-6
     for name, conservative, arriving, leaving in trace:
         if conservative:
-            torch.testing.assert_close(sum(total(r) for r in leaving), total(arriving), rtol=1e-6, atol=1e-9,
+            torch.testing.assert_close(sum(total(r) for r in leaving), total(arriving), rtol=rtol, atol=1e-9,
                                        msg=f"rule {name} is not conservative")
     assert [name for name, cons, *_ in trace if not cons] == (
         [] if rule == "identity" else ["fc_norm", "norm", "ls2", "mlp.norm", "mlp.act", "norm2", "ls1", "attn.norm"]
@@ -237,7 +248,7 @@ def test_partial_lrp_conserves_relevance_rule_by_rule(rule):
     r_attn, r_v = trace[-1][3]
     r_residual, r_branch = trace[names.index("add1")][3]
     torch.testing.assert_close(total(r_attn), total(r_v), rtol=1e-12, atol=1e-12)  # each half carries sum R / 2
-    torch.testing.assert_close(total(r_attn) + total(r_v), total(r_branch), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(total(r_attn) + total(r_v), total(r_branch), rtol=rtol, atol=1e-9)
     if rule == "identity":  # what reaches the block input's residual, A and V is the unit one-hot
         torch.testing.assert_close(total(r_residual) + total(r_attn) + total(r_v), ones, rtol=1e-6, atol=0)
     else:  # LayerNorm / GELU by gradient x input do not conserve
@@ -320,11 +331,23 @@ def test_models_without_cls_token_are_refused(method):
         explain(model, images_for(model), [1], method=method)
 
 
-def test_partial_lrp_needs_cls_pooling_and_a_linear_head():
-    model = tiny_vit(global_pool="avg", fc_norm=True)
-    with pytest.raises(TypeError, match="global_pool='token'"):
+def test_partial_lrp_through_cls_and_patch_pooling_equal_on_a_cls_model():
+    """The all-rows path (timm's pooling by the generic rule, the relevance summed over the query rows) gives
+    a CLS-pooled model's CLS-row map: only that row carries relevance."""
+    model = reg4_dinov2_like()
+    x = images_for(model, batch=2)
+    spec = resolve_targets(model, [[1, 4], [0, 6]], 2)
+    cls_row, values = relevance.partial_lrp_relevance(model, x, spec)
+    all_rows, values_all = relevance.partial_lrp_relevance(model, x, spec, all_rows=True)
+    torch.testing.assert_close(all_rows, cls_row, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(values_all, values)
+
+
+def test_partial_lrp_needs_no_attention_pool_and_a_linear_head():
+    model = tiny_vit(global_pool="map")
+    with pytest.raises(TypeError, match="attention pool"):
         explain(model, images_for(model), [1], method="partial-lrp")
-    explain(model, images_for(model), [1], method="relevance-propagation")  # gradients need no CLS pooling
+    explain(model, images_for(model), [1], method="relevance-propagation")  # gradients through any pooling
     mlp_head = tiny_vit()
     mlp_head.head = torch.nn.Sequential(torch.nn.Linear(48, 8), torch.nn.ReLU(), torch.nn.Linear(8, 7)).double()
     with pytest.raises(TypeError, match="linear head"):

@@ -5,7 +5,8 @@ installs hooks nor flips timm's ``fused_attn``: the attention probabilities they
 recomputed from each block's own ``qkv`` projection (``q_norm`` / ``k_norm``, ``scale``, softmax),
 exactly as timm's unfused path does, in a forward written here over timm's modules. Both need a
 CLS token; relevance propagation takes gradients through the model's own pooling (any), partial
-LRP needs CLS pooling (``global_pool="token"``) and, for head targets, a linear head.
+LRP propagates through CLS, average, max or avg+max pooling (not an attention pool) and, for head
+targets, needs a linear head.
 
 **relevance-propagation** (docs/method.md, "Baselines"; Chefer, Gur & Wolf, "Generic attention-model
 explainability", ICCV 2021). With ``A_b`` ``[B, H, N, N]`` the attention probabilities of block
@@ -22,7 +23,13 @@ relevance starts at the target and is propagated with Chefer's rules (``layers_o
 the head, ``fc_norm``, the final ``norm``, the CLS selection, the last block (second residual add,
 ``ls2``, MLP, ``norm2``, the residual fork, first residual add, ``ls1``, ``attn.proj``) to the
 ``A @ V`` product; the relevance of the attention probabilities, clamped at 0 and averaged over
-heads, CLS row, patch columns, is the map. The rules (each a function below):
+heads, CLS row, patch columns, is the map. A model that pools the patch tokens (``global_pool``
+``avg``, ``max``, ``avgmax``; ours) has no CLS selection: the pooling takes the generic rule
+(gradient x input of timm's own ``pool``; conservative, as each of these is homogeneous of degree
+one), the last block runs on every query row, and the map is the attention relevance summed over
+the query rows (each key column's total), then clamped and averaged over heads. On a CLS-pooled
+model that path gives the CLS path's map (only the CLS row carries relevance; tested). The rules
+(each a function below):
 
 * :func:`safe_divide` ``a / b`` with Chefer's stabiliser (``a / (b + 1e-9)``, 0 where ``b == 0``);
 * :func:`linear_zplus` Linear, alpha-beta with alpha=1, beta=0 (z+ with the sign split):
@@ -50,8 +57,8 @@ is treated as a one-output Linear layer on ``l`` with relevance 1: weight ``l_c`
 ``cosine`` (cosine is the dot product of ``l / |l|`` and ``l_c / |l_c|``; the z+ rule is invariant
 to those positive scalings), and its gradient direction ``l_c - l`` for ``neg_l2``.
 
-Only the CLS row of the last block carries relevance (the head reads CLS' alone), so partial LRP
-runs the trunk once (timm's own, fused attention) and the last block on the CLS row only; all
+When the head reads CLS' alone, only the CLS row of the last block carries relevance, so partial
+LRP runs the trunk once (timm's own, fused attention) and the last block on the CLS row only; all
 targets of all images are one batch ``[B, K, ...]``.
 
 Why one module of about 480 lines: the two methods share the forward written over timm's modules and
@@ -365,9 +372,14 @@ def partial_lrp_relevance(
     *,
     norm_act_rule: NormActRule = "identity",
     trace: list[tuple[str, bool, torch.Tensor, tuple[torch.Tensor, ...]]] | None = None,
+    all_rows: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LRP relevance of the last block's CLS-query attention probabilities ``[B, K, H, N]`` and ``F``
-    ``[B, K]``, propagated from each target with Chefer's rules (module docstring).
+    """LRP relevance of the last block's attention probabilities ``[B, K, H, N]`` (of the CLS query, or
+    summed over the query rows) and ``F`` ``[B, K]``, propagated from each target with Chefer's rules
+    (module docstring).
+
+    ``all_rows``: propagate through timm's pooling and every query row; ``None`` (the default) does so
+    exactly when the head does not read CLS' alone.
 
     ``trace``, if given, receives one entry per rule ``(name, conservative, arriving, leaving)``:
     the relevance arriving at the rule from the output side and the tuple of relevances it sends to
@@ -375,11 +387,16 @@ def partial_lrp_relevance(
     total per image and target (``norm_act_rule="gradient"`` makes the norm / activation steps
     non-conservative).
     """
-    _check_model(model, "partial-lrp", cls_pooling=True)
+    _check_model(model, "partial-lrp", cls_pooling=False)
     _check_last_block(model)
     if norm_act_rule not in ("identity", "gradient"):
         raise ValueError(f"norm_act_rule must be 'identity' or 'gradient', got {norm_act_rule!r}")
     bb, blk = model.backbone, model.last_block
+    if bb.attn_pool is not None:
+        raise RelevanceModelError("partial-lrp has no rule for an attention pool (global_pool='map'); "
+                                  "use 'relevance-propagation' or 'cdam'")
+    all_rows = not model.reads_cls_only if all_rows is None else all_rows
+    rows = slice(None) if all_rows else slice(0, 1)
     attn, mlp = blk.attn, blk.mlp
     B, K = images.shape[0], spec.num_targets
     cons = norm_act_rule == "identity"
@@ -389,14 +406,15 @@ def partial_lrp_relevance(
             trace.append((name, conservative, arriving, leaving))
 
     with torch.no_grad():
-        # forward: trunk (timm, fused attention), then the last block on the CLS row only
+        # forward: trunk (timm, fused attention), then the last block on the CLS row (or every row)
         x = model.trunk(images)
         tokens = blk.norm1(x)
-        probs, v = attention_parts(attn, tokens, slice(0, 1))  # [B, H, 1, N], [B, H, N, e]
-        heads = (probs @ v).transpose(1, 2).reshape(B, attn.attn_dim)  # [B, H*e]
+        probs, v = attention_parts(attn, tokens, rows)  # [B, H, n, N], [B, H, N, e]
+        n = probs.shape[2]
+        heads = (probs @ v).transpose(1, 2).reshape(B, n, attn.attn_dim)  # [B, n, H*e]
         normed_heads = attn.norm(heads)
         proj = attn.proj_drop(attn.proj(normed_heads))
-        x0 = x[:, 0]
+        x0 = x[:, rows]
         y1 = x0 + blk.drop_path1(blk.ls1(proj))
         branch1 = y1 - x0
         n2 = blk.norm2(y1)
@@ -406,8 +424,9 @@ def partial_lrp_relevance(
         m = mlp.drop2(mlp.fc2(h3))
         y2 = y1 + blk.drop_path2(blk.ls2(m))
         branch2 = y2 - y1
-        z = bb.norm(y2)
-        pooled = bb.fc_norm(z)
+        z = bb.norm(y2)  # [B, n, D]
+        pool_out = bb.pool(z) if all_rows else z[:, 0]
+        pooled = bb.fc_norm(pool_out)
         latent = bb.head_drop(pooled)
         values = spec.objective(model, latent[:, None].expand(B, K, latent.shape[-1]))
 
@@ -427,10 +446,17 @@ def partial_lrp_relevance(
             r_out = torch.ones(B, K, 1, dtype=latent.dtype, device=latent.device)
             r_lat = linear_zplus(lat, weight, r_out)
         log("head", True, r_out, r_lat)
-        r = _passive(bb.fc_norm, z[:, None], r_lat, norm_act_rule)
+        r = _passive(bb.fc_norm, pool_out[:, None], r_lat, norm_act_rule)
         log("fc_norm", cons, r_lat, r)
-        r_z = clone_rule(z[:, None], r)  # CLS selection (IndexSelect): X * R / X on the CLS row
-        log("cls_select", True, r, r_z)
+        if all_rows:  # timm's pooling over the rows, by the generic rule
+            def pool(t: torch.Tensor) -> torch.Tensor:
+                return bb.pool(t.flatten(0, 1)).unflatten(0, (B, K))
+
+            r_z = generic_rule(pool, (z[:, None].expand(B, K, *z.shape[1:]),), r)[0]
+            log("pool", True, r, r_z)
+        else:
+            r_z = clone_rule(z[:, None], r[:, :, None])  # CLS selection (IndexSelect): X * R / X on the CLS row
+            log("cls_select", True, r, r_z)
         r_y2 = _passive(bb.norm, y2[:, None], r_z, norm_act_rule)
         log("norm", cons, r_z, r_y2)
         r_res2, r_b2 = add_rule(y1[:, None], branch2[:, None], r_y2)
@@ -457,17 +483,18 @@ def partial_lrp_relevance(
         log("attn.proj", True, r, r_nh)
         r_heads = _passive(attn.norm, heads[:, None], r_nh, norm_act_rule)
         log("attn.norm", cons, r_nh, r_heads)
-        r_o = r_heads.reshape(B, K, attn.num_heads, 1, attn.head_dim)
-        r_attn, r_v = matmul_rule(probs, v, r_o)  # [B, K, H, 1, N], [B, K, H, N, e]
+        r_o = r_heads.reshape(B, K, n, attn.num_heads, attn.head_dim).transpose(2, 3)  # [B, K, H, n, e]
+        r_attn, r_v = matmul_rule(probs, v, r_o)  # [B, K, H, n, N], [B, K, H, N, e]
         log("attn@v", True, r_o, r_attn, r_v)
-    return r_attn[:, :, :, 0], values
+    return r_attn.sum(3), values
 
 
 @register(
     "partial-lrp",
     {"norm_act_rule": "identity"},
     "Partial LRP (Voita et al. 2019 as in Chefer's code, method='last_layer'): LRP relevance (alpha=1) of the "
-    "last block's attention probabilities, clamped >= 0, mean over heads, CLS row",
+    "last block's attention probabilities, clamped >= 0, mean over heads, CLS row (summed over the rows for a "
+    "model that pools the patch tokens)",
     signed=False,
 )
 def partial_lrp(model: ViTModel, images: torch.Tensor, spec: TargetSpec, **options: Any) -> Attribution:
