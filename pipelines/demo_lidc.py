@@ -31,8 +31,9 @@ from lidc_cdam.viz import plot_explanation_grid, save_figure
 
 DEMO_SCANS: int | None = None  # every scan with selected nodules: the 861 phantoms the shipped models came from
 PHANTOM_NOTE = "phantom nodules rendered from LIDC annotations into a synthetic background: NOT CT"
-#: the what-if phantom: a fold-0 test nodule's contour, rendered calcified, ill-defined and part solid
-WHAT_IF = ("LIDC-IDRI-0835_s0820_n02", {"calcification": 3.0, "margin": 1.5, "texture": 3.0})
+#: the what-if phantom: a fold-0 test nodule's contour, rendered calcified, ill-defined and part solid. A 16 mm
+#: nodule: on a 9 mm one the ill-defined edge's blur (sigma 1.8 mm) washes the calcified core out of the image
+WHAT_IF = ("LIDC-IDRI-0635_s0640_n01", {"calcification": 3.0, "margin": 1.5, "texture": 3.0})
 
 
 TASKS = ("malignancy", "biomarkers")
@@ -132,7 +133,8 @@ def what_if_item(stats: dict[str, Any], size: int) -> dict[str, Any]:
     from lidc_cdam.data.lidc.phantoms import what_if_phantom
 
     nodule, ratings = WHAT_IF
-    path = cache_dir() / "demo-lidc" / f"what-if-r{RENDER_VERSION}-{nodule}.npz"
+    key = "-".join(f"{name}{value:g}" for name, value in sorted(ratings.items()))
+    path = cache_dir() / "demo-lidc" / f"what-if-r{RENDER_VERSION}-{nodule}-{key}.npz"
     if not path.exists():
         write_npz(path, **what_if_phantom(nodule, ratings))
     with np.load(path, allow_pickle=False) as crop:

@@ -63,6 +63,12 @@ def test_lidc_demo_explains_every_biomarker_with_the_shipped_models(tmp_path, ca
     maps = np.load(out / "maps.npz")
     assert maps["cdam_malignancy"].shape == (4, 1, 16, 16) and maps["cdam_biomarkers"].shape == (4, 8, 16, 16)
     assert np.abs(maps["cdam_biomarkers"]).sum(axis=(2, 3)).min() > 0  # a map for every biomarker
+    # the what-if nodule (calcified, ill-defined, part solid): calcification, margin, texture and diameter have
+    # maps of their own, not one blob with a sign (the shipped models measured: |r| <= 0.78)
+    names = summary["nodules"][-1]["biomarkers_rated"]
+    own = [list(names).index(t) for t in ("calcification", "margin", "texture", "diameter_mm")]
+    r = np.corrcoef(maps["cdam_biomarkers"][-1, own].reshape(len(own), -1))
+    assert np.abs(r[np.triu_indices(len(own), 1)]).max() < 0.9
 
 
 @pytest.mark.slow

@@ -181,7 +181,9 @@ def test_the_committed_trust_evaluation_is_rebuilt_from_the_shipped_weights(tmp_
         committed = pd.read_csv(ROOT / "benchmarks" / "results" / "trust" / "percentiles.csv")
         merged = pd.DataFrame(per_crop).merge(committed, on=keys, suffixes=("", "_committed"))
         assert len(held_out.crops) == 2 and len(merged) == len(per_crop) == 2 * 2 * (2 + 5)
-        np.testing.assert_allclose(merged["percentile"], merged["percentile_committed"], rtol=0, atol=1e-3)
+        # percentiles (0-100) interpolate between the training crops' scores: another kernel set's ~1e-5 relative
+        # change of a distance moves one by ~1e-3 points (measured 0.0011 on the shipped biomarker model)
+        np.testing.assert_allclose(merged["percentile"], merged["percentile_committed"], rtol=0, atol=1e-2)
         return
     result = trust_eval.evaluation()
     committed = json.loads((ROOT / "benchmarks" / "results" / "trust" / "trust_eval.json").read_text())

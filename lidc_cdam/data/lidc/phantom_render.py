@@ -20,10 +20,11 @@ from lidc_cdam.data.lidc.synthetic_dicom import COLS, ROWS, in_plane_origin
 
 PHANTOM_NOTE = ("PHANTOM: nodule rendered from the LIDC-IDRI annotations' consensus contours and mean ratings "
                 "(each biomarker a rendered cause) into a synthetic lung background; not CT")
-#: the rendering's default version: 2 renders every biomarker's cause (:mod:`.phantom_causes`); 3 renders
-#: sphericity on every slice (``lidc-cdam phantoms --render-version 3``); 4 draws render 3's body with its
-#: partial volume in a lung without vessels (neither is yet what the shipped models were trained on). Caches key on it.
-RENDER_VERSION = 2
+#: the rendering's default version, the one the shipped models were trained on (caches key on it): 5, render 4
+#: with its spikes spaced evenly around the outline, so that they keep the body's axis ratio. 2 rendered every
+#: biomarker's cause (:mod:`.phantom_causes`); 3 renders sphericity on every slice; 4 draws render 3's body with
+#: its partial volume in a lung without vessels (``lidc-cdam phantoms --render-version N`` chooses one).
+RENDER_VERSION = 5
 
 
 def phantom_geometry(scan: Any) -> Geometry:
