@@ -72,7 +72,7 @@ def _without_run_local(config: dict[str, Any]) -> dict[str, Any]:
 
 def check_preset_run(run: Path, task: str) -> dict[str, Any]:
     """The fold-0 run of ``lidc-cdam train`` in ``run`` as :func:`trained_demo_models` returns it, after checking
-    that it is the ``tiny-phantom-<task>`` preset (up to :data:`RUN_LOCAL_KEYS`) trained on a full phantom set of
+    that it is the ``tiny-phantom-<task>`` preset (up to :data:`RUN_LOCAL_KEYS`) trained on phantoms of
     the current render version. Raises ValueError naming the file and what differs."""
     from lidc_cdam.data.lidc.phantom_render import RENDER_VERSION
     from lidc_cdam.resources import config_dir
