@@ -84,10 +84,14 @@ def test_oracle_reads_the_axis_ratio_of_body_mask_and_image(phantoms, capsys):
     disc[10:22, 13:19] = True  # 12 x 6 pixels
     assert oracle.axis_ratio(disc) == pytest.approx(2.0, rel=0.05)
     assert np.isnan(oracle.axis_ratio(disc[:1, :2]))
+    box = np.zeros((32, 32, 32), bool)
+    box[4:28, 10:22, 13:19] = True  # 24 x 12 x 6 voxels: second moments in the ratio of the sides squared
+    assert oracle.axis_ratios_3d(box) == pytest.approx((4.0, 2.0), rel=0.05)
     out, _ = phantoms
     frame = oracle.readings(str(out))
     assert len(frame) == len(pd.read_csv(out / "nodules.csv"))
     assert (frame[["body", "mask"]] >= 1).all().all()
     result = oracle.main([str(out)])[str(out)]
-    assert set(result) == {f"{r}{s}" for r in oracle.READINGS for s in ("", "_8mm_up")}
+    assert set(result) == {f"{r}{s}" for r in (*oracle.READINGS, "body_3d") for s in ("", "_8mm_up")}
+    assert result["body_3d"] >= result["body"] - 1e-9  # a least-squares fit that includes the body's reading
     assert 0 <= result["body"] <= 1 and "R^2 of the sphericity rating" in capsys.readouterr().out
