@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lidc_cdam.models.trust import (
+    THRESHOLD,
     fit_trust,
     is_unlike_training,
     mahalanobis,
@@ -127,7 +128,7 @@ def test_a_phantom_model_flags_real_ct_and_noise_but_few_held_out_phantoms(phant
     held_out = fold_crops(folder, 0, "test")
     flags = {}
     for m in ("domain", "latent"):
-        threshold = float(method_stats(model, m).get("threshold", 99.0))
+        threshold = float(method_stats(model, m).get("threshold", THRESHOLD))
         p_out, p_held = percentiles(model, outside, m), percentiles(model, held_out, m)
         flags[m] = (p_out > threshold, p_held > threshold, p_out, np.median(p_held))
         print(f"trust ({m}, threshold {threshold}): real CT {np.round(p_out[:6], 2).tolist()}, noise {p_out[6]:.2f}, "
