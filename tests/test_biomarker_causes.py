@@ -62,6 +62,13 @@ def test_cause_metrics_on_hand_made_maps_and_regions():
         assert flat[share] == pytest.approx(flat[uniform_column])
     assert wrong["share_cause"] == pytest.approx(0.0) and wrong["share_other"] == pytest.approx(1.0)
     assert wrong["discrimination"] == pytest.approx(-1.0) and wrong["pointing_cause"] == 0.0
+    # of either sign: concentrated and flat maps as above; the wrong map's -0.5 on own now counts (8 of 24)
+    assert concentrated["abs_share_cause"] == pytest.approx(1.0) and concentrated["abs_discrimination"] == 1.0
+    assert flat["abs_share_cause"] == pytest.approx(area) and flat["abs_share_other"] == pytest.approx(other_area)
+    assert wrong["abs_share_cause"] == pytest.approx(8 / 24) and wrong["abs_share_other"] == pytest.approx(16 / 24)
+    assert wrong["abs_discrimination"] == pytest.approx(-8 / 24)
+    negative = cause_columns(-inside[None], ["own"], regions)[0]  # a cause that lowers the rating
+    assert negative["share_cause"] == 0.0 and negative["abs_share_cause"] == pytest.approx(1.0)
     assert empty["cause_pixels"] == 0 and all(math.isnan(empty[c]) for c in CAUSE_COLUMNS if c != "cause_pixels")
     assert all(math.isnan(no_region[c]) for c in CAUSE_COLUMNS)
 
@@ -84,6 +91,7 @@ def test_cause_metrics_on_hand_made_maps_and_regions():
     calc = table.loc["calcification"]
     assert calc["n"] == 3 and calc["share_cause_lo"] <= calc["share_cause"] <= calc["share_cause_hi"]
     assert calc["cause_over_uniform"] == pytest.approx(calc["share_cause"] / area)
+    assert calc["abs_discrimination_lo"] <= calc["abs_discrimination"] <= calc["abs_discrimination_hi"]
     assert example_nodule(rows) == "n0"
 
 
@@ -111,9 +119,11 @@ def test_cohort_measures_every_target_in_its_cause_region(tmp_path):
     assert len(has) and set(has["target"]) >= {"subtlety", "sphericity", "margin", "texture", "diameter_mm"}
     values = has[list(CAUSE_COLUMNS)].to_numpy(float)
     assert np.isfinite(values).all()
-    for column in ("share_cause", "uniform_cause", "pointing_cause", "share_other", "uniform_other"):
+    for column in ("share_cause", "uniform_cause", "pointing_cause", "share_other", "uniform_other",
+                   "abs_share_cause", "abs_share_other"):
         assert has[column].between(0, 1).all(), column
     np.testing.assert_allclose(has["discrimination"], has["share_cause"] - has["share_other"], atol=1e-9)
+    np.testing.assert_allclose(has["abs_discrimination"], has["abs_share_cause"] - has["abs_share_other"], atol=1e-9)
     # the uniform share is the region's area fraction on the crop's plane (the 32 -> 64 px nearest resize doubles)
     crops = read_data_table(root).set_index("nodule_id")["crop_path"]
     for row in has.drop_duplicates(["nodule_id", "target"]).itertuples():
@@ -130,7 +140,7 @@ def test_cohort_measures_every_target_in_its_cause_region(tmp_path):
 
     folder = tmp_path / "run" / "causes"
     for name in ("tables.md", "causes.csv", "tables/causes.csv", "tables/left_out.csv", "figures/cause_maps.png",
-                 "figures/discrimination.png", "settings.json", "summary.json"):
+                 "figures/discrimination.png", "figures/abs_discrimination.png", "settings.json", "summary.json"):
         assert (folder / name).exists(), name
     rows = pd.read_csv(folder / "causes.csv")
     assert len(rows) == len(has) and summary["causes"]["example_nodule"] in set(rows["nodule_id"])

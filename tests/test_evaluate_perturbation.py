@@ -254,10 +254,12 @@ def test_evaluate_image_shares_boxes_and_gives_zero_delta_for_class_agnostic_map
 
 
 def test_localisation_scores_by_hand():
-    from lidc_cdam.evaluate.localisation import pointing_game, positive_share_in_mask
+    from lidc_cdam.evaluate.localisation import absolute_share_in_mask, pointing_game, positive_share_in_mask
 
     maps = torch.tensor([[[3.0, -1.0], [1.0, 0.0]], [[-1.0, -2.0], [-3.0, -4.0]], [[2.0, 2.0], [0.0, 1.0]]])
     masks = torch.tensor([[[1, 0], [0, 0]], [[1, 1], [1, 1]], [[0, 1], [0, 0]]]).bool()
     torch.testing.assert_close(positive_share_in_mask(maps, masks), torch.tensor([0.75, 0.0, 0.4]))
+    torch.testing.assert_close(absolute_share_in_mask(maps, masks), torch.tensor([0.6, 1.0, 0.4]))
+    assert absolute_share_in_mask(torch.zeros(1, 2, 2), masks[:1]).tolist() == [0.0]  # a zero map: defined, 0
     assert pointing_game(maps, masks).tolist() == [True, True, True]
     assert pointing_game(maps[:1], ~masks[:1]).tolist() == [False]

@@ -17,6 +17,10 @@ model's input size like the consensus mask (:func:`cause_model_regions`), for a 
 * ``uniform_other``: ``|O_t| / |plane|``;
 * ``discrimination = share_cause - share_other`` and ``uniform_discrimination = uniform_cause - uniform_other``
   (the uniform map's value, the baseline a map should beat);
+* ``abs_share_cause``, ``abs_share_other`` and ``abs_discrimination``: the same with the evidence of either sign,
+  :func:`~lidc_cdam.evaluate.localisation.absolute_share_in_mask` of ``|S|``. A cause that *lowers* the rating (a
+  calcified core: calcification 6 is "absent"; a blurred edge: margin 1 is "poorly defined") draws negative
+  evidence, which the positive share cannot credit; the uniform map's values are the same as above;
 * ``cause_pixels``: ``|C_t|`` at the model's input size.
 
 A target whose region is empty on the nodule's plane (no spikes at spiculation 1, no core at calcification 6,
@@ -34,10 +38,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lidc_cdam.evaluate.localisation import pointing_game, positive_share_in_mask
+from lidc_cdam.evaluate.localisation import absolute_share_in_mask, pointing_game, positive_share_in_mask
 
 CAUSE_COLUMNS = ("share_cause", "uniform_cause", "pointing_cause", "share_other", "uniform_other", "discrimination",
-                 "uniform_discrimination", "cause_pixels")
+                 "uniform_discrimination", "abs_share_cause", "abs_share_other", "abs_discrimination", "cause_pixels")
 
 
 def cause_model_regions(causes: dict[str, np.ndarray], size: int) -> dict[str, torch.Tensor]:
@@ -81,9 +85,12 @@ def cause_columns(maps: torch.Tensor, target_names: Sequence[str], regions: dict
             continue
         pair = torch.stack([own, other])
         share = positive_share_in_mask(maps[k][None].expand(2, -1, -1), pair).tolist()
+        either = absolute_share_in_mask(maps[k][None].expand(2, -1, -1), pair).tolist()
         uniform = pair.float().mean((-2, -1)).tolist()
         rows.append({"share_cause": share[0], "uniform_cause": uniform[0],
                      "pointing_cause": float(pointing_game(maps[k], own).item()),
                      "share_other": share[1], "uniform_other": uniform[1], "discrimination": share[0] - share[1],
-                     "uniform_discrimination": uniform[0] - uniform[1], "cause_pixels": float(pixels)})
+                     "uniform_discrimination": uniform[0] - uniform[1], "abs_share_cause": either[0],
+                     "abs_share_other": either[1], "abs_discrimination": either[0] - either[1],
+                     "cause_pixels": float(pixels)})
     return rows

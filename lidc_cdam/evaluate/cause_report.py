@@ -7,11 +7,13 @@ Written into one folder (``lidc-cdam cohort``: ``OUT/causes/``, or ``--causes-ou
   non-empty on the nodule's plane;
 * ``tables/causes.csv``: per model, target and method the mean ``share_cause`` with its 95 % percentile-bootstrap
   interval over nodules, the uniform map's share and the ratio to it, the pointing game with its interval,
-  ``share_other`` beside the uniform map's, and the discrimination with its interval beside the uniform map's;
+  ``share_other`` beside the uniform map's, the discrimination with its interval beside the uniform map's, and
+  ``abs_share_cause`` / ``abs_discrimination`` (evidence of either sign) with their intervals;
 * ``tables/left_out.csv``: per model and target, the nodules with and without a cause region on their plane;
 * ``tables.md``; ``figures/cause_maps.png`` (one row per target, one column per method, all on one nodule: the
-  crop's plane in grey, the map over it, the cause region's outline) and ``figures/discrimination.png``
-  (discrimination per target and method, with intervals);
+  crop's plane in grey, the map over it, the cause region's outline), ``figures/discrimination.png``
+  (discrimination per target and method, with intervals) and ``figures/abs_discrimination.png`` (the same with
+  the evidence of either sign);
 * ``settings.json`` (the run's settings and checkpoints, what a rerun needs) and ``summary.json``.
 """
 
@@ -66,7 +68,7 @@ def cause_table(rows: pd.DataFrame, targets: list[tuple[str, str]] | None = None
     for (model, target, method), g in rows.groupby(["model", "target", "method"], sort=False):
         row: dict[str, Any] = {"model": model, "target": target, "cause_region": g["cause_region"].iloc[0],
                                "method": method, "n": len(g)}
-        for column in ("share_cause", "pointing_cause", "discrimination"):
+        for column in ("share_cause", "pointing_cause", "discrimination", "abs_share_cause", "abs_discrimination"):
             values = g[column].to_numpy(float)
             lo, hi = bootstrap_ci(values)
             row.update({column: float(np.mean(values)), f"{column}_lo": lo, f"{column}_hi": hi})
@@ -74,7 +76,8 @@ def cause_table(rows: pd.DataFrame, targets: list[tuple[str, str]] | None = None
                 row["uniform_cause"] = float(g["uniform_cause"].mean())
                 row["cause_over_uniform"] = row["share_cause"] / row["uniform_cause"]
         row.update({"share_other": float(g["share_other"].mean()), "uniform_other": float(g["uniform_other"].mean()),
-                    "uniform_discrimination": float(g["uniform_discrimination"].mean())})
+                    "uniform_discrimination": float(g["uniform_discrimination"].mean()),
+                    "abs_share_other": float(g["abs_share_other"].mean())})
         out.append(row)
     frame = pd.DataFrame(out)
     if frame.empty:
@@ -122,9 +125,10 @@ def _grid_md(table: pd.DataFrame, column: str, first: dict[str, str] | None = No
     return "\n".join(lines)
 
 
-def discrimination_figure(table: pd.DataFrame, path: Path, title: str) -> Path:
-    """Heat map of the mean discrimination per target (rows) and method (columns), the uniform map's first,
-    each cell annotated with its 95 % interval."""
+def discrimination_figure(table: pd.DataFrame, path: Path, title: str, column: str = "discrimination") -> Path:
+    """Heat map of the mean ``column`` (``discrimination``, or ``abs_discrimination`` for the evidence of either
+    sign) per target (rows) and method (columns), the uniform map's discrimination first, each cell annotated with
+    its 95 % interval."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -141,7 +145,7 @@ def discrimination_figure(table: pd.DataFrame, path: Path, title: str) -> Path:
         text[i, 0] = f"{grid[i, 0]:.2f}"
         for j, m in enumerate(methods, start=1):
             if m in by_method.index:
-                mean, lo, hi = by_method.loc[m, ["discrimination", "discrimination_lo", "discrimination_hi"]]
+                mean, lo, hi = by_method.loc[m, [column, f"{column}_lo", f"{column}_hi"]]
                 grid[i, j] = mean
                 text[i, j] = f"{mean:.2f}\n[{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) else f"{mean:.2f}"
     fig, ax = plt.subplots(figsize=(1.6 + 0.85 * grid.shape[1], 1.2 + 0.5 * grid.shape[0]), constrained_layout=True)
@@ -153,7 +157,8 @@ def discrimination_figure(table: pd.DataFrame, path: Path, title: str) -> Path:
     ax.axvline(0.5, color="k", lw=1)
     ax.set_xticks(range(grid.shape[1]), ["uniform map", *methods], rotation=90, fontsize=7)
     ax.set_yticks(range(grid.shape[0]), [_label(m, t, models) for (m, t), _ in groups], fontsize=7)
-    fig.colorbar(image, ax=ax, label="discrimination (own region - other regions)")
+    what = "of either sign, " if column.startswith("abs_") else ""
+    fig.colorbar(image, ax=ax, label=f"discrimination ({what}own region - other regions)")
     ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
 
@@ -238,17 +243,29 @@ def write_cause_report(folder: Path, metrics: pd.DataFrame, run: dict[str, Any],
                   "![discrimination](figures/discrimination.png)", "",
                   "## Share of positive evidence in the own cause region", "",
                   _grid_md(table, "share_cause", {"uniform_cause": "uniform map"}), "",
-                  "## Pointing game on the own cause region", "", _grid_md(table, "pointing_cause"), ""]
-        fig = discrimination_figure(table, folder / "figures" / "discrimination.png",
-                                    f"Discrimination per target and method\n({note}; 95 % bootstrap intervals)")
-        summary["figures"].append(str(fig.relative_to(folder)))
+                  "## Pointing game on the own cause region", "", _grid_md(table, "pointing_cause"), "",
+                  "## Evidence of either sign", "",
+                  "A cause that lowers the rating (a calcified core, a blurred edge) draws negative evidence, which "
+                  "the positive share cannot credit. The same measures of `|S|`: its share in the own region, and "
+                  "the discrimination (the uniform map's values are those above).", "",
+                  "### Discrimination of `|S|`", "",
+                  _grid_md(table, "abs_discrimination", {"uniform_discrimination": "uniform map"}), "",
+                  "![discrimination of either sign](figures/abs_discrimination.png)", "",
+                  "### Share of `|S|` in the own cause region", "",
+                  _grid_md(table, "abs_share_cause", {"uniform_cause": "uniform map"}), ""]
+        for column, name, what in (("discrimination", "discrimination", "Discrimination"),
+                                   ("abs_discrimination", "abs_discrimination", "Discrimination of |S|")):
+            fig = discrimination_figure(table, folder / "figures" / f"{name}.png",
+                                        f"{what} per target and method\n({note}; 95 % bootstrap intervals)", column)
+            summary["figures"].append(str(fig.relative_to(folder)))
         if example is not None:
             fig = cause_maps_figure(example, rows, folder / "figures" / "cause_maps.png",
                                     f"Per-target maps and cause regions ({note})")
             summary["figures"].append(str(fig.relative_to(folder)))
             lines += ["![maps on one nodule](figures/cause_maps.png)", ""]
         summary["cdam"] = {r.target: {"share_cause": r.share_cause, "uniform_cause": r.uniform_cause,
-                                      "pointing_cause": r.pointing_cause, "discrimination": r.discrimination}
+                                      "pointing_cause": r.pointing_cause, "discrimination": r.discrimination,
+                                      "abs_share_cause": r.abs_share_cause, "abs_discrimination": r.abs_discrimination}
                            for r in table[table["method"] == "cdam"].itertuples()}
     atomic_write(folder / "tables.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     write_json(folder / "summary.json", summary)

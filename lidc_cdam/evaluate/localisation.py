@@ -21,6 +21,15 @@ def positive_share_in_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Ten
     return torch.where(total > 0, inside / total.clamp(min=torch.finfo(positive.dtype).tiny), 0.0)
 
 
+def absolute_share_in_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``sum(|S| * mask) / sum(|S|)`` over the last two dims: the share of the map's evidence of either sign;
+    0 for an all-zero map."""
+    magnitude = maps.abs().flatten(-2)
+    inside = (magnitude * masks.flatten(-2).to(magnitude.dtype)).sum(-1)
+    total = magnitude.sum(-1)
+    return torch.where(total > 0, inside / total.clamp(min=torch.finfo(magnitude.dtype).tiny), 0.0)
+
+
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Bool per map: does a pixel holding the map's maximum lie on the mask?"""
     flat = maps.flatten(-2)
