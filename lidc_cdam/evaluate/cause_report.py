@@ -253,9 +253,8 @@ def write_cause_report(folder: Path, metrics: pd.DataFrame, run: dict[str, Any],
                   "![discrimination of either sign](figures/abs_discrimination.png)", "",
                   "### Share of `|S|` in the own cause region", "",
                   _grid_md(table, "abs_share_cause", {"uniform_cause": "uniform map"}), ""]
-        for column, name, what in (("discrimination", "discrimination", "Discrimination"),
-                                   ("abs_discrimination", "abs_discrimination", "Discrimination of |S|")):
-            fig = discrimination_figure(table, folder / "figures" / f"{name}.png",
+        for column, what in (("discrimination", "Discrimination"), ("abs_discrimination", "Discrimination of |S|")):
+            fig = discrimination_figure(table, folder / "figures" / f"{column}.png",
                                         f"{what} per target and method\n({note}; 95 % bootstrap intervals)", column)
             summary["figures"].append(str(fig.relative_to(folder)))
         if example is not None:
