@@ -77,9 +77,10 @@ def check_preset_run(run: Path, task: str) -> dict[str, Any]:
     from lidc_cdam.data.lidc.phantom_render import RENDER_VERSION
     from lidc_cdam.resources import config_dir
     from lidc_cdam.train.config import load_train_config
+    from lidc_cdam.train.cross_validation import fold_summary_markdown
 
     summary_file, checkpoint = run / "summary.json", run / "fold0" / "best.pt"
-    for path in (summary_file, checkpoint, run / "fold0" / "result.json", run / "summary.md"):
+    for path in (summary_file, checkpoint, run / "fold0" / "result.json", run / "per_fold.csv"):
         if not path.is_file():
             raise ValueError(f"{path}: missing; is {run} a finished `lidc-cdam train` run with fold 0?")
     used = json.loads(summary_file.read_text())["config"]
@@ -94,7 +95,7 @@ def check_preset_run(run: Path, task: str) -> dict[str, Any]:
     if settings.get("render_version") != RENDER_VERSION:
         raise ValueError(f"{phantoms}: the run's phantoms are render version {settings.get('render_version')}, "
                          f"not the current {RENDER_VERSION}")
-    return {"config": used, "checkpoint": checkpoint, "summary": (run / "summary.md").read_text()}
+    return {"config": used, "checkpoint": checkpoint, "summary": fold_summary_markdown(run, 0)}
 
 
 def check_same_fold_start(finished: dict[str, dict[str, Any]]) -> None:

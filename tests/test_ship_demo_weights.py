@@ -24,8 +24,10 @@ def _run(tmp_path: Path, task: str, render_version: int = RENDER_VERSION, **chan
     (run / "fold0").mkdir(parents=True)
     for name in ("fold0/best.pt", "fold0/result.json"):
         (run / name).write_bytes(b"")
-    (run / "summary.md").write_text("# the run's summary\n")
-    (run / "summary.json").write_text(json.dumps({"config": config}))
+    metric = "auc" if task == "malignancy" else "r2"
+    rows = [f"tiny-phantom-{task},{fold},{fold / 10}" for fold in (2, 0)]  # the last call trained fold 2
+    (run / "per_fold.csv").write_text(f"model,fold,{metric}\n" + "\n".join(rows) + "\n")
+    (run / "summary.json").write_text(json.dumps({"config": {**config, "folds": [2]}}))
     return run
 
 
@@ -34,7 +36,11 @@ def test_a_run_of_the_preset_is_taken(tmp_path, task):
     run = _run(tmp_path, task)
     found = check_preset_run(run, task)
     assert found["checkpoint"] == run / "fold0" / "best.pt"
-    assert found["summary"] == "# the run's summary\n"
+    # the shipped summary is fold 0's, whatever folds the run's last call trained
+    assert found["summary"].splitlines()[0] == f"# tiny-phantom-{task}: cross-validation ({task}), fold 0"
+    metric = "auc" if task == "malignancy" else "r2"
+    assert f"| {metric} | folds |" in found["summary"]
+    assert f"| tiny-phantom-{task} | 0.000 | 1 |" in found["summary"]
     assert found["config"]["data"]["root"] == str(tmp_path / "phantoms")
 
 
@@ -45,9 +51,13 @@ def test_a_run_of_another_recipe_or_rendering_is_refused(tmp_path):
     with pytest.raises(ValueError, match=f"render version {old}, not the current {RENDER_VERSION}"):
         check_preset_run(_run(tmp_path / "b", "biomarkers", render_version=old), "biomarkers")
     unfinished = _run(tmp_path / "c", "malignancy")
-    (unfinished / "summary.md").unlink()
-    with pytest.raises(ValueError, match=r"summary\.md: missing"):
+    (unfinished / "per_fold.csv").unlink()
+    with pytest.raises(ValueError, match=r"per_fold\.csv: missing"):
         check_preset_run(unfinished, "malignancy")
+    without_fold0 = _run(tmp_path / "d", "biomarkers")
+    (without_fold0 / "per_fold.csv").write_text("model,fold,r2\ntiny-phantom-biomarkers,2,0.7\n")
+    with pytest.raises(ValueError, match=r"per_fold\.csv: no row for fold 0 \(folds \[2\]\).*--folds 0-4"):
+        check_preset_run(without_fold0, "biomarkers")
 
 
 def test_the_malignancy_run_must_start_from_the_shipped_biomarker_run(tmp_path):

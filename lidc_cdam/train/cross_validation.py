@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from lidc_cdam.io import atomic_write, write_json
-from lidc_cdam.train.config import TrainConfig
+from lidc_cdam.train.config import TrainConfig, config_from_dict
 from lidc_cdam.train.engine import FoldData, Process, current_process, r_squared, train_fold
 from lidc_cdam.viz import save_figure
 
@@ -155,6 +155,21 @@ def summary_markdown(config: TrainConfig, summary: pd.DataFrame, per_fold: pd.Da
             lines += [f"| {model} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |"
                       for model, row in summary.iterrows()]
     return "\n".join(lines) + "\n"
+
+
+def fold_summary_markdown(out: Path, fold: int) -> str:
+    """``summary.md`` as it reads for ``fold`` alone, from a run's ``per_fold.csv`` and ``summary.json`` (the run's
+    own ``summary.md`` describes whichever folds its last call trained). Raises ValueError naming the file when the
+    run has no row for ``fold``."""
+    import json
+
+    per_fold = pd.read_csv(out / "per_fold.csv")
+    rows = per_fold[per_fold["fold"] == fold]
+    if rows.empty:
+        raise ValueError(f"{out / 'per_fold.csv'}: no row for fold {fold} (folds {sorted(set(per_fold['fold']))}); "
+                         f"rewrite the summaries with `lidc-cdam train ... --folds 0-4` (finished folds are skipped)")
+    config = config_from_dict(json.loads((out / "summary.json").read_text())["config"]).with_changes(folds=[fold])
+    return summary_markdown(config, summarise(rows), rows)
 
 
 def plot_learning_curves(out: Path, folds: list[int]) -> Path | None:
