@@ -31,6 +31,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], keep_suffix: b
     return path
 
 
+def save_torch(path: str | Path, payload: Any) -> Path:
+    """``torch.save(payload)`` to ``path`` atomically, through an open file: the archive's inner name is then fixed,
+    so the same payload gives the same bytes (and SHA-256); saved to a path, torch names it after the random
+    temporary file."""
+    import torch
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+
+    return atomic_write(path, write)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -143,12 +143,12 @@ def ship_phantom_models(out: Path, progress: bool, runs: dict[str, Path] | None 
 
 
 def _save_payload(payload: dict[str, Any], path: Path, before: dict[str, torch.Tensor]) -> None:
-    from lidc_cdam.io import atomic_write
+    from lidc_cdam.io import save_torch
 
     after = payload["state_dict"]
     if set(after) != set(before) or any(not torch.equal(after[k], before[k]) for k in before):
         raise RuntimeError(f"{path}: the weights would change; refusing")
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    save_torch(path, payload)
 
 
 def refit_trust(out: Path, progress: bool) -> dict[str, dict[str, Any]]:

@@ -19,7 +19,7 @@ from lidc_cdam.evaluate.cohort_plan import CohortError, CohortModel, CohortSetti
 from lidc_cdam.evaluate.cohort_report import write_cohort_report
 from lidc_cdam.evaluate.runner import write_parquet
 from lidc_cdam.explain.targets import Concept
-from lidc_cdam.io import atomic_write, write_json
+from lidc_cdam.io import atomic_write, save_torch, write_json
 
 
 def check_out(out: Path, print_: str, restart: bool) -> None:
@@ -31,8 +31,10 @@ def check_out(out: Path, print_: str, restart: bool) -> None:
                               "checkpoints, data, folds or settings); use another --out or --restart")
     if restart and (out / "parts").exists():
         shutil.rmtree(out / "parts")
-        for name in ("randomization.csv",):
-            (out / name).unlink(missing_ok=True)
+    if restart or not run_file.exists():
+        # the randomisation check is cached beside the parts; one without this run's run.json (a committed folder's,
+        # or another run's) describes other models
+        (out / "randomization.csv").unlink(missing_ok=True)
 
 
 def save_concepts(path: Path, vectors: dict[str, list[Concept]]) -> Path:
@@ -40,7 +42,7 @@ def save_concepts(path: Path, vectors: dict[str, list[Concept]]) -> Path:
     payload = {key: {"names": [c.name for c in cs], "similarity": [c.similarity for c in cs],
                      "vectors": torch.stack([c.vector.float().cpu() for c in cs]) if cs else torch.zeros(0)}
                for key, cs in vectors.items()}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return save_torch(path, payload)
 
 
 def write_part(folder: Path, part: int, metrics: list[dict[str, Any]], correlations: list[dict[str, Any]],

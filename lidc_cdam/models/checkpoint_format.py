@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lidc_cdam.io import atomic_write
+from lidc_cdam.io import save_torch
 from lidc_cdam.models.backbones import (
     DEFAULT_BUILD_FAMILY,
     adapter_for_state_dict,
@@ -177,7 +177,7 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": {**model.meta, **(meta or {})},
     }
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return save_torch(path, payload)
 
 
 def build_model_from_payload(model_cls: type[M], payload: dict[str, Any], source: str = "checkpoint") -> M:

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lidc_cdam.distributed import Process, current_process
-from lidc_cdam.io import atomic_write, write_json
+from lidc_cdam.io import atomic_write, save_torch, write_json
 from lidc_cdam.models.loading import read_checkpoint, save_checkpoint
 from lidc_cdam.models.vit import ViTModel
 from lidc_cdam.train.backbones import build_model, set_trainable
@@ -278,7 +278,7 @@ def train_fold(config: TrainConfig, data: FoldData, out: str | Path, *, progress
                      "scheduler": scheduler.state_dict() if scheduler is not None else {},
                      "trainer": dict(engine.state_dict()), "keeper": keeper.state_dict(),
                      "precision": precision.name, "scaler": precision.state_dict()}
-            atomic_write(state_file, lambda tmp: torch.save(state, tmp))
+            save_torch(state_file, state)
             _write_history(out, keeper.history)
         if stop_after_epochs is not None and engine.state.epoch >= stop_after_epochs:
             engine.terminate()

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from lidc_cdam.data.lidc.crops import read_crop
 from lidc_cdam.data.lidc.datasets import checkpoint_dataset
 from lidc_cdam.data.lidc.folds import read_folds, split
-from lidc_cdam.io import atomic_write
+from lidc_cdam.io import save_torch
 from lidc_cdam.models import domain_trust
 from lidc_cdam.models.loading import model_from_payload, read_checkpoint
 from lidc_cdam.models.trust import dataset_latents, fit_trust
@@ -67,5 +66,5 @@ def add_trust_to_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.P
     where = {"root": str(data_root), "fold": int(fold), "part": "train"}
     stats["data"], latent["data"] = where, dict(where)
     payload["meta"] = {**meta, "trust": stats, "trust_latent": latent}
-    atomic_write(target, lambda tmp: torch.save(payload, tmp))
+    save_torch(target, payload)
     return stats
