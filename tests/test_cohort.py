@@ -153,6 +153,23 @@ def _cohort(out: Path, *extra: str) -> int:
 
 
 @pytest.mark.slow
+def test_a_cached_randomization_check_of_another_run_is_not_reused(tmp_path):
+    """The randomisation check is cached in ``randomization.csv``: a folder without this run's ``run.json`` (a
+    committed results folder, computed from the models shipped before) must not lend it its cache."""
+    from lidc_cdam.evaluate.cohort_write import check_out
+
+    cached = tmp_path / "randomization.csv"
+    cached.write_text("method,stage\ncdam,head\n")
+    check_out(tmp_path, "new", restart=False)
+    assert not cached.exists()  # no run.json: the cache belongs to another run
+    (tmp_path / "run.json").write_text(json.dumps({"fingerprint": "new"}))
+    cached.write_text("method,stage\ncdam,head\n")
+    check_out(tmp_path, "new", restart=False)
+    assert cached.exists()  # the same run, resumed: kept
+    check_out(tmp_path, "new", restart=True)
+    assert not cached.exists()
+
+
 def test_cohort_end_to_end_on_phantoms(tmp_path, capsys):
     out = tmp_path / "run"
     assert _cohort(out) == 0

@@ -30,8 +30,9 @@ COHORT_METHODS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"n": 50, "sigma": 0.15, "seed": 0}, "intgrad": {"n": 50}, "gradcam": {}, "input-x-grad": {},
 }
 REGIONS = ("mask", "ring", "background")
-#: what a run's rows hold beyond its settings: 2 added the cause-region columns (an older run's parts do not resume)
-ROWS_VERSION = 2
+#: what a run's rows hold beyond its settings: 2 added the cause-region columns, 3 the shares of either sign (an
+#: older run's parts do not resume)
+ROWS_VERSION = 3
 PHANTOM_WARNING = "phantoms, not CT"
 
 
