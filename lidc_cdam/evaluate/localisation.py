@@ -1,7 +1,7 @@
 """Localisation against known object masks (the multi-digit benchmark has them).
 
 * :func:`positive_share_in_mask`: the share of a map's positive importance inside the target
-  object's mask.
+  object's mask; :func:`absolute_share_in_mask`: the same for the importance of either sign.
 * :func:`pointing_game`: a hit when the map's maximum falls on the mask (with patch maps the
   maximum is a whole patch: a hit when any of its pixels is on the mask).
 * :func:`ring_regions`: a mask, the ring of a given width around it and the rest (LIDC nodules: the
@@ -13,21 +13,23 @@ from __future__ import annotations
 import torch
 
 
+def _share_in_mask(weights: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``sum(W * mask) / sum(W)`` over the last two dims of non-negative ``weights``; 0 where they sum to 0."""
+    weights = weights.flatten(-2)
+    inside = (weights * masks.flatten(-2).to(weights.dtype)).sum(-1)
+    total = weights.sum(-1)
+    return torch.where(total > 0, inside / total.clamp(min=torch.finfo(weights.dtype).tiny), 0.0)
+
+
 def positive_share_in_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """``sum(relu(S) * mask) / sum(relu(S))`` over the last two dims; 0 for maps without positive values."""
-    positive = maps.clamp(min=0).flatten(-2)
-    inside = (positive * masks.flatten(-2).to(positive.dtype)).sum(-1)
-    total = positive.sum(-1)
-    return torch.where(total > 0, inside / total.clamp(min=torch.finfo(positive.dtype).tiny), 0.0)
+    return _share_in_mask(maps.clamp(min=0), masks)
 
 
 def absolute_share_in_mask(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """``sum(|S| * mask) / sum(|S|)`` over the last two dims: the share of the map's evidence of either sign;
     0 for an all-zero map."""
-    magnitude = maps.abs().flatten(-2)
-    inside = (magnitude * masks.flatten(-2).to(magnitude.dtype)).sum(-1)
-    total = magnitude.sum(-1)
-    return torch.where(total > 0, inside / total.clamp(min=torch.finfo(magnitude.dtype).tiny), 0.0)
+    return _share_in_mask(maps.abs(), masks)
 
 
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
